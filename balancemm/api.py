@@ -1,0 +1,72 @@
+"""The Python entry points, for notebooks and scripts (re-exported by ``balancemm``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from balancemm.config import RunConfig, deep_merge, resolve_config
+
+
+def default_out(cfg: RunConfig, root: str | Path = "runs") -> Path:
+    """``runs/<method>-<dataset>-seed<N>-<hash8>``: the same command always finds the same directory."""
+    return Path(root) / f"{cfg.run.method}-{cfg.run.dataset}-seed{cfg.run.seed}-{cfg.digest()[:8]}"
+
+
+def train(
+    method: str,
+    dataset: str | None = None,
+    *,
+    seed: int | None = None,
+    config: str | Path | None = None,
+    sets: Iterable[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    **hparams: Any,
+) -> dict[str, Any]:
+    """Train one method, select on validation, test once; return the run's summary dict.
+
+    Example::
+
+        import balancemm
+        s = balancemm.train("ogm_ge", seed=1, alpha=0.3, overrides={"train": {"epochs": 10}})
+        s["test"]["accuracy"], s["shapley"], s["imbalance"], s["flops"]["total"]
+
+    ``hparams`` are the method's hyper-parameters (``method.*`` keys); ``overrides`` is a nested
+    mapping with the same sections as a config file; ``sets`` takes ``"a.b=v"`` strings like ``--set``.
+    The run directory defaults to ``runs/<method>-<dataset>-seed<N>-<hash8>``; calling again with the
+    same arguments resumes an interrupted run or returns the finished one.
+    """
+    from balancemm.engine.trainer import Trainer
+
+    extra = {"method": {k: v for k, v in hparams.items() if v is not None}} if hparams else {}
+    cfg = resolve_config(method, dataset, config_file=config, sets=sets,
+                         overrides=deep_merge(overrides or {}, extra), seed=seed)
+    return Trainer(cfg, out or default_out(cfg), device=device, progress=progress).fit()
+
+
+def create_model(
+    dataset: str = "embedded", method: str = "baseline", **resolve: Any
+) -> Any:
+    """The model a run of ``method`` on ``dataset`` would train (a ``MultimodalClassifier``).
+
+    ``resolve`` takes the keyword arguments of :func:`balancemm.config.resolve_config`
+    (``sets``, ``overrides``, ``config_file``, ``seed``).
+    """
+    from balancemm.data import create_dataset
+    from balancemm.methods import METHODS
+    from balancemm.models import ModelSpec, build_model
+
+    cfg = resolve_config(method, dataset, **resolve)
+    data = create_dataset(cfg.run.dataset, cfg.data)
+    spec = ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes)
+    return build_model(METHODS.get(cfg.run.method).model_spec(spec, cfg.method))
+
+
+def list_datasets() -> list[str]:
+    from balancemm.data import DATASETS
+
+    return DATASETS.names()

@@ -1,0 +1,131 @@
+"""The ``balancemm`` command: ``train``, ``list``, ``probe``.
+
+Any user error is printed as one line (``balancemm: error: …``) with a nonzero exit and no traceback.
+Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from balancemm import __version__
+from balancemm.errors import BalanceMMError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block too; one line is easier to read and to grep.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="balancemm", description="Multimodal imbalance learning: methods, datasets, metrics.")
+    p.add_argument("--version", action="version", version=f"balancemm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one method, select on validation, test once")
+    t.add_argument("--method", required=True, help="registry name or alias, e.g. ogm_ge (see: balancemm list methods)")
+    t.add_argument("--dataset", default=None, help="registry name (default: embedded, needs no download)")
+    t.add_argument("--config", default=None, help="YAML file with sections run/method/data/model/train")
+    t.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-seed<N>-<hash>)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ls = sub.add_parser("list", help="list registered methods or datasets")
+    ls.add_argument("what", choices=["methods", "datasets"])
+    ls.add_argument("--group", default=None, help="only methods of this taxonomy group")
+
+    pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
+    pr.add_argument("run_dir")
+    pr.add_argument("--modality", default=None)
+    return p
+
+
+def format_summary(s: dict[str, Any], run_dir: str) -> str:
+    """The concise table printed after training."""
+    test, sel = s["test"], s["selection"]
+    lines = [
+        f"{s['method']} on {s['dataset']} (seed {s['seed']})  →  {run_dir}",
+        f"selected epoch {s['selected_epoch']} on validation {sel['metric']} = {100 * sel['value']:.2f}",
+        f"{'':12s}{'accuracy':>10s}{'macro-F1':>10s}{'Shapley φ':>12s}",
+        f"{'fused':12s}{100 * test['accuracy']:10.2f}{100 * test['macro_f1']:10.2f}",
+    ]
+    for m in s["modalities"]:
+        pm = test["per_modality"][m]
+        lines.append(f"{m:12s}{100 * pm['accuracy']:10.2f}{100 * pm['macro_f1']:10.2f}{100 * s['shapley'][m]:12.2f}")
+    imb = s["imbalance"]
+    lines.append(
+        f"imbalance degree {'n/a (one modality)' if imb is None else f'{100 * imb:.2f}'}   "
+        f"v(∅) = {100 * s['coalition_values']['empty']:.2f}"
+    )
+    flops = s["flops"]
+    if flops["total"] is not None:
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in flops["by_phase"].items())
+        lines.append(f"training FLOPs {flops['total']:.4g} ({parts})")
+    mem = f"{s['peak_memory_mb']:.0f} MB" if s["peak_memory_mb"] is not None else "n/a"
+    lines.append(f"train time {s['train_time_s']:.1f} s   peak memory {mem}   parameters {s['params']['total']:,}")
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from balancemm.api import default_out
+    from balancemm.config import resolve_config
+    from balancemm.engine.trainer import Trainer
+
+    cfg = resolve_config(args.method, args.dataset, config_file=args.config, sets=args.sets, seed=args.seed)
+    out = args.out or str(default_out(cfg))
+    summary = Trainer(cfg, out, device=args.device, progress=not args.quiet).fit()
+    print(format_summary(summary, out))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from balancemm.methods import GROUPS, METHODS
+
+        if args.group is not None and args.group not in GROUPS:
+            raise BalanceMMError(f"unknown group {args.group!r}; valid: {', '.join(GROUPS)}")
+        print(f"{'group':14s}{'method':20s}{'paper':40s}aliases")
+        for group in GROUPS:
+            if args.group not in (None, group):
+                continue
+            for e in METHODS:
+                if e.meta.get("group") == group:
+                    print(f"{group:14s}{e.name:20s}{e.meta.get('paper', ''):40s}{', '.join(e.aliases)}")
+    else:
+        from balancemm.data import DATASETS
+
+        print(f"{'dataset':14s}{'modalities':12s}description")
+        for e in DATASETS:
+            print(f"{e.name:14s}{e.meta.get('modality_count', '?')!s:12s}{e.meta.get('description', '')}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from balancemm.engine.probe import probe_run
+
+    for m, r in probe_run(args.run_dir, args.modality).items():
+        print(f"{m:12s} linear-probe test accuracy {100 * r['test_accuracy']:.2f}  (val {100 * r['val_accuracy']:.2f}, C={r['C']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "list": _list, "probe": _probe}[args.command](args)
+    except BalanceMMError as exc:
+        print(f"balancemm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("balancemm: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Configuration: frozen dataclasses, strict validation, the precedence merge, hashing.
+
+Precedence, lowest to highest (DESIGN.md §3.8):
+
+1. the method's ``HParams`` defaults (in the method file) and the dataclass defaults below;
+2. the dataset protocol, ``balancemm/configs/datasets/<dataset>.yaml`` — identical for every method;
+3. a user file (``--config my.yaml``);
+4. ``--set a.b=value`` on the command line.
+
+The merged tree is validated the nanoGPT way: an unknown key is an error with a close-match
+suggestion, types must match, ranges are checked, and ``0`` / ``false`` are real values. The result
+is a frozen :class:`RunConfig`; its canonical JSON is saved with each run and hashed into the run id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from balancemm.errors import ConfigError
+
+T = TypeVar("T")
+
+SECTIONS = ("run", "method", "data", "model", "train")
+
+
+def rng(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> dict[str, float | None]:
+    """Field metadata declaring an allowed numeric range: ``field(default=1, metadata=rng(ge=0))``."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt}
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict parsing of plain mappings into dataclasses
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose {_describe(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: {value!r} is not {_describe(tp)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+        (item,) = (a for a in typing.get_args(tp) if a is not Ellipsis)
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return parse(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number the user meant.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    tests = {"ge": (">=", lambda b: value >= b), "gt": (">", lambda b: value > b),
+             "le": ("<=", lambda b: value <= b), "lt": ("<", lambda b: value < b)}
+    if all(meta.get(k) is None or ok(meta[k]) for k, (_, ok) in tests.items()):
+        return
+    allowed = ", ".join(f"{word} {meta[k]}" for k, (word, _) in tests.items() if meta.get(k) is not None)
+    raise ConfigError(f"{path}: {value!r} is out of range; allowed: {allowed}")
+
+
+def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys, wrong types and bad ranges.
+
+    A dataclass may define ``_parse(data, path)`` (a classmethod) to take over, e.g. when its schema
+    depends on one of its values (an encoder's options depend on the encoder's name).
+    """
+    custom = getattr(cls, "_parse", None)
+    if custom is not None:
+        return typing.cast(T, custom(data, path))
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            allowed = ", ".join(fields) or "none"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}; allowed keys: {allowed}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required config key {prefix}{name}")
+            continue
+        value = _coerce(data[name], hints[name], prefix + name)
+        _check_range(value, f.metadata, prefix + name)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "_validate", None)
+    if check is not None:
+        check(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able form of a config tree (tuples become lists)."""
+    custom = getattr(obj, "_to_dict", None)
+    if custom is not None:
+        return custom()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# The fixed part of the schema: model, optimiser, schedule and training protocol
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One modality's encoder: a registered encoder name plus that encoder's own options."""
+
+    name: str
+    options: Any = None
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], path: str) -> EncoderConfig:
+        from balancemm.models import ENCODERS
+
+        if "name" not in data:
+            raise ConfigError(f"{path}: missing key 'name'; valid encoders: {', '.join(ENCODERS.names())}")
+        name = _coerce(data["name"], str, f"{path}.name")
+        try:
+            key = ENCODERS.resolve(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.name: {exc}") from None
+        options_cls = ENCODERS.get(key).Options
+        rest = {k: v for k, v in data.items() if k != "name"}
+        return cls(key, parse(options_cls, rest, path))
+
+    def _to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **to_dict(self.options)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the multimodal classifier is composed (DESIGN.md §3.3)."""
+
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    fusion: str = "concat"
+    # Per-modality logits: "slice" = W_m·h_m + b/M from the fusion head (OGM-GE / BalanceMM
+    # convention), "linear" = separate unimodal heads, "auto" = slice where the fusion allows it.
+    unimodal_heads: Literal["auto", "slice", "linear"] = "auto"
+    # How a masked modality is removed: zero its pooled feature (default; lets the Shapley metric
+    # encode once per batch) or zero its input tensor (BalanceMM parity; encoders and BN still run).
+    mask: Literal["feature", "input"] = "feature"
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], path: str) -> ModelConfig:
+        from balancemm.models import FUSIONS
+
+        rest = dict(data)
+        raw = rest.pop("encoders", {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}.encoders: expected a mapping modality -> encoder")
+        encoders = {str(m): parse(EncoderConfig, dict(v or {}), f"{path}.encoders.{m}") for m, v in raw.items()}
+        plain = parse(_ModelFields, rest, path)
+        try:
+            fusion = FUSIONS.resolve(plain.fusion)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.fusion: {exc}") from None
+        return cls(encoders, fusion, plain.unimodal_heads, plain.mask)
+
+
+@dataclass(frozen=True)
+class _ModelFields:
+    fusion: str = "concat"
+    unimodal_heads: Literal["auto", "slice", "linear"] = "auto"
+    mask: Literal["feature", "input"] = "feature"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = field(default=1e-3, metadata=rng(gt=0))
+    momentum: float = field(default=0.9, metadata=rng(ge=0, lt=1))  # SGD only
+    weight_decay: float = field(default=1e-4, metadata=rng(ge=0))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: Literal["step", "none"] = "step"
+    step_size: int = field(default=30, metadata=rng(ge=1))  # epochs
+    gamma: float = field(default=0.1, metadata=rng(gt=0))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training protocol: identical for every method on a dataset (paper §5.2)."""
+
+    epochs: int = field(default=70, metadata=rng(ge=1))
+    batch_size: int = field(default=64, metadata=rng(ge=1))
+    eval_batch_size: int = field(default=256, metadata=rng(ge=1))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    grad_clip: float = field(default=0.0, metadata=rng(ge=0))  # max grad norm; 0 = off
+    select_metric: Literal["accuracy", "macro_f1"] = "accuracy"  # on the validation split
+    flops: Literal["exact", "off"] = "exact"
+    num_workers: int = field(default=0, metadata=rng(ge=0))
+
+
+@dataclass(frozen=True)
+class RunSection:
+    method: str = "baseline"
+    dataset: str = "embedded"
+    seed: int = field(default=0, metadata=rng(ge=0))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved configuration of one run; frozen, saved, hashed."""
+
+    run: RunSection
+    method: Any  # the method's HParams instance
+    data: Any  # the dataset's Options instance
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: to_dict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Rebuild a config saved by :meth:`to_dict` (e.g. a run directory's ``config.json``)."""
+        from balancemm.data import DATASETS
+        from balancemm.methods import METHODS
+
+        run = parse(RunSection, data["run"], "run")
+        return cls(
+            run=run,
+            method=parse(METHODS.get(run.method).HParams, data["method"], "method"),
+            data=parse(DATASETS.get(run.dataset).Options, data["data"], "data"),
+            model=parse(ModelConfig, data["model"], "model"),
+            train=parse(TrainConfig, data["train"], "train"),
+        )
+
+    def digest(self) -> str:
+        """SHA-256 over the canonical JSON: the identity of the run (device and paths excluded)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging sources
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``override`` wins, including falsy values like 0 and false."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a user YAML file; a missing or malformed file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(SECTIONS)}")
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}"
+        )
+    return data
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``["train.epochs=5", "method.alpha=0.5"]`` → nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+        parts = key.strip().split(".")
+        if parts[0] not in SECTIONS or len(parts) < 2:
+            raise ConfigError(
+                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), "
+                "e.g. train.epochs"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set twice with different shapes")
+        node[parts[-1]] = value
+    return out
+
+
+def protocol_yaml(dataset: str) -> dict[str, Any]:
+    """The packaged protocol file of a dataset (sections data, model, train)."""
+    text = (resources.files("balancemm") / "configs" / "datasets" / f"{dataset}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def resolve_config(
+    method: str | None = None,
+    dataset: str | None = None,
+    *,
+    config_file: str | Path | None = None,
+    sets: Iterable[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> RunConfig:
+    """Merge every source into a validated :class:`RunConfig` (see the module docstring).
+
+    ``overrides`` is the programmatic twin of ``sets``: a nested mapping merged last.
+    """
+    from balancemm.data import DATASETS
+    from balancemm.methods import METHODS
+
+    user = load_yaml(config_file) if config_file is not None else {}
+    cli = deep_merge(parse_sets(sets), overrides or {})
+    run_raw = deep_merge(deep_merge({"dataset": "embedded", "seed": 0}, user.get("run", {})), cli.get("run", {}))
+    if method is not None:
+        run_raw["method"] = method
+    if dataset is not None:
+        run_raw["dataset"] = dataset
+    if seed is not None:
+        run_raw["seed"] = seed
+    if "method" not in run_raw:
+        raise ConfigError(f"no method given; use --method NAME, one of {', '.join(METHODS.names())}")
+    run = parse(RunSection, run_raw, "run")
+    run = dataclasses.replace(run, method=METHODS.resolve(run.method), dataset=DATASETS.resolve(run.dataset))
+
+    method_cls = METHODS.get(run.method)
+    dataset_cls = DATASETS.get(run.dataset)
+    protocol = protocol_yaml(run.dataset)
+    merged: dict[str, Any] = {}
+    for source in (protocol, user, cli):
+        merged = deep_merge(merged, {k: v for k, v in source.items() if k != "run"})
+
+    hparams = parse(method_cls.HParams, merged.get("method", {}), "method")
+    data = parse(dataset_cls.Options, merged.get("data", {}), "data")
+    model = parse(ModelConfig, merged.get("model", {}), "model")
+    train = parse(TrainConfig, merged.get("train", {}), "train")
+    modalities = dataset_cls.modalities_for(data)
+    missing = [m for m in modalities if m not in model.encoders]
+    extra = [m for m in model.encoders if m not in modalities]
+    if missing or extra:
+        raise ConfigError(
+            f"model.encoders must name exactly the dataset's modalities ({', '.join(modalities)}); "
+            + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}")
+        )
+    return RunConfig(run=run, method=hparams, data=data, model=model, train=train)

@@ -1,0 +1,31 @@
+"""Data layer: datasets, splits, batches. Datasets register themselves on import below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balancemm.data.base import SPLITS, InMemorySplit, MultimodalDataset, Split, SplitName
+from balancemm.data.batch import Batch, SamplePlan
+from balancemm.data.loader import Batches
+from balancemm.registry import DATASETS
+
+from balancemm.data import embedded as _embedded  # noqa: E402,F401  (registers embedded, embedded3)
+
+__all__ = [
+    "DATASETS", "SPLITS", "Batch", "Batches", "InMemorySplit", "MultimodalDataset", "SamplePlan",
+    "Split", "SplitName", "create_dataset",
+]
+
+
+def create_dataset(name: str, options: Any = None, **overrides: Any) -> MultimodalDataset:
+    """Build a registered dataset by name: ``create_dataset("embedded", audio_informativeness=0.8)``.
+
+    ``options`` is the dataset's ``Options`` instance; keyword overrides are validated like config
+    keys (``None`` values are dropped, as in timm's factories).
+    """
+    from balancemm.config import parse, to_dict
+
+    cls = DATASETS.get(name)
+    base = to_dict(options) if options is not None else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(parse(cls.Options, base, "data"))

@@ -1,0 +1,82 @@
+"""The two data types every layer shares: :class:`Batch` and :class:`SamplePlan`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of multimodal samples.
+
+    Attributes:
+        inputs: modality name → input tensor ``[B, ...]``; modalities are dict keys in sorted order,
+            never positions.
+        label: ``[B]`` class indices.
+        index: ``[B]`` indices into the split the rows came from (per-sample valuation needs them).
+        present: ``[B, M]`` bool, which modalities each row carries; column ``j`` belongs to
+            ``modalities[j]``. The Shapley metric, coalition passes and resampled copies all work by
+            editing this mask, never by editing inputs.
+        modalities: the sorted modality names that index ``present``'s columns.
+    """
+
+    inputs: dict[str, Tensor]
+    label: Tensor
+    index: Tensor
+    present: Tensor
+    modalities: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def with_only(self, keep: Iterable[str]) -> Batch:
+        """The same rows with every modality outside ``keep`` masked out (a coalition)."""
+        keep = set(keep)
+        unknown = keep.difference(self.modalities)
+        if unknown:
+            raise KeyError(f"unknown modalities {sorted(unknown)}; batch has {self.modalities}")
+        column = torch.tensor([m in keep for m in self.modalities], device=self.present.device)
+        return replace(self, present=self.present & column)
+
+    def present_of(self, modality: str) -> Tensor:
+        """``[B]`` bool mask of the rows that carry ``modality``."""
+        return self.present[:, self.modalities.index(modality)]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            {m: x.to(device, non_blocking=True) for m, x in self.inputs.items()},
+            self.label.to(device, non_blocking=True),
+            self.index.to(device, non_blocking=True),
+            self.present.to(device, non_blocking=True),
+            self.modalities,
+        )
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """How one training epoch departs from "every sample once, all modalities present".
+
+    Returned by ``Method.on_epoch_start`` (data-level methods such as Modality-valuation); the data
+    layer applies it in memory, without rebuilding a dataset.
+
+    Attributes:
+        extra_index: ``[K]`` split indices of rows appended to the epoch (duplicates allowed).
+        extra_present: ``[K, M]`` bool modality mask of those extra rows.
+        weights: optional ``[N]`` non-negative sampling weights; when given, the epoch draws N rows
+            with replacement in proportion to them instead of a permutation.
+    """
+
+    extra_index: Tensor | None = None
+    extra_present: Tensor | None = None
+    weights: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.extra_index is None) != (self.extra_present is None):
+            raise ValueError("extra_index and extra_present go together")
+        if self.extra_index is not None and self.extra_present is not None:
+            if self.extra_present.shape[0] != self.extra_index.shape[0]:
+                raise ValueError("extra_present needs one row per extra_index entry")

@@ -1,0 +1,68 @@
+"""Evaluation: accuracy, macro-F1 (fused and per modality), Shapley values and the imbalance degree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from balancemm.data.batch import Batch
+from balancemm.methods.base import Method
+from balancemm.metrics.classification import accuracy, confusion_matrix, macro_f1
+from balancemm.metrics.imbalance import imbalance_degree
+from balancemm.metrics.shapley import coalitions, shapley_values
+
+
+def coalition_name(coalition: frozenset[str]) -> str:
+    """``frozenset({"visual", "audio"})`` → ``"audio+visual"``; the empty coalition is ``"empty"``."""
+    return "+".join(sorted(coalition)) or "empty"
+
+
+def evaluate(method: Method, batches: Iterable[Batch], num_classes: int, *, shapley: bool = True) -> dict[str, Any]:
+    """Evaluate on every sample of ``batches`` (no dropped last batch), in eval mode, without gradients.
+
+    Returns a JSON-able dict: ``num_samples``, ``loss`` (mean CE of the fused logits), ``accuracy``,
+    ``macro_f1``, ``per_modality`` ({m: {accuracy, macro_f1}} from each modality's own logits) and, with
+    ``shapley``, ``shapley`` ({m: φ_m}, paper eq. 7–8), ``coalition_values`` ({name: v(S)}, including
+    v(∅) as ``"empty"``) and ``imbalance`` (eq. 9–10; None for one modality).
+    """
+    modalities = method.model.modalities
+    coals = coalitions(modalities) if shapley else []
+    fused_cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    uni_cm = {m: torch.zeros_like(fused_cm) for m in modalities}
+    coal_correct = torch.zeros(len(coals), dtype=torch.long)
+    loss_sum, n = 0.0, 0
+    modes = {m: m.training for m in method.modules()}
+    method.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if shapley:
+                    out, coal_logits = method.predict_coalitions(batch, coals)
+                    coal_correct += (coal_logits.argmax(-1) == batch.label).sum(1).cpu()
+                else:
+                    out = method.predict(batch)
+                loss_sum += float(F.cross_entropy(out.logits, batch.label, reduction="sum"))
+                n += len(batch)
+                fused_cm += confusion_matrix(out.logits.argmax(1), batch.label, num_classes)
+                for m in modalities:
+                    uni_cm[m] += confusion_matrix(out.unimodal_logits[m].argmax(1), batch.label, num_classes)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    result: dict[str, Any] = {
+        "num_samples": n,
+        "loss": loss_sum / max(n, 1),
+        "accuracy": accuracy(fused_cm),
+        "macro_f1": macro_f1(fused_cm),
+        "per_modality": {m: {"accuracy": accuracy(cm), "macro_f1": macro_f1(cm)} for m, cm in uni_cm.items()},
+    }
+    if shapley:
+        values = {s: int(c) / max(n, 1) for s, c in zip(coals, coal_correct, strict=True)}
+        phi = shapley_values(values, modalities)
+        result["shapley"] = phi
+        result["coalition_values"] = {coalition_name(s): v for s, v in values.items()}
+        result["imbalance"] = imbalance_degree(phi)
+    return result

@@ -1,0 +1,68 @@
+"""Linear probes of trained encoders: how much does a modality's encoder know on its own?
+
+This is the "unimodal counterpart" of the paper's Fig. 2 (BalanceMM's LinearProbe): freeze the
+encoder of one modality, extract its pooled features, fit a multinomial logistic regression on the
+training split, choose the regularisation on the validation split, report test accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from balancemm.config import RunConfig
+from balancemm.data import Batches, MultimodalDataset, create_dataset
+from balancemm.engine.rundir import RunDir, read_json
+from balancemm.errors import DataError
+from balancemm.methods import METHODS, RunContext
+from balancemm.models import ModelSpec, MultimodalClassifier, build_model
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def features(model: MultimodalClassifier, data: MultimodalDataset, split: str, modality: str) -> np.ndarray:
+    """Pooled features ``[N, d]`` of one modality's encoder on a split, in eval mode."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in Batches(data.split(split), 512):  # type: ignore[arg-type]
+            out.append(model.encode(batch, only=[modality])[modality])
+    return torch.cat(out).numpy()
+
+
+def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality: str) -> dict[str, Any]:
+    """Fit the probe; returns test/val accuracy and the chosen inverse regularisation C."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    xs = {s: features(model, data, s, modality) for s in ("train", "val", "test")}
+    ys = {s: data.split(s).labels.numpy() for s in xs}  # type: ignore[arg-type]
+    scaler = StandardScaler().fit(xs["train"])
+    xs = {s: scaler.transform(x) for s, x in xs.items()}
+    best: tuple[float, float, Any] = (-1.0, 0.0, None)
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(xs["train"], ys["train"])
+        val = float(clf.score(xs["val"], ys["val"]))
+        if val > best[0]:
+            best = (val, c, clf)
+    val_acc, c, clf = best
+    return {"modality": modality, "test_accuracy": float(clf.score(xs["test"], ys["test"])),
+            "val_accuracy": val_acc, "C": c}
+
+
+def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[str, Any]]:
+    """Probe every modality (or one) of the selected checkpoint of a finished run directory."""
+    run = RunDir(path)
+    if not run.best.is_file():
+        raise DataError(f"{run.path} has no checkpoints/best.pt; is it a finished BalanceMM run?")
+    cfg = RunConfig.from_dict(read_json(run.config)["config"])
+    data = create_dataset(cfg.run.dataset, cfg.data)
+    method_cls = METHODS.get(cfg.run.method)
+    spec = method_cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
+    method = method_cls(build_model(spec), RunContext(spec.modalities, needs=method_cls.needs), cfg.method)
+    method.load_state_dict(run.load(run.best)["method"])
+    wanted = [modality] if modality else list(spec.modalities)
+    return {m: linear_probe(method.model, data, m) for m in wanted}

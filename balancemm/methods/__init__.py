@@ -1,0 +1,39 @@
+"""Methods: one file each, registered by the explicit import lines below (one per file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balancemm.methods import baseline as _baseline  # noqa: F401
+from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
+from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
+from balancemm.methods import unimodal as _unimodal  # noqa: F401
+from balancemm.methods.base import Method, Needs
+from balancemm.methods.context import RunContext
+from balancemm.models.classifier import MultimodalClassifier
+from balancemm.registry import METHODS
+
+GROUPS = ("reference", "data", "feed-forward", "objective", "optimization")
+
+__all__ = ["GROUPS", "METHODS", "Method", "Needs", "RunContext", "create_method", "list_methods"]
+
+
+def create_method(
+    name: str, model: MultimodalClassifier, ctx: RunContext | None = None, **hparams: Any
+) -> Method:
+    """Wrap ``model`` in a registered method: ``create_method("ogm_ge", model, alpha=0.5)``.
+
+    Hyper-parameters are validated like config keys; ``None`` values are dropped (timm-style), so
+    callers can pass optional overrides straight through. Without ``ctx`` the method gets a
+    standalone context (seed 0) — enough for unit tests and notebooks that drive the hooks by hand.
+    """
+    from balancemm.config import parse
+
+    cls = METHODS.get(name)
+    hp = parse(cls.HParams, {k: v for k, v in hparams.items() if v is not None}, "method")
+    return cls(model, ctx or RunContext(model.modalities, needs=cls.needs), hp)
+
+
+def list_methods(pattern: str = "*", group: str | None = None) -> list[str]:
+    """Registered method keys, optionally filtered by wildcard and taxonomy group."""
+    return METHODS.names(pattern, **({"group": group} if group else {}))

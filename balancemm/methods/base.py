@@ -1,0 +1,186 @@
+"""The Method contract: a method is an ``nn.Module`` that holds the model and overrides a few hooks.
+
+There is one training loop in BalanceMM (``balancemm.engine.trainer``). It calls the hooks below in
+this order; a method overrides only the hooks it needs and every hook has a default. Holding the model
+as a submodule means ``.to()``, ``.train()`` and ``state_dict()`` cover the model *and* the method's own
+state (prototypes, running means, blend weights), so checkpoints and resume need nothing extra.
+
+Hooks, in call order
+--------------------
+
+====================================  ==================  ===============================================
+hook                                  default             when / guarantees
+====================================  ==================  ===============================================
+``model_spec(spec, hp)`` (classmeth)  unchanged           before the model is built; pick heads/fusion
+``on_fit_start()``                    no-op               once, after model and optimiser are built
+``on_epoch_start(epoch) → plan?``     None                before each epoch; may return a SamplePlan
+``forward(batch) → ModelOutput``      ``model(batch)``    each step; extra no-grad passes go inside
+                                                          ``ctx.eval_mode(module)``
+``losses(out, batch) → {name: T}``    ``{"ce": CE}``      each step; each named term is logged and
+                                                          checked for NaN/inf
+``backward(losses)``                  sum, backward       each step; the only place per-loss gradients
+                                                          are taken
+``after_backward(out, batch)``        no-op               each step; grads are unclipped, not stepped
+``on_epoch_end(epoch)``               no-op               after each epoch, before validation; may
+                                                          change weights
+``predict(batch) → ModelOutput``      ``model(batch)``    validation / test / Shapley; run in eval mode
+                                                          under no_grad; must be deterministic
+*hatch* ``training_step(batch)``      the template        overriding it = manual optimisation
+*hatch* ``train_epoch(epoch, bs)``    loop of steps       overriding it = owning the epoch
+====================================  ==================  ===============================================
+
+The template step::
+
+    out = forward(batch); losses = losses(out, batch); ctx.check_finite(losses)
+    backward(losses); after_backward(out, batch); ctx.optimizer_step()
+
+A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses)`` on its losses
+(the default loop does), so NaN detection and loss logging keep working.
+
+Where the 17 methods plug in (DESIGN.md §3.6; the method specs give the details):
+
+* ``model_spec``: MMCosine (cosine head), AMCo (masked head), MLA and ReconBoost (shared head),
+  Greedy (MMTM mid-fusion), unimodal (one modality), MMPareto / G-Blending (unimodal heads option);
+* ``on_fit_start``: UMT (frozen teachers), AGM (running means), Relearning (initial weights),
+  Greedy (speed accumulators), LFM (initial α);
+* ``on_epoch_start``: PMR (prototypes), G-Blending (weights), LFM (α update), CML, AMCo,
+  Modality-valuation (returns a ``SamplePlan``);
+* ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (class mask);
+* ``losses``: UMT, MBSD, CML, MMPareto, G-Blending, LFM, PMR, OPM, AMCo;
+* ``backward``: MMPareto (per-loss gradients, min-norm combination);
+* ``after_backward``: OGM-GE, AGM, PMR (3 modalities), Greedy;
+* ``on_epoch_end``: Relearning (re-initialisation);
+* ``predict``: MLA (entropy-weighted fusion), ReconBoost (boosted ensemble);
+* hatches: MLA owns ``training_step``, ReconBoost owns ``train_epoch``.
+
+Rules: no loops over batches inside methods (use ``ctx.batches`` or the ``train_epoch`` hatch);
+randomness only from ``ctx.generator``; parameters by structure (``model.modality_parameters(m)``);
+the test split is unreachable and validation only with ``needs.val``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from balancemm.data.batch import Batch, SamplePlan
+from balancemm.methods.context import RunContext
+from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method requires from the run, checked before training starts.
+
+    Attributes:
+        val: reads the validation split during training (G-Blending, LFM, Relearning); the run's
+            summary records it.
+        min_modalities, max_modalities: the modality counts the method supports.
+    """
+
+    val: bool = False
+    min_modalities: int = 2
+    max_modalities: int | None = None
+
+
+@dataclass(frozen=True)
+class NoHParams:
+    """For methods without hyper-parameters."""
+
+
+class Method(nn.Module):
+    """Base class of all methods; see the module docstring for the hook table."""
+
+    name: ClassVar[str] = ""
+    HParams: ClassVar[type] = NoHParams
+    needs: ClassVar[Needs] = Needs()
+
+    def __init__(self, model: MultimodalClassifier, ctx: RunContext, hp: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.ctx = ctx
+        self.hp = hp if hp is not None else self.HParams()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @classmethod
+    def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
+        return spec
+
+    def on_fit_start(self) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> SamplePlan | None:
+        return None
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.model(batch)
+
+    def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+        return {"ce": F.cross_entropy(out.logits, batch.label)}
+
+    def backward(self, losses: dict[str, Tensor]) -> None:
+        torch.stack(list(losses.values())).sum().backward()
+
+    def after_backward(self, out: ModelOutput, batch: Batch) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    def predict(self, batch: Batch) -> ModelOutput:
+        return self.model(batch)
+
+    # -- escape hatches --------------------------------------------------------------------------
+
+    def training_step(self, batch: Batch) -> tuple[ModelOutput, dict[str, Tensor]]:
+        ctx = self.ctx
+        with ctx.phase("forward"):
+            out = self.forward(batch)
+        with ctx.phase("losses"):
+            losses = self.losses(out, batch)
+        ctx.check_finite(losses)
+        with ctx.phase("backward"):
+            self.backward(losses)
+        with ctx.phase("after_backward"):
+            self.after_backward(out, batch)
+        with ctx.phase("optimizer_step"):
+            ctx.optimizer_step()
+        return out, losses
+
+    def train_epoch(self, epoch: int, batches: Iterable[Batch]) -> None:
+        for batch in batches:
+            out, _ = self.training_step(batch)
+            self.ctx.log(train_accuracy=(out.logits.argmax(1) == batch.label).float().mean())
+
+    # -- evaluation support (not a hook) ---------------------------------------------------------
+
+    def predict_coalitions(
+        self, batch: Batch, coalitions: list[frozenset[str]]
+    ) -> tuple[ModelOutput, Tensor]:
+        """The prediction on ``batch`` and fused logits ``[K, B, C]`` for each coalition.
+
+        With the default ``predict`` and feature masking, one encoder pass serves every coalition;
+        a method with its own ``predict`` is evaluated once per coalition instead.
+        """
+        if type(self).predict is Method.predict and self.model.mask == "feature":
+            model = self.model
+            features = model.encode(batch)
+            masked = model.apply_mask(features, batch.present, batch.modalities)
+            out = ModelOutput(model.fuse(masked), masked, model.unimodal(masked))
+            logits = [
+                out.logits if s == frozenset(model.modalities)
+                else model.fuse(model.apply_mask(features, batch.with_only(s).present, batch.modalities))
+                for s in coalitions
+            ]
+            return out, torch.stack(logits)
+        out = self.predict(batch)
+        return out, torch.stack([self.predict(batch.with_only(s)).logits for s in coalitions])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

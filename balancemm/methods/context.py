@@ -1,0 +1,190 @@
+"""RunContext: the only door from a method to the run (DESIGN.md §3.5).
+
+The trainer builds one per run and hands it to the method. Methods never touch the trainer, the
+loaders, loggers or file paths; they ask the context. Two rules are enforced here:
+
+1. ``batches("test")`` raises: no method ever sees the test split.
+2. ``batches("val")`` raises unless the method declared ``needs.val``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from balancemm.data.base import MultimodalDataset, SplitName
+from balancemm.data.batch import SamplePlan
+from balancemm.data.loader import Batches
+from balancemm.errors import NonFiniteLossError
+from balancemm.metrics.flops import FlopMeter
+
+if TYPE_CHECKING:
+    from balancemm.methods.base import Needs
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A stable 63-bit seed from the run seed and a purpose name (DomainBed-style hashing)."""
+    digest = hashlib.sha256(repr((seed, *names)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class DataAccessError(RuntimeError):
+    """A method asked for data it may not see (a bug in the method, not a user error)."""
+
+
+@dataclass
+class _Mean:
+    total: float = 0.0
+    count: int = 0
+
+
+class RunContext:
+    """What a method may know and do during a run.
+
+    Attributes:
+        epoch, step, num_epochs: progress (0-based epoch; ``step`` counts optimiser steps).
+        modalities: the model's sorted modality names.
+        generator: seeded per run; the only source of method randomness (GE noise, sampling).
+        device: where the model lives.
+    """
+
+    def __init__(
+        self,
+        modalities: tuple[str, ...],
+        *,
+        seed: int = 0,
+        num_epochs: int = 1,
+        device: torch.device | str = "cpu",
+        dataset: MultimodalDataset | None = None,
+        needs: Needs | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        optimizer_factory: OptimizerFactory | None = None,
+        grad_clip: float = 0.0,
+        meter: FlopMeter | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        from balancemm.methods.base import Needs
+
+        self.modalities = modalities
+        self.seed = seed
+        self.num_epochs = num_epochs
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, "method"))
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._dataset = dataset
+        self._needs = needs or Needs()
+        self._batch_size = batch_size
+        self._eval_batch_size = eval_batch_size
+        self._optimizer_factory = optimizer_factory
+        self._grad_clip = grad_clip
+        self._params: list[nn.Parameter] = []
+        self.meter = meter or FlopMeter(enabled=False)
+        self._num_workers = num_workers
+        self._logs: defaultdict[str, _Mean] = defaultdict(_Mean)
+        self.used_val = False
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the trainer: the protocol's optimiser over every trainable parameter."""
+        self.optimizer = optimizer
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def optimizer_step(self) -> None:
+        """Clip (if the protocol says so), step, zero the gradients, count the step."""
+        if self.optimizer is None:
+            raise RuntimeError("no optimiser attached to this context")
+        if self._grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self._grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def new_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh optimiser with the protocol's recipe (ReconBoost stages, G-Blending side models)."""
+        if self._optimizer_factory is None:
+            raise RuntimeError("no optimiser recipe attached to this context")
+        return self._optimizer_factory(params)
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def batches(
+        self,
+        split: SplitName,
+        *,
+        shuffle: bool = False,
+        subset: Tensor | None = None,
+        plan: SamplePlan | None = None,
+    ) -> Batches:
+        """Batches of the training split (or validation, if declared). The test split is refused."""
+        if split == "test":
+            raise DataAccessError("methods may not read the test split; it is only for the final report")
+        if split == "val":
+            if not self._needs.val:
+                raise DataAccessError("this method did not declare needs.val, so it may not read validation data")
+            self.used_val = True
+        if self._dataset is None:
+            raise RuntimeError("no dataset attached to this context")
+        return Batches(
+            self._dataset.split(split), self._batch_size if shuffle else self._eval_batch_size,
+            shuffle=shuffle, generator=self.generator, plan=plan, subset=subset, device=self.device,
+            num_workers=self._num_workers,
+        )
+
+    @contextmanager
+    def eval_mode(self, module: nn.Module) -> Iterator[None]:
+        """Eval mode and no gradients inside; the previous train/eval state is restored on exit."""
+        modes = {m: m.training for m in module.modules()}
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        """Attribute the FLOPs of the enclosed code to ``name`` in the cost table."""
+        return self.meter.phase(name)
+
+    def log(self, **scalars: float | Tensor) -> None:
+        """Record scalars; the trainer writes their per-epoch means into the run records."""
+        for key, value in scalars.items():
+            entry = self._logs[key]
+            entry.total += float(value)
+            entry.count += 1
+
+    def check_finite(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        """Stop the run if any loss term is NaN or infinite; return the terms as floats for logging."""
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+        out = dict(zip(losses, values, strict=True))
+        for name, value in out.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss term {name!r} became {value} at epoch {self.epoch}, step {self.step}; "
+                    "lower the learning rate or check the inputs"
+                )
+        for name, value in out.items():
+            self.log(**{f"loss/{name}": value})
+        return out
+
+    def pop_logs(self) -> dict[str, float]:
+        """Per-epoch means of everything logged since the last call."""
+        out = {k: v.total / v.count for k, v in sorted(self._logs.items()) if v.count}
+        self._logs.clear()
+        return out

@@ -1,0 +1,8 @@
+"""Models: encoders, fusions and the classifier that composes them."""
+
+from balancemm.models import encoders as _encoders  # noqa: F401  (registers encoders)
+from balancemm.models import fusions as _fusions  # noqa: F401  (registers fusions)
+from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier, build_model
+from balancemm.registry import ENCODERS, FUSIONS
+
+__all__ = ["ENCODERS", "FUSIONS", "ModelOutput", "ModelSpec", "MultimodalClassifier", "build_model"]

@@ -1,0 +1,172 @@
+"""The multimodal classifier: per-modality encoders → fusion → fused logits (+ per-modality logits)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from balancemm.config import EncoderConfig, ModelConfig
+from balancemm.data.batch import Batch
+from balancemm.errors import ConfigError
+from balancemm.models.encoders.base import Encoder
+from balancemm.models.fusions.base import Fusion
+from balancemm.registry import ENCODERS, FUSIONS
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns.
+
+    Attributes:
+        logits: ``[B, C]`` fused logits.
+        features: modality → ``[B, d_m]`` pooled features, after masking (what the fusion saw).
+        unimodal_logits: modality → ``[B, C]``, sliced from the fusion head or from separate heads.
+    """
+
+    logits: Tensor
+    features: dict[str, Tensor]
+    unimodal_logits: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model; methods may edit it in ``Method.model_spec``."""
+
+    modalities: tuple[str, ...]
+    input_shapes: dict[str, tuple[int, ...]]
+    num_classes: int
+    encoders: dict[str, EncoderConfig]
+    fusion: str = "concat"
+    unimodal_heads: str = "auto"
+    mask: str = "feature"
+
+    @classmethod
+    def from_config(
+        cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int
+    ) -> ModelSpec:
+        return cls(
+            tuple(sorted(input_shapes)), dict(input_shapes), num_classes, dict(model.encoders),
+            model.fusion, model.unimodal_heads, model.mask,
+        )
+
+    def only(self, modalities: Iterable[str]) -> ModelSpec:
+        """The same spec restricted to some modalities (unimodal models, teachers)."""
+        keep = tuple(m for m in self.modalities if m in set(modalities))
+        return replace(
+            self, modalities=keep, input_shapes={m: self.input_shapes[m] for m in keep},
+            encoders={m: self.encoders[m] for m in keep},
+        )
+
+
+class MultimodalClassifier(nn.Module):
+    """Encoders + fusion + optional unimodal heads (TorchMultimodal-style composition).
+
+    Parameter ownership comes from module structure: :meth:`modality_parameters` is exactly the
+    encoder of one modality, :meth:`head_parameters` is everything after the encoders.
+
+    Masking (``batch.present``): with ``mask="feature"`` an absent modality's pooled feature is
+    zeroed before fusion, so coalitions can reuse one encoder pass; with ``mask="input"`` its input is
+    zeroed before the encoder (BalanceMM's choice; encoder and BatchNorm still run on zeros).
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, Encoder],
+        fusion: Fusion,
+        unimodal_heads: nn.ModuleDict | None = None,
+        mask: str = "feature",
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(sorted(encoders))
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+        self.fusion = fusion
+        self.unimodal_heads = unimodal_heads
+        self.mask = mask
+
+    # -- the pieces ------------------------------------------------------------------------------
+
+    def encode(self, batch: Batch, only: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Pooled features ``{m: [B, d_m]}`` of the model's modalities (or the subset ``only``)."""
+        wanted = self.modalities if only is None else tuple(m for m in self.modalities if m in set(only))
+        out = {}
+        for m in wanted:
+            x = batch.inputs[m]
+            if self.mask == "input":
+                keep = batch.present_of(m)
+                if not bool(keep.all()):
+                    x = x * keep.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+            out[m] = self.encoders[m](x)
+        return out
+
+    def apply_mask(self, features: dict[str, Tensor], present: Tensor, modalities: Sequence[str]) -> dict[str, Tensor]:
+        """Zero the features of absent modalities (feature masking); identity for input masking."""
+        if self.mask != "feature" or bool(present.all()):
+            return features
+        return {m: h * present[:, modalities.index(m), None].to(h.dtype) for m, h in features.items()}
+
+    def fuse(self, features: dict[str, Tensor]) -> Tensor:
+        """Fused logits ``[B, C]`` from (already masked) features of every model modality."""
+        return self.fusion(features)
+
+    def unimodal(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-modality logits ``{m: [B, C]}``."""
+        if self.unimodal_heads is not None:
+            return {m: self.unimodal_heads[m](h) for m, h in features.items()}
+        return self.fusion.slice(features)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        features = self.apply_mask(self.encode(batch), batch.present, batch.modalities)
+        return ModelOutput(self.fuse(features), features, self.unimodal(features))
+
+    def coalition_logits(self, batch: Batch, coalitions: Sequence[frozenset[str]]) -> Tensor:
+        """Fused logits ``[K, B, C]`` with only each coalition's modalities present.
+
+        With feature masking the encoders run once and each coalition only re-runs the fusion,
+        which is what makes the Shapley metric cost about one test pass instead of 2^M.
+        """
+        if self.mask == "feature":
+            features = self.encode(batch)
+            return torch.stack([
+                self.fuse(self.apply_mask(features, batch.with_only(s).present, batch.modalities)) for s in coalitions
+            ])
+        return torch.stack([self(batch.with_only(s)).logits for s in coalitions])
+
+    # -- parameter ownership ---------------------------------------------------------------------
+
+    def modality_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """The parameters of one modality's encoder, found by structure (never by name matching)."""
+        return self.encoders[modality].parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Fusion and unimodal-head parameters: everything downstream of the encoders."""
+        yield from self.fusion.parameters()
+        if self.unimodal_heads is not None:
+            yield from self.unimodal_heads.parameters()
+
+
+def build_model(spec: ModelSpec) -> MultimodalClassifier:
+    """Instantiate a classifier from a spec, with registered encoders and fusion."""
+    encoders: dict[str, Encoder] = {}
+    for m in spec.modalities:
+        cfg = spec.encoders[m]
+        try:
+            encoders[m] = ENCODERS.get(cfg.name)(spec.input_shapes[m], cfg.options)
+        except ValueError as exc:
+            raise ConfigError(f"model.encoders.{m}: {exc}") from None
+    dims = {m: e.num_features for m, e in encoders.items()}
+    fusion = FUSIONS.get(spec.fusion)(dims, spec.num_classes)
+    heads_kind = spec.unimodal_heads
+    if heads_kind == "auto":
+        heads_kind = "slice" if fusion.supports_slice else "linear"
+    if heads_kind == "slice" and not fusion.supports_slice:
+        raise ConfigError(
+            f"model.unimodal_heads=slice needs a fusion whose logits split per modality (concat, sum); "
+            f"{spec.fusion} does not: use model.unimodal_heads=linear"
+        )
+    heads = None
+    if heads_kind == "linear":
+        heads = nn.ModuleDict({m: nn.Linear(d, spec.num_classes) for m, d in dims.items()})
+    return MultimodalClassifier(encoders, fusion, heads, spec.mask)
