@@ -43,14 +43,13 @@ def train(
     from balancemm.engine.trainer import Trainer
 
     extra = {"method": {k: v for k, v in hparams.items() if v is not None}} if hparams else {}
-    cfg = resolve_config(method, dataset, config_file=config, sets=sets,
-                         overrides=deep_merge(overrides or {}, extra), seed=seed)
+    cfg = resolve_config(
+        method, dataset, config_file=config, sets=sets, overrides=deep_merge(overrides or {}, extra), seed=seed
+    )
     return Trainer(cfg, out or default_out(cfg), device=device, progress=progress).fit()
 
 
-def create_model(
-    dataset: str = "embedded", method: str = "baseline", **resolve: Any
-) -> Any:
+def create_model(dataset: str = "embedded", method: str = "baseline", **resolve: Any) -> Any:
     """The model a run of ``method`` on ``dataset`` would train (a ``MultimodalClassifier``).
 
     ``resolve`` takes the keyword arguments of :func:`balancemm.config.resolve_config`

@@ -18,7 +18,7 @@ from balancemm.errors import BalanceMMError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the usage block too; one line is easier to read and to grep.
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"balancemm: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--method", required=True, help="registry name or alias, e.g. ogm_ge (see: balancemm list methods)")
     t.add_argument("--dataset", default=None, help="registry name (default: embedded, needs no download)")
     t.add_argument("--config", default=None, help="YAML file with sections run/method/data/model/train")
-    t.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3")
+    t.add_argument(
+        "--set",
+        dest="sets",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3",
+    )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-seed<N>-<hash>)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -111,7 +118,8 @@ def _probe(args: argparse.Namespace) -> int:
     from balancemm.engine.probe import probe_run
 
     for m, r in probe_run(args.run_dir, args.modality).items():
-        print(f"{m:12s} linear-probe test accuracy {100 * r['test_accuracy']:.2f}  (val {100 * r['val_accuracy']:.2f}, C={r['C']})")
+        test, val = 100 * r["test_accuracy"], 100 * r["val_accuracy"]
+        print(f"{m:12s} linear-probe test accuracy {test:.2f}  (val {val:.2f}, C={r['C']})")
     return 0
 
 

@@ -118,8 +118,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    tests = {"ge": (">=", lambda b: value >= b), "gt": (">", lambda b: value > b),
-             "le": ("<=", lambda b: value <= b), "lt": ("<", lambda b: value < b)}
+    tests = {
+        "ge": (">=", lambda b: value >= b),
+        "gt": (">", lambda b: value > b),
+        "le": ("<=", lambda b: value <= b),
+        "lt": ("<", lambda b: value < b),
+    }
     if all(meta.get(k) is None or ok(meta[k]) for k, (_, ok) in tests.items()):
         return
     allowed = ", ".join(f"{word} {meta[k]}" for k, (word, _) in tests.items() if meta.get(k) is not None)
@@ -346,9 +350,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(SECTIONS)}")
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise ConfigError(
-            f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}"
-        )
+        raise ConfigError(f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
     return data
 
 
@@ -362,8 +364,7 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if parts[0] not in SECTIONS or len(parts) < 2:
             raise ConfigError(
-                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), "
-                "e.g. train.epochs"
+                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), e.g. train.epochs"
             )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""

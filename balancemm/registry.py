@@ -36,9 +36,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._lookup: dict[str, str] = {}
 
-    def register(
-        self, name: str, *, aliases: tuple[str, ...] = (), **meta: Any
-    ) -> Callable[[T], T]:
+    def register(self, name: str, *, aliases: tuple[str, ...] = (), **meta: Any) -> Callable[[T], T]:
         """Decorator: ``@METHODS.register("ogm_ge", group="optimization", aliases=("OGM",))``."""
         if name != name.lower() or " " in name:
             raise ValueError(f"{self.kind} keys are lower snake case, got {name!r}")
@@ -59,9 +57,7 @@ class Registry(Generic[T]):
         if key is None:
             close = difflib.get_close_matches(name.lower(), list(self._lookup), n=1)
             hint = f" (did you mean {self._lookup[close[0]]!r}?)" if close else ""
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}"
-            )
+            raise ConfigError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}")
         return key
 
     def entry(self, name: str) -> Entry[T]:

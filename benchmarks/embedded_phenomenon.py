@@ -43,8 +43,9 @@ def main() -> None:
                 add(f"baseline phi[{m}]", base["shapley"][m])
                 add(f"{m}: slice acc inside baseline", base["test"]["per_modality"][m]["accuracy"])
                 add(f"{m}: probe of baseline encoder", probes[m]["test_accuracy"])
-                uni = balancemm.train("unimodal", args.dataset, seed=seed, sets=args.sets, modality=m,
-                                      out=f"{tmp}/u{m}{seed}")
+                uni = balancemm.train(
+                    "unimodal", args.dataset, seed=seed, sets=args.sets, modality=m, out=f"{tmp}/u{m}{seed}"
+                )
                 add(f"{m}: unimodal alone acc", uni["test"]["accuracy"])
                 add(f"{m}: probe of unimodal encoder", probe_run(f"{tmp}/u{m}{seed}")[m]["test_accuracy"])
             add("baseline imbalance", base["imbalance"])
@@ -52,19 +53,28 @@ def main() -> None:
     for key, values in rows.items():
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"{key:40s} {mean[key]:7.2f} ± {sd:5.2f}   {' '.join(f'{v:6.2f}' for v in values)}")
-    mods = sorted({k.split(':')[0] for k in rows if ':' in k})
+    mods = sorted({k.split(":")[0] for k in rows if ":" in k})
     alone = {m: mean[f"{m}: unimodal alone acc"] for m in mods}
     weak = min(alone, key=alone.__getitem__)
     strong = max(alone, key=alone.__getitem__)
     checks = [
         ("unimodal gap >= 10 points", alone[strong] - alone[weak], alone[strong] - alone[weak] >= 10),
         ("baseline - best unimodal > 0", mean["baseline acc"] - alone[strong], mean["baseline acc"] > alone[strong]),
-        (f"{weak} alone - probe in baseline >= 5", alone[weak] - mean[f"{weak}: probe of baseline encoder"],
-         alone[weak] - mean[f"{weak}: probe of baseline encoder"] >= 5),
-        (f"{weak} probe alone - probe in baseline >= 5",
-         mean[f"{weak}: probe of unimodal encoder"] - mean[f"{weak}: probe of baseline encoder"],
-         mean[f"{weak}: probe of unimodal encoder"] - mean[f"{weak}: probe of baseline encoder"] >= 5),
-        ("baseline run <= 60 s", mean["baseline wall time (s) /100"] * 100 / 100, mean["baseline wall time (s) /100"] <= 60),
+        (
+            f"{weak} alone - probe in baseline >= 5",
+            alone[weak] - mean[f"{weak}: probe of baseline encoder"],
+            alone[weak] - mean[f"{weak}: probe of baseline encoder"] >= 5,
+        ),
+        (
+            f"{weak} probe alone - probe in baseline >= 5",
+            mean[f"{weak}: probe of unimodal encoder"] - mean[f"{weak}: probe of baseline encoder"],
+            mean[f"{weak}: probe of unimodal encoder"] - mean[f"{weak}: probe of baseline encoder"] >= 5,
+        ),
+        (
+            "baseline run <= 60 s",
+            mean["baseline wall time (s) /100"] * 100 / 100,
+            mean["baseline wall time (s) /100"] <= 60,
+        ),
     ]
     print()
     for name, value, ok in checks:

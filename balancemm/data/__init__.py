@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from balancemm.data import embedded as _embedded  # noqa: F401  (registers embedded, embedded3)
 from balancemm.data.base import SPLITS, InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
 from balancemm.registry import DATASETS
 
-from balancemm.data import embedded as _embedded  # noqa: E402,F401  (registers embedded, embedded3)
-
 __all__ = [
-    "DATASETS", "SPLITS", "Batch", "Batches", "InMemorySplit", "MultimodalDataset", "SamplePlan",
-    "Split", "SplitName", "create_dataset",
+    "DATASETS",
+    "SPLITS",
+    "Batch",
+    "Batches",
+    "InMemorySplit",
+    "MultimodalDataset",
+    "SamplePlan",
+    "Split",
+    "SplitName",
+    "create_dataset",
 ]
 
 

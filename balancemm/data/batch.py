@@ -77,6 +77,9 @@ class SamplePlan:
     def __post_init__(self) -> None:
         if (self.extra_index is None) != (self.extra_present is None):
             raise ValueError("extra_index and extra_present go together")
-        if self.extra_index is not None and self.extra_present is not None:
-            if self.extra_present.shape[0] != self.extra_index.shape[0]:
-                raise ValueError("extra_present needs one row per extra_index entry")
+        if (
+            self.extra_index is not None
+            and self.extra_present is not None
+            and self.extra_present.shape[0] != self.extra_index.shape[0]
+        ):
+            raise ValueError("extra_present needs one row per extra_index entry")

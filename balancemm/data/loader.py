@@ -89,8 +89,12 @@ class Batches:
     def _collated(self) -> Iterator[Batch]:
         order = self.rows[: self._len * self.batch_size].tolist()  # drops the tail only if drop_last
         loader = DataLoader(
-            _Rows(self.split, order), batch_size=self.batch_size, shuffle=False,
-            num_workers=self.num_workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            _Rows(self.split, order),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
         )
         for k, (inputs, label, rows) in enumerate(loader):
             present = self.present[k * self.batch_size : k * self.batch_size + label.shape[0]]

@@ -49,8 +49,12 @@ def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality:
         if val > best[0]:
             best = (val, c, clf)
     val_acc, c, clf = best
-    return {"modality": modality, "test_accuracy": float(clf.score(xs["test"], ys["test"])),
-            "val_accuracy": val_acc, "C": c}
+    return {
+        "modality": modality,
+        "test_accuracy": float(clf.score(xs["test"], ys["test"])),
+        "val_accuracy": val_acc,
+        "C": c,
+    }
 
 
 def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from balancemm import __version__
 from balancemm.config import OptimizerConfig, RunConfig, SchedulerConfig
-from balancemm.data import Batches, MultimodalDataset, create_dataset
+from balancemm.data import Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
 from balancemm.engine.evaluate import evaluate
 from balancemm.engine.rundir import RunDir, read_json, write_json
 from balancemm.errors import BalanceMMError, ConfigError, NonFiniteLossError
@@ -61,8 +61,12 @@ def resolve_device(device: str) -> torch.device:
 
 def environment(device: torch.device) -> dict[str, str]:
     return {
-        "balancemm": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "threads": str(torch.get_num_threads()), "platform": sys.platform,
+        "balancemm": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
+        "platform": sys.platform,
     }
 
 
@@ -103,7 +107,12 @@ class Trainer:
     """Owns one run: call :meth:`fit` once."""
 
     def __init__(
-        self, cfg: RunConfig, out: str | Path, *, device: str = "cpu", progress: bool = True,
+        self,
+        cfg: RunConfig,
+        out: str | Path,
+        *,
+        device: str = "cpu",
+        progress: bool = True,
         dataset: MultimodalDataset | None = None,
     ) -> None:
         self.cfg = cfg
@@ -136,26 +145,45 @@ class Trainer:
         self.meter = FlopMeter(enabled=cfg.train.flops == "exact")
         train = cfg.train
         self.ctx = RunContext(
-            spec.modalities, seed=cfg.run.seed, num_epochs=train.epochs, device=self.device, dataset=self.data,
-            needs=needs, batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
-            optimizer_factory=lambda ps: build_optimizer(train.optimizer, ps), grad_clip=train.grad_clip,
-            meter=self.meter, num_workers=train.num_workers,
+            spec.modalities,
+            seed=cfg.run.seed,
+            num_epochs=train.epochs,
+            device=self.device,
+            dataset=self.data,
+            needs=needs,
+            batch_size=train.batch_size,
+            eval_batch_size=train.eval_batch_size,
+            optimizer_factory=lambda ps: build_optimizer(train.optimizer, ps),
+            grad_clip=train.grad_clip,
+            meter=self.meter,
+            num_workers=train.num_workers,
         )
         self.method: Method = method_cls(model, self.ctx, cfg.method).to(self.device)
         self.optimizer = build_optimizer(train.optimizer, self.method.trainable_parameters())
         self.ctx.attach_optimizer(self.optimizer)
         self.scheduler = build_scheduler(train.scheduler, self.optimizer)
+        self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf")}  # selection state
+        self.train_time = 0.0
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _batches(self, split: str, epoch: int | None = None) -> Batches:
+    def _eval_batches(self, split: SplitName) -> Batches:
         train = self.cfg.train
-        if epoch is None:
-            return Batches(self.data.split(split), train.eval_batch_size, device=self.device,  # type: ignore[arg-type]
-                           num_workers=train.num_workers)
+        return Batches(self.data.split(split), train.eval_batch_size, device=self.device, num_workers=train.num_workers)
+
+    def _train_batches(self, epoch: int, plan: SamplePlan | None) -> Batches:
+        # The order is derived from (seed, epoch), so a resumed epoch sees exactly the same batches.
+        train = self.cfg.train
         order = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch))
-        return Batches(self.data.split("train"), train.batch_size, shuffle=True, generator=order,
-                       plan=self._plan, device=self.device, num_workers=train.num_workers)
+        return Batches(
+            self.data.split("train"),
+            train.batch_size,
+            shuffle=True,
+            generator=order,
+            plan=plan,
+            device=self.device,
+            num_workers=train.num_workers,
+        )
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -163,10 +191,17 @@ class Trainer:
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
-            "epoch": epoch, "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(self.device),
-            "generator": self.ctx.generator.get_state(), "step": self.ctx.step, "best": self.best,
-            "flops": self.meter.state_dict(), "train_time_s": self.train_time, "used_val": self.ctx.used_val,
+            "epoch": epoch,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.device),
+            "generator": self.ctx.generator.get_state(),
+            "step": self.ctx.step,
+            "best": self.best,
+            "flops": self.meter.state_dict(),
+            "train_time_s": self.train_time,
+            "used_val": self.ctx.used_val,
         }
 
     def _restore(self, state: dict[str, Any]) -> int:
@@ -190,14 +225,19 @@ class Trainer:
         if run.done.is_file() and run.summary.is_file():
             self._say(f"{run.path} is already complete; not training again")
             return dict(read_json(run.summary))
-        run.create({"config": cfg.to_dict(), "config_hash": cfg.digest(), "run_id": self.run_id,
-                    "environment": environment(self.device)})
+        run.create(
+            {
+                "config": cfg.to_dict(),
+                "config_hash": cfg.digest(),
+                "run_id": self.run_id,
+                "environment": environment(self.device),
+            }
+        )
         env = environment(self.device)
-        self._say(f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
-                  f"{env['device']} ({env['threads']} threads) | run {run.path}")
-        self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf")}
-        self.train_time = 0.0
-        self._plan = None
+        self._say(
+            f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
+            f"{env['device']} ({env['threads']} threads) | run {run.path}"
+        )
         started = time.perf_counter()
         try:
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
@@ -224,33 +264,49 @@ class Trainer:
         epochs = cfg.train.epochs
         writer = _tensorboard(run.tensorboard, start)
         hatch = _hatch(method)
-        bar = tqdm(range(start, epochs), desc="epochs", initial=start, total=epochs, disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            range(start, epochs),
+            desc="epochs",
+            initial=start,
+            total=epochs,
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for epoch in bar:
             ctx.epoch = epoch
             method.train()
             t0 = time.perf_counter()
             with self.meter.counting():
                 with ctx.phase("on_epoch_start"):
-                    self._plan = method.on_epoch_start(epoch)
-                batches = self._batches("train", epoch)
-                inner = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not self.progress,
-                             file=sys.stderr, dynamic_ncols=True)
+                    plan = method.on_epoch_start(epoch)
+                batches = self._train_batches(epoch, plan)
+                inner = tqdm(
+                    batches,
+                    desc=f"epoch {epoch}",
+                    leave=False,
+                    disable=not self.progress,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
                 with ctx.phase(hatch or "other"):
                     method.train_epoch(epoch, inner)
                 with ctx.phase("on_epoch_end"):
                     method.on_epoch_end(epoch)
             self.scheduler.step()
             self.train_time += time.perf_counter() - t0
-            val = evaluate(method, self._batches("val"), self.data.num_classes)
+            val = evaluate(method, self._eval_batches("val"), self.data.num_classes)
             logs = ctx.pop_logs()
             record = self._record("val", epoch, val)
             record["train"] = logs
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             run.append_record(record)
             if writer is not None:
-                for key, value in [("val/accuracy", val["accuracy"]), ("val/macro_f1", val["macro_f1"]),
-                                   ("val/loss", val["loss"])] + [(f"train/{k}", v) for k, v in logs.items()]:
+                for key, value in [
+                    ("val/accuracy", val["accuracy"]),
+                    ("val/macro_f1", val["macro_f1"]),
+                    ("val/loss", val["loss"]),
+                ] + [(f"train/{k}", v) for k, v in logs.items()]:
                     writer.add_scalar(key, value, epoch)
                 if val.get("imbalance") is not None:
                     writer.add_scalar("val/imbalance", val["imbalance"], epoch)
@@ -260,17 +316,26 @@ class Trainer:
                 self.best = {"epoch": epoch, "value": score}
                 run.save(run.best, {"epoch": epoch, "method": method.state_dict()})
             run.save(run.last, self._state(epoch))
-            bar.set_postfix_str(f"loss {logs.get('loss/ce', next(iter(logs.values()), 0.0)):.3f} "
-                                f"val acc {100 * val['accuracy']:.1f}")
+            bar.set_postfix_str(
+                f"loss {logs.get('loss/ce', next(iter(logs.values()), 0.0)):.3f} val acc {100 * val['accuracy']:.1f}"
+            )
         if writer is not None:
             writer.close()
 
     def _record(self, split: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         return {
-            "schema": SCHEMA, "run_id": self.run_id, "config_hash": cfg.digest(), "method": cfg.run.method,
-            "dataset": cfg.run.dataset, "seed": cfg.run.seed, "epoch": epoch, "split": split, **metrics,
-            "train_time_s": self.train_time, "flops_cumulative": self.meter.total if self.meter.enabled else None,
+            "schema": SCHEMA,
+            "run_id": self.run_id,
+            "config_hash": cfg.digest(),
+            "method": cfg.run.method,
+            "dataset": cfg.run.dataset,
+            "seed": cfg.run.seed,
+            "epoch": epoch,
+            "split": split,
+            **metrics,
+            "train_time_s": self.train_time,
+            "flops_cumulative": self.meter.total if self.meter.enabled else None,
         }
 
     def _finish(self, wall: float) -> dict[str, Any]:
@@ -279,29 +344,44 @@ class Trainer:
         if best["epoch"] != self.best["epoch"]:
             raise RuntimeError(f"{run.best} holds epoch {best['epoch']}, expected {self.best['epoch']}")
         method.load_state_dict(best["method"])
-        test = evaluate(method, self._batches("test"), self.data.num_classes)
+        test = evaluate(method, self._eval_batches("test"), self.data.num_classes)
         run.append_record(self._record("test", self.best["epoch"], test))
         peak, peak_kind = _peak_memory_mb(self.device)
         params = sum(p.numel() for p in method.parameters())
         summary = {
-            "schema": SCHEMA, "status": "complete", "run_id": self.run_id, "config_hash": cfg.digest(),
-            "method": cfg.run.method, "method_group": self.method_entry.meta.get("group"),
-            "dataset": cfg.run.dataset, "seed": cfg.run.seed, "modalities": list(method.model.modalities),
+            "schema": SCHEMA,
+            "status": "complete",
+            "run_id": self.run_id,
+            "config_hash": cfg.digest(),
+            "method": cfg.run.method,
+            "method_group": self.method_entry.meta.get("group"),
+            "dataset": cfg.run.dataset,
+            "seed": cfg.run.seed,
+            "modalities": list(method.model.modalities),
             "selected_epoch": self.best["epoch"],
             "selection": {"split": "val", "metric": cfg.train.select_metric, "value": self.best["value"]},
             "used_validation_in_training": self.ctx.used_val,
             "test": {k: test[k] for k in ("num_samples", "loss", "accuracy", "macro_f1", "per_modality")},
-            "shapley": test["shapley"], "coalition_values": test["coalition_values"], "imbalance": test["imbalance"],
+            "shapley": test["shapley"],
+            "coalition_values": test["coalition_values"],
+            "imbalance": test["imbalance"],
             "flops": {
                 "counting": cfg.train.flops,
                 "total": self.meter.total if self.meter.enabled else None,
                 "by_phase": dict(sorted(self.meter.by_phase.items())) if self.meter.enabled else {},
             },
-            "train_time_s": self.train_time, "wall_time_s": wall,
-            "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
-            "params": {"total": params, "per_modality": {
-                m: sum(p.numel() for p in method.model.modality_parameters(m)) for m in method.model.modalities}},
-            "dataset_info": self.data.describe(), "environment": environment(self.device),
+            "train_time_s": self.train_time,
+            "wall_time_s": wall,
+            "peak_memory_mb": peak,
+            "peak_memory_kind": peak_kind,
+            "params": {
+                "total": params,
+                "per_modality": {
+                    m: sum(p.numel() for p in method.model.modality_parameters(m)) for m in method.model.modalities
+                },
+            },
+            "dataset_info": self.data.describe(),
+            "environment": environment(self.device),
         }
         write_json(run.summary, summary)
         run.mark_done()

@@ -18,9 +18,7 @@ GROUPS = ("reference", "data", "feed-forward", "objective", "optimization")
 __all__ = ["GROUPS", "METHODS", "Method", "Needs", "RunContext", "create_method", "list_methods"]
 
 
-def create_method(
-    name: str, model: MultimodalClassifier, ctx: RunContext | None = None, **hparams: Any
-) -> Method:
+def create_method(name: str, model: MultimodalClassifier, ctx: RunContext | None = None, **hparams: Any) -> Method:
     """Wrap ``model`` in a registered method: ``create_method("ogm_ge", model, alpha=0.5)``.
 
     Hyper-parameters are validated like config keys; ``None`` values are dropped (timm-style), so

@@ -28,6 +28,6 @@ def min_norm_two(g1: Tensor, g2: Tensor) -> float:
     return (c - e) / (a + c - 2 * e)
 
 
-def conv_weights(module: nn.Module) -> list[nn.Parameter]:
+def conv_weights(module: nn.Module) -> list[Tensor]:
     """The kernels of every convolution inside ``module`` (by module type, not by name)."""
     return [m.weight for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)]

@@ -160,27 +160,27 @@ class Method(nn.Module):
 
     # -- evaluation support (not a hook) ---------------------------------------------------------
 
-    def predict_coalitions(
-        self, batch: Batch, coalitions: list[frozenset[str]]
-    ) -> tuple[ModelOutput, Tensor]:
+    def predict_coalitions(self, batch: Batch, coalitions: list[frozenset[str]]) -> tuple[ModelOutput, Tensor]:
         """The prediction on ``batch`` and fused logits ``[K, B, C]`` for each coalition.
 
         With the default ``predict`` and feature masking, one encoder pass serves every coalition;
         a method with its own ``predict`` is evaluated once per coalition instead.
         """
-        if type(self).predict is Method.predict and self.model.mask == "feature":
-            model = self.model
+        model, everything = self.model, frozenset(self.model.modalities)
+        if type(self).predict is Method.predict and model.mask == "feature":
             features = model.encode(batch)
             masked = model.apply_mask(features, batch.present, batch.modalities)
             out = ModelOutput(model.fuse(masked), masked, model.unimodal(masked))
             logits = [
-                out.logits if s == frozenset(model.modalities)
+                out.logits
+                if s == everything
                 else model.fuse(model.apply_mask(features, batch.with_only(s).present, batch.modalities))
                 for s in coalitions
             ]
-            return out, torch.stack(logits)
-        out = self.predict(batch)
-        return out, torch.stack([self.predict(batch.with_only(s)).logits for s in coalitions])
+        else:
+            out = self.predict(batch)
+            logits = [out.logits if s == everything else self.predict(batch.with_only(s)).logits for s in coalitions]
+        return out, torch.stack(logits)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -13,7 +13,9 @@ from balancemm.registry import METHODS
 
 
 @METHODS.register(
-    "baseline", group="reference", paper="concatenation fusion + cross-entropy",
+    "baseline",
+    group="reference",
+    paper="concatenation fusion + cross-entropy",
     aliases=("baselineTrainer",),
 )
 class Baseline(Method):

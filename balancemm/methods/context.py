@@ -139,8 +139,13 @@ class RunContext:
         if self._dataset is None:
             raise RuntimeError("no dataset attached to this context")
         return Batches(
-            self._dataset.split(split), self._batch_size if shuffle else self._eval_batch_size,
-            shuffle=shuffle, generator=self.generator, plan=plan, subset=subset, device=self.device,
+            self._dataset.split(split),
+            self._batch_size if shuffle else self._eval_batch_size,
+            shuffle=shuffle,
+            generator=self.generator,
+            plan=plan,
+            subset=subset,
+            device=self.device,
             num_workers=self._num_workers,
         )
 

@@ -71,9 +71,7 @@ def pareto_direction(g_mm: Tensor, g_u: Tensor) -> tuple[float, float]:
     return a1, 1 - a1
 
 
-def pareto_combine(
-    g_mm: list[Tensor], g_u: list[Tensor], gamma: float
-) -> tuple[list[Tensor], tuple[float, float]]:
+def pareto_combine(g_mm: list[Tensor], g_u: list[Tensor], gamma: float) -> tuple[list[Tensor], tuple[float, float]]:
     """Final per-tensor gradients of one encoder from its multimodal and unimodal gradients."""
     a1, a2 = pareto_direction(flat(g_mm), flat(g_u))
     out = []
@@ -85,9 +83,7 @@ def pareto_combine(
     return out, (a1, a2)
 
 
-@METHODS.register(
-    "mmpareto", group="objective", paper="Wei & Hu, ICML 2024", aliases=("MMPareto", "MMParetoTrainer")
-)
+@METHODS.register("mmpareto", group="objective", paper="Wei & Hu, ICML 2024", aliases=("MMPareto", "MMParetoTrainer"))
 class MMPareto(Method):
     name = "mmpareto"
     HParams = MMParetoHParams

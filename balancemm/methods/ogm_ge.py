@@ -87,7 +87,9 @@ def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> 
 
 
 @METHODS.register(
-    "ogm_ge", group="optimization", paper="Peng et al., CVPR 2022 (OGM-GE)",
+    "ogm_ge",
+    group="optimization",
+    paper="Peng et al., CVPR 2022 (OGM-GE)",
     aliases=("OGM", "OGM_GE", "OGMTrainer"),
 )
 class OGMGE(Method):
@@ -108,7 +110,8 @@ class OGMGE(Method):
         super().__init__(*args, **kwargs)
         encoders = self.model.encoders
         self.modulated = {
-            m: conv_weights(encoders[m]) if self.hp.params == "conv"
+            m: conv_weights(encoders[m])
+            if self.hp.params == "conv"
             else [p for p in encoders[m].parameters() if p.dim() > 1]
             for m in self.model.modalities
         }
@@ -118,10 +121,12 @@ class OGMGE(Method):
         if not hp.modulation_starts <= ctx.epoch <= hp.modulation_ends:
             return
         with torch.no_grad():
-            scores = torch.stack([
-                torch.softmax(out.unimodal_logits[m], dim=1).gather(1, batch.label[:, None]).sum()
-                for m in self.model.modalities
-            ])
+            scores = torch.stack(
+                [
+                    torch.softmax(out.unimodal_logits[m], dim=1).gather(1, batch.label[:, None]).sum()
+                    for m in self.model.modalities
+                ]
+            )
             k = ogm_coefficients(scores, hp.alpha, hp.continuous).tolist()
             for m, coeff in zip(self.model.modalities, k, strict=True):
                 for p in self.modulated[m]:

@@ -21,9 +21,7 @@ from collections.abc import Mapping, Sequence
 
 def coalitions(modalities: Sequence[str], *, include_empty: bool = True) -> list[frozenset[str]]:
     """Every subset of ``modalities``, smallest first (∅, {a}, {b}, …, M)."""
-    subsets = [
-        frozenset(c) for k in range(len(modalities) + 1) for c in itertools.combinations(modalities, k)
-    ]
+    subsets = [frozenset(c) for k in range(len(modalities) + 1) for c in itertools.combinations(modalities, k)]
     return subsets if include_empty else subsets[1:]
 
 
@@ -38,7 +36,5 @@ def shapley_values(values: Mapping[frozenset[str], float], modalities: Sequence[
     phi = {}
     for m in modalities:
         others = [o for o in modalities if o != m]
-        phi[m] = sum(
-            shapley_weight(len(s), n) * (values[s | {m}] - values[s]) for s in coalitions(others)
-        )
+        phi[m] = sum(shapley_weight(len(s), n) * (values[s | {m}] - values[s]) for s in coalitions(others))
     return phi

@@ -44,19 +44,24 @@ class ModelSpec:
     mask: str = "feature"
 
     @classmethod
-    def from_config(
-        cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int
-    ) -> ModelSpec:
+    def from_config(cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int) -> ModelSpec:
         return cls(
-            tuple(sorted(input_shapes)), dict(input_shapes), num_classes, dict(model.encoders),
-            model.fusion, model.unimodal_heads, model.mask,
+            tuple(sorted(input_shapes)),
+            dict(input_shapes),
+            num_classes,
+            dict(model.encoders),
+            model.fusion,
+            model.unimodal_heads,
+            model.mask,
         )
 
     def only(self, modalities: Iterable[str]) -> ModelSpec:
         """The same spec restricted to some modalities (unimodal models, teachers)."""
         keep = tuple(m for m in self.modalities if m in set(modalities))
         return replace(
-            self, modalities=keep, input_shapes={m: self.input_shapes[m] for m in keep},
+            self,
+            modalities=keep,
+            input_shapes={m: self.input_shapes[m] for m in keep},
             encoders={m: self.encoders[m] for m in keep},
         )
 
@@ -129,9 +134,9 @@ class MultimodalClassifier(nn.Module):
         """
         if self.mask == "feature":
             features = self.encode(batch)
-            return torch.stack([
-                self.fuse(self.apply_mask(features, batch.with_only(s).present, batch.modalities)) for s in coalitions
-            ])
+            return torch.stack(
+                [self.fuse(self.apply_mask(features, batch.with_only(s).present, batch.modalities)) for s in coalitions]
+            )
         return torch.stack([self(batch.with_only(s)).logits for s in coalitions])
 
     # -- parameter ownership ---------------------------------------------------------------------

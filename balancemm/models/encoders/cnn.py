@@ -37,11 +37,15 @@ class CompactCNN(Encoder):
         norm = nn.BatchNorm1d if len(input_shape) == 2 else nn.BatchNorm2d
         blocks, width = [], input_shape[0]
         for i, out in enumerate(options.channels):
-            blocks.append(nn.Sequential(
-                conv(width, out, options.kernel, stride=1 if i == 0 else 2, padding=options.kernel // 2, bias=False),
-                norm(out),
-                nn.ReLU(inplace=True),
-            ))
+            blocks.append(
+                nn.Sequential(
+                    conv(
+                        width, out, options.kernel, stride=1 if i == 0 else 2, padding=options.kernel // 2, bias=False
+                    ),
+                    norm(out),
+                    nn.ReLU(inplace=True),
+                )
+            )
             width = out
         self.blocks = nn.ModuleList(blocks)
         self.num_features = width

@@ -1,0 +1,90 @@
+"""Shared fixtures: a session cache for the embedded dataset, tiny in-memory datasets, small models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from balancemm.config import EncoderConfig
+from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName
+from balancemm.data.batch import Batch
+from balancemm.models import ModelSpec, MultimodalClassifier, build_model
+from balancemm.models.encoders.cnn import CompactCNNOptions
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # One cache per test session (subprocesses inherit it), never the user's ~/.cache.
+    old = os.environ.get("BALANCEMM_CACHE")
+    os.environ["BALANCEMM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("BALANCEMM_CACHE", None)
+    else:
+        os.environ["BALANCEMM_CACHE"] = old
+
+
+MODALITY_SHAPES = {"audio": (4, 6), "text": (3, 5), "visual": (1, 6, 6)}
+
+
+class TinyDataset(MultimodalDataset):
+    """Random, learnable 2- or 3-modality data for fast unit tests (not registered)."""
+
+    Options: ClassVar[type] = object
+    name: ClassVar[str] = "tiny"
+
+    @classmethod
+    def modalities_for(cls, options: Any) -> tuple[str, ...]:
+        return ()
+
+    def __init__(self, num_modalities: int = 2, n: int = 24, num_classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.modalities = ("audio", "visual") if num_modalities == 2 else ("audio", "text", "visual")
+        self.num_classes = num_classes
+        self.class_names = tuple(str(c) for c in range(num_classes))
+        self.input_shapes = {m: MODALITY_SHAPES[m] for m in self.modalities}
+        self._splits = {}
+        for split in ("train", "val", "test"):
+            labels = torch.arange(n) % num_classes
+            inputs = {
+                m: torch.randn(n, *s, generator=g) + labels.view(-1, *[1] * len(s))
+                for m, s in self.input_shapes.items()
+            }
+            self._splits[split] = InMemorySplit(inputs, labels)
+
+    def split(self, name: SplitName) -> Split:
+        return self._splits[name]
+
+
+def tiny_spec(data: TinyDataset, **kw: Any) -> ModelSpec:
+    enc = {m: EncoderConfig("cnn", CompactCNNOptions(channels=(4, 6))) for m in data.modalities}
+    return ModelSpec(data.modalities, data.input_shapes, data.num_classes, enc, **kw)
+
+
+def tiny_model(data: TinyDataset, **kw: Any) -> MultimodalClassifier:
+    torch.manual_seed(0)
+    return build_model(tiny_spec(data, **kw))
+
+
+def first_batch(data: TinyDataset, n: int = 8) -> Batch:
+    split = data.split("train")
+    rows = torch.arange(n)
+    present = torch.ones(n, len(data.modalities), dtype=torch.bool)
+    inputs = split.get_batch(rows)
+    assert inputs is not None
+    return Batch(inputs, split.labels[rows], rows, present, data.modalities)
+
+
+@pytest.fixture(params=[2, 3], ids=["M2", "M3"])
+def tiny(request: pytest.FixtureRequest) -> TinyDataset:
+    return TinyDataset(request.param)
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Path:
+    return tmp_path / "runs"

@@ -1,0 +1,69 @@
+"""The trainer calls the hooks in exactly the documented order (Lightning's hook-order test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import balancemm
+from balancemm.methods import METHODS, Method
+from balancemm.methods.baseline import Baseline
+from balancemm.registry import Entry
+
+CALLS: list[str] = []
+
+
+class Recording(Baseline):
+    @classmethod
+    def model_spec(cls, spec: Any, hp: Any) -> Any:
+        CALLS.append("model_spec")
+        return spec
+
+    def on_fit_start(self) -> None:
+        CALLS.append("on_fit_start")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        CALLS.append(f"on_epoch_start:{epoch}")
+
+    def forward(self, batch: Any) -> Any:
+        CALLS.append("forward")
+        return super().forward(batch)
+
+    def losses(self, out: Any, batch: Any) -> Any:
+        CALLS.append("losses")
+        return super().losses(out, batch)
+
+    def backward(self, losses: Any) -> None:
+        CALLS.append("backward")
+        super().backward(losses)
+
+    def after_backward(self, out: Any, batch: Any) -> None:
+        CALLS.append(f"after_backward:{self.ctx.step}")
+
+    def on_epoch_end(self, epoch: int) -> None:
+        CALLS.append(f"on_epoch_end:{epoch}")
+
+    def predict(self, batch: Any) -> Any:
+        CALLS.append(f"predict:{'train' if self.training else 'eval'}")
+        return super().predict(batch)
+
+
+def test_hook_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(METHODS._entries, "baseline", Entry("baseline", Recording, (), {"group": "reference"}))
+    CALLS.clear()
+    # 1078 train rows / batch 512 = 3 steps; val and test fit in one eval batch each.
+    balancemm.train(
+        "baseline", out=tmp_path / "r", sets=["train.epochs=2", "train.batch_size=512", "train.eval_batch_size=2048"]
+    )
+    step = ["forward", "losses", "backward"]
+
+    def epoch(e: int, s0: int) -> list[str]:
+        steps = [x for k in range(3) for x in [*step, f"after_backward:{s0 + k}"]]
+        return [f"on_epoch_start:{e}", *steps, f"on_epoch_end:{e}"]
+
+    # with a custom predict, evaluation runs it for the full batch and once per other coalition (∅, a, v)
+    evaluation = ["predict:eval"] * 4
+    assert ["model_spec", "on_fit_start", *epoch(0, 0), *evaluation, *epoch(1, 3), *evaluation, *evaluation] == CALLS
+    assert Method.train_epoch is Recording.train_epoch  # the default loop was used

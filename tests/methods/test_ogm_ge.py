@@ -1,0 +1,108 @@
+"""OGM-GE against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §1.7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from balancemm.methods import RunContext, create_method
+from balancemm.methods.ogm_ge import ogm_coefficients
+from tests.conftest import TinyDataset, first_batch, tiny_model
+
+
+def test_tie_shrinks_the_first_modality_as_the_official_code_does() -> None:
+    k = ogm_coefficients(torch.tensor([5.0, 5.0]), alpha=0.1)
+    assert k.tolist() == pytest.approx([0.900332, 1.0], abs=1e-6)
+    k = ogm_coefficients(torch.tensor([5.0, 5.0]), alpha=0.3)
+    assert k.tolist() == pytest.approx([0.708687, 1.0], abs=1e-6)
+
+
+def test_dominant_second_modality() -> None:
+    # s_v = 2·s_a, α = 0.3 → k_v = 1 − tanh(0.6) = 0.462950, k_a = 1
+    assert ogm_coefficients(torch.tensor([3.0, 6.0]), 0.3).tolist() == pytest.approx([1.0, 0.462950], abs=1e-6)
+    # the continuous (ρ − 1) variant: 1 − tanh(0.3) = 0.708687
+    assert ogm_coefficients(torch.tensor([3.0, 6.0]), 0.3, continuous=True).tolist() == pytest.approx(
+        [1.0, 0.708687], abs=1e-6
+    )
+    # dominant first modality: ρ_a = 2 → k_a = 1 − tanh(0.6)
+    assert ogm_coefficients(torch.tensor([6.0, 3.0]), 0.3).tolist() == pytest.approx([0.462950, 1.0], abs=1e-6)
+
+
+def test_three_modalities_use_the_mean_of_the_others() -> None:
+    # s = (6, 2, 4): ρ = 6/3 = 2, 2/5 = 0.4, 4/4 = 1 → only the first is shrunk (ρ > 1 strictly)
+    k = ogm_coefficients(torch.tensor([6.0, 2.0, 4.0]), 0.3)
+    assert k.tolist() == pytest.approx([1 - math.tanh(0.6), 1.0, 1.0], abs=1e-9)
+
+
+def _step_grads(method_kw: dict, epoch: int = 0, seed: int = 0) -> tuple[dict[str, torch.Tensor], object]:
+    data = TinyDataset()
+    model = tiny_model(data)
+    ctx = RunContext(data.modalities, seed=seed)
+    method = create_method("ogm_ge", model, ctx, **method_kw)
+    ctx.epoch = epoch
+    batch = first_batch(data)
+    out = method.forward(batch)
+    method.backward(method.losses(out, batch))
+    method.after_backward(out, batch)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, method
+
+
+def _plain_grads() -> dict[str, torch.Tensor]:
+    data = TinyDataset()
+    model = tiny_model(data)
+    batch = first_batch(data)
+    F.cross_entropy(model(batch).logits, batch.label).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_only_encoder_conv_kernels_change_and_by_the_logged_coefficient() -> None:
+    plain = _plain_grads()
+    got, method = _step_grads({"ge": False, "alpha": 0.5})
+    logs = method.ctx.pop_logs()  # type: ignore[attr-defined]
+    for name, g in got.items():
+        is_conv = name.startswith("encoders.") and name.endswith(".0.weight")  # Conv is block[0]
+        if not is_conv:
+            assert torch.equal(g, plain[name]), name  # heads, biases, BN: bit-identical to plain backward
+        else:
+            modality = name.split(".")[1]
+            torch.testing.assert_close(g, plain[name] * logs[f"ogm/k_{modality}"])
+    assert min(logs.values()) < 1.0 and max(logs.values()) == 1.0
+
+
+def test_outside_the_window_gradients_are_plain() -> None:
+    plain = _plain_grads()
+    got, _ = _step_grads({"modulation_starts": 2, "modulation_ends": 4}, epoch=5)
+    assert all(torch.equal(g, plain[n]) for n, g in got.items())
+
+
+def test_ge_noise_has_the_spec_mean_and_variance() -> None:
+    # g = [1, −1, 1, −1], k = 0.5: E[g̃] = 0.5·g, Var[g̃] = std(g)² = 1.154701² = 1.3333
+    g = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([0.5 * g + torch.randn(4, generator=gen) * (g.std() + 1e-8) for _ in range(20000)])
+    assert g.std().item() == pytest.approx(1.154701, abs=1e-6)
+    torch.testing.assert_close(draws.mean(0), 0.5 * g, atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.var(0), torch.full((4,), 4 / 3), atol=0.05, rtol=0)
+
+
+def test_ge_noise_reaches_every_modality_and_comes_from_the_run_generator() -> None:
+    plain = _plain_grads()
+    a, _ = _step_grads({"ge": True}, seed=1)
+    b, _ = _step_grads({"ge": True}, seed=1)
+    c, _ = _step_grads({"ge": True}, seed=2)
+    conv = [n for n in a if n.startswith("encoders.") and n.endswith(".0.weight")]
+    assert {n.split(".")[1] for n in conv} == {"audio", "visual"}
+    for n in conv:
+        assert not torch.allclose(a[n], plain[n])  # noise even where k = 1
+        assert torch.equal(a[n], b[n]) and not torch.equal(a[n], c[n])
+
+
+def test_weights_filter_picks_every_multi_dimensional_encoder_weight() -> None:
+    data = TinyDataset()
+    method = create_method("ogm_ge", tiny_model(data), params="weights")
+    names = {id(p) for ps in method.modulated.values() for p in ps}
+    dims = [p.dim() for p in method.model.encoders.parameters() if id(p) in names]
+    assert dims and all(d > 1 for d in dims)

@@ -1,0 +1,103 @@
+"""Config: precedence, strictness, real zero/false values, hashing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from balancemm.config import RunConfig, parse_sets, resolve_config
+from balancemm.errors import ConfigError
+
+
+def test_precedence_defaults_protocol_user_file_cli(tmp_path: Path) -> None:
+    cfg = resolve_config("ogm_ge")
+    assert cfg.method.alpha == 0.1  # method default
+    assert cfg.train.epochs == 30  # protocol (embedded.yaml), not the dataclass default 70
+    user = tmp_path / "u.yaml"
+    user.write_text("train:\n  epochs: 7\nmethod:\n  alpha: 0.4\n")
+    cfg = resolve_config("ogm_ge", config_file=user)
+    assert (cfg.train.epochs, cfg.method.alpha) == (7, 0.4)
+    cfg = resolve_config("ogm_ge", config_file=user, sets=["train.epochs=3"])
+    assert (cfg.train.epochs, cfg.method.alpha) == (3, 0.4)
+    assert cfg.train.optimizer.lr == 0.02  # untouched protocol values survive the deep merge
+
+
+def test_zero_and_false_are_real_values() -> None:
+    cfg = resolve_config("ogm_ge", sets=["method.alpha=0", "method.ge=false", "train.grad_clip=0"])
+    assert cfg.method.alpha == 0.0 and cfg.method.ge is False and cfg.train.grad_clip == 0.0
+
+
+def test_yaml_exponent_without_dot_is_a_number() -> None:
+    assert resolve_config("baseline", sets=["train.optimizer.lr=1e-3"]).train.optimizer.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.epoch=3"], "unknown config key train.epoch (did you mean train.epochs?)"),
+        (["method.alpah=3"], "did you mean method.alpha?"),
+        (["train.epochs=abc"], "train.epochs: expected an integer"),
+        (["train.epochs=2.5"], "train.epochs: expected an integer"),
+        (["method.ge=1"], "method.ge: expected true or false"),
+        (["train.epochs=0"], "train.epochs: 0 is out of range; allowed: >= 1"),
+        (["method.alpha=-0.1"], "method.alpha: -0.1 is out of range"),
+        (["train.optimizer.name=rmsprop"], "choose one of 'sgd', 'adamw', 'adam'"),
+        (["model.fusion=late"], "model.fusion: unknown fusion 'late'"),
+        (["model.encoders.audio.name=vgg"], "unknown encoder 'vgg'"),
+        (["model.encoders.audio.depth=3"], "unknown config key model.encoders.audio.depth"),
+        (["model.encoders.text.name=cnn"], "missing"),  # not a modality of embedded
+        (["method.modulation_starts=5", "method.modulation_ends=2"], "modulation_ends must be >="),
+        (["epochs=3"], "must start with a section"),
+        (["train.epochs"], "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(sets: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config("ogm_ge", sets=sets)
+    assert message in str(err.value) or (message == "missing" and "exactly the dataset's modalities" in str(err.value))
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown method 'nope'; valid: baseline"):
+        resolve_config("nope")
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar'; valid: embedded"):
+        resolve_config("baseline", "cifar")
+
+
+def test_malformed_and_wrongly_shaped_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML at line"):
+        resolve_config("baseline", config_file=bad)
+    bad.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        resolve_config("baseline", config_file=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config("baseline", config_file=tmp_path / "missing.yaml")
+
+
+def test_aliases_resolve_to_canonical_keys() -> None:
+    assert resolve_config("OGMTrainer").run.method == "ogm_ge"
+    assert resolve_config("OGM").run.method == "ogm_ge"
+    assert resolve_config("MMPareto").run.method == "mmpareto"
+
+
+def test_hash_is_stable_and_sensitive() -> None:
+    a, b = resolve_config("ogm_ge"), resolve_config("OGM")
+    assert a.digest() == b.digest()
+    assert a.digest() != resolve_config("ogm_ge", sets=["method.alpha=0.2"]).digest()
+    assert a.digest() != resolve_config("ogm_ge", seed=1).digest()
+
+
+def test_round_trip_through_json_dict() -> None:
+    cfg = resolve_config("mmpareto", "embedded3", sets=["model.fusion=sum", "method.gamma=2"])
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.digest() == cfg.digest()
+
+
+def test_parse_sets_builds_nested_keys() -> None:
+    assert parse_sets(["train.optimizer.lr=0.1", "method.heads=slice"]) == {
+        "train": {"optimizer": {"lr": 0.1}},
+        "method": {"heads": "slice"},
+    }

@@ -1,0 +1,112 @@
+"""Metrics against hand-computed values: Shapley (eq. 7–8), imbalance (eq. 9–10), accuracy/F1, FLOPs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from sklearn.metrics import f1_score
+from torch.utils.flop_counter import FlopCounterMode
+
+from balancemm.metrics.classification import accuracy, confusion_matrix, macro_f1
+from balancemm.metrics.flops import FlopMeter
+from balancemm.metrics.imbalance import imbalance_degree
+from balancemm.metrics.shapley import coalitions, shapley_values, shapley_weight
+
+F = frozenset
+
+
+def test_coalitions_enumerate_all_subsets_smallest_first() -> None:
+    assert coalitions(["a", "v"]) == [F(), F({"a"}), F({"v"}), F({"a", "v"})]
+    assert len(coalitions(["a", "t", "v"])) == 8
+    assert F() not in coalitions(["a", "v"], include_empty=False)
+
+
+def test_shapley_two_players_by_hand() -> None:
+    # v(∅)=0.10, v(a)=0.70, v(v)=0.30, v(av)=0.80
+    # φ_a = ½[v(a)−v(∅)] + ½[v(av)−v(v)] = ½·0.60 + ½·0.50 = 0.55 ; φ_v = ½·0.20 + ½·0.10 = 0.15
+    v = {F(): 0.10, F({"a"}): 0.70, F({"v"}): 0.30, F({"a", "v"}): 0.80}
+    phi = shapley_values(v, ["a", "v"])
+    assert phi["a"] == pytest.approx(0.55)
+    assert phi["v"] == pytest.approx(0.15)
+    assert sum(phi.values()) == pytest.approx(v[F({"a", "v"})] - v[F()])
+    assert imbalance_degree(phi) == pytest.approx(0.40)  # eq. 9
+
+
+def test_shapley_three_players_by_hand() -> None:
+    # Weights for M=3: |S|=0 → 1/3, |S|=1 → 1/6, |S|=2 → 1/3.
+    v = {F(): 0.1, F("a"): 0.6, F("t"): 0.3, F("v"): 0.2, F("at"): 0.7, F("av"): 0.65, F("tv"): 0.4, F("atv"): 0.8}
+    # φ_a = 1/3(0.6−0.1) + 1/6(0.7−0.3) + 1/6(0.65−0.2) + 1/3(0.8−0.4) = 0.16667+0.06667+0.075+0.13333 = 0.44167
+    # φ_t = 1/3(0.3−0.1) + 1/6(0.7−0.6) + 1/6(0.4−0.2) + 1/3(0.8−0.65) = 0.06667+0.01667+0.03333+0.05 = 0.16667
+    # φ_v = 1/3(0.2−0.1) + 1/6(0.65−0.6) + 1/6(0.4−0.3) + 1/3(0.8−0.7) = 0.03333+0.00833+0.01667+0.03333 = 0.09167
+    phi = shapley_values(v, ["a", "t", "v"])
+    assert phi["a"] == pytest.approx(0.441667, abs=1e-6)
+    assert phi["t"] == pytest.approx(0.166667, abs=1e-6)
+    assert phi["v"] == pytest.approx(0.091667, abs=1e-6)
+    assert sum(phi.values()) == pytest.approx(0.8 - 0.1)
+    # eq. 10: (|0.44167−0.16667| + |0.44167−0.09167| + |0.16667−0.09167|) / 3 = (0.275+0.35+0.075)/3
+    assert imbalance_degree(phi) == pytest.approx(0.7 / 3, abs=1e-6)
+
+
+def test_shapley_weights_sum_to_one_and_efficiency_holds_for_random_games() -> None:
+    assert shapley_weight(0, 2) == 0.5 and shapley_weight(1, 3) == pytest.approx(1 / 6)
+    rnd = random.Random(0)
+    for players in (["a", "v"], ["a", "t", "v"], ["a", "b", "c", "d"]):
+        for _ in range(20):
+            v = {s: rnd.random() for s in coalitions(players)}
+            phi = shapley_values(v, players)
+            assert sum(phi.values()) == pytest.approx(v[F(players)] - v[F()])
+
+
+def test_imbalance_properties() -> None:
+    assert imbalance_degree({"a": 0.3, "v": 0.3}) == 0  # null contribution
+    assert imbalance_degree({"a": 0.7, "v": 0.1}) == imbalance_degree({"v": 0.1, "a": 0.7})  # order-free
+    assert imbalance_degree({"a": 0.5}) is None
+
+
+def test_accuracy_and_macro_f1_match_sklearn() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        label = torch.randint(0, 5, (50,), generator=g)
+        pred = torch.where(torch.rand(50, generator=g) < 0.6, label, torch.randint(0, 5, (50,), generator=g))
+        cm = confusion_matrix(pred, label, 6)  # class 5 never occurs: must not count
+        assert accuracy(cm) == pytest.approx(float((pred == label).float().mean()))
+        assert macro_f1(cm) == pytest.approx(f1_score(label, pred, average="macro", zero_division=0))
+
+
+def test_flops_of_a_linear_layer_forward_and_backward() -> None:
+    # y = x W^T + b, x [B, i], W [o, i]: forward 2·B·i·o; backward grad_x and grad_W 2·B·i·o each.
+    b, i, o = 8, 16, 4
+    layer = torch.nn.Linear(i, o)
+    x = torch.randn(b, i, requires_grad=True)
+    meter = FlopMeter()
+    with meter.counting():
+        with meter.phase("forward"):
+            y = layer(x).sum()
+        with meter.phase("backward"):
+            y.backward()
+    assert meter.by_phase["forward"] == 2 * b * i * o
+    assert meter.by_phase["backward"] == 4 * b * i * o
+    assert meter.total == 6 * b * i * o
+
+
+def test_flop_meter_agrees_with_torch_flop_counter_on_a_conv_net() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    )
+    x = torch.randn(5, 1, 8, 8)
+    meter = FlopMeter()
+    with meter.counting():
+        net(x).sum().backward()
+    reference = FlopCounterMode(display=False)
+    with reference:
+        net(x).sum().backward()
+    assert meter.total == reference.get_total_flops() > 0
+
+
+def test_disabled_meter_counts_nothing() -> None:
+    meter = FlopMeter(enabled=False)
+    with meter.counting():
+        torch.nn.Linear(3, 3)(torch.randn(2, 3))
+    assert meter.total == 0
