@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -99,12 +100,6 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number the user meant.
-            try:
-                return float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -272,7 +267,10 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     grad_clip: float = field(default=0.0, metadata=rng(ge=0))  # max grad norm; 0 = off
     select_metric: Literal["accuracy", "macro_f1"] = "accuracy"  # on the validation split
-    flops: Literal["exact", "off"] = "exact"
+    # FLOP counting (metrics/flops.py): exact | sampled (first steps of each epoch counted, the rest
+    # extrapolated per phase) | off. Recorded in every summary.
+    flops: Literal["exact", "sampled", "off"] = "sampled"
+    flops_sample_steps: int = field(default=3, metadata=rng(ge=1))
     num_workers: int = field(default=0, metadata=rng(ge=0))
 
 
@@ -321,6 +319,34 @@ class RunConfig:
 # Merging sources
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 scalars: only true/false are booleans, and 1e-3 is a number.
+
+    PyYAML follows YAML 1.1, where ``off``, ``no`` and ``on`` are booleans (so ``train.flops=off``
+    would arrive as False) and an exponent without a dot is a string.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+.0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``override`` wins, including falsy values like 0 and false."""
     out = dict(base)
@@ -338,7 +364,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -367,7 +393,7 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
                 f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), e.g. train.epochs"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -382,7 +408,7 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
 def protocol_yaml(dataset: str) -> dict[str, Any]:
     """The packaged protocol file of a dataset (sections data, model, train)."""
     text = (resources.files("balancemm") / "configs" / "datasets" / f"{dataset}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return _yaml(text) or {}
 
 
 def resolve_config(

@@ -28,8 +28,10 @@ def test_zero_and_false_are_real_values() -> None:
     assert cfg.method.alpha == 0.0 and cfg.method.ge is False and cfg.train.grad_clip == 0.0
 
 
-def test_yaml_exponent_without_dot_is_a_number() -> None:
-    assert resolve_config("baseline", sets=["train.optimizer.lr=1e-3"]).train.optimizer.lr == 1e-3
+def test_yaml_1_2_scalars() -> None:
+    # PyYAML's YAML 1.1 would read "off" as false and "1e-3" as a string.
+    cfg = resolve_config("baseline", sets=["train.optimizer.lr=1e-3", "train.flops=off"])
+    assert cfg.train.optimizer.lr == 1e-3 and cfg.train.flops == "off"
 
 
 @pytest.mark.parametrize(

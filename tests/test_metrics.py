@@ -106,7 +106,18 @@ def test_flop_meter_agrees_with_torch_flop_counter_on_a_conv_net() -> None:
 
 
 def test_disabled_meter_counts_nothing() -> None:
-    meter = FlopMeter(enabled=False)
-    with meter.counting():
+    meter = FlopMeter("off")
+    with meter.counting(), meter.step(2):
         torch.nn.Linear(3, 3)(torch.randn(2, 3))
     assert meter.total == 0
+
+
+def test_sampled_mode_counts_first_steps_and_extrapolates_the_rest_per_sample() -> None:
+    layer = torch.nn.Linear(16, 4)
+    meter = FlopMeter("sampled", sample_steps=2)
+    for batch in (8, 8, 8, 5):  # 2 counted steps (16 rows), 13 rows extrapolated
+        with meter.step(batch), meter.phase("forward"):
+            layer(torch.randn(batch, 16))
+    meter.end_epoch()
+    per_row = 2 * 16 * 4
+    assert meter.by_phase["forward"] == 29 * per_row and meter.extrapolated == 13 * per_row

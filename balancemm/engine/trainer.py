@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ class Trainer:
         torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
-        self.meter = FlopMeter(enabled=cfg.train.flops == "exact")
+        self.meter = FlopMeter(cfg.train.flops, cfg.train.flops_sample_steps)
         train = cfg.train
         self.ctx = RunContext(
             spec.modalities,
@@ -277,22 +278,24 @@ class Trainer:
             ctx.epoch = epoch
             method.train()
             t0 = time.perf_counter()
-            with self.meter.counting():
-                with ctx.phase("on_epoch_start"):
-                    plan = method.on_epoch_start(epoch)
-                batches = self._train_batches(epoch, plan)
-                inner = tqdm(
-                    batches,
-                    desc=f"epoch {epoch}",
-                    leave=False,
-                    disable=not self.progress,
-                    file=sys.stderr,
-                    dynamic_ncols=True,
-                )
-                with ctx.phase(hatch or "other"):
-                    method.train_epoch(epoch, inner)
-                with ctx.phase("on_epoch_end"):
-                    method.on_epoch_end(epoch)
+            meter = self.meter
+            with meter.counting(), ctx.phase("on_epoch_start"):
+                plan = method.on_epoch_start(epoch)
+            batches = self._train_batches(epoch, plan)
+            inner = tqdm(
+                batches,
+                desc=f"epoch {epoch}",
+                leave=False,
+                disable=not self.progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            # A method owning the whole epoch is counted exactly; otherwise each step decides (sampled mode).
+            with meter.counting() if hatch == "train_epoch" else nullcontext(), ctx.phase(hatch or "other"):
+                method.train_epoch(epoch, inner)
+            with meter.counting(), ctx.phase("on_epoch_end"):
+                method.on_epoch_end(epoch)
+            meter.end_epoch()
             self.scheduler.step()
             self.train_time += time.perf_counter() - t0
             val = evaluate(method, self._eval_batches("val"), self.data.num_classes)
@@ -367,7 +370,9 @@ class Trainer:
             "imbalance": test["imbalance"],
             "flops": {
                 "counting": cfg.train.flops,
+                "sample_steps": cfg.train.flops_sample_steps if cfg.train.flops == "sampled" else None,
                 "total": self.meter.total if self.meter.enabled else None,
+                "extrapolated": self.meter.extrapolated if self.meter.enabled else None,
                 "by_phase": dict(sorted(self.meter.by_phase.items())) if self.meter.enabled else {},
             },
             "train_time_s": self.train_time,

@@ -155,7 +155,8 @@ class Method(nn.Module):
 
     def train_epoch(self, epoch: int, batches: Iterable[Batch]) -> None:
         for batch in batches:
-            out, _ = self.training_step(batch)
+            with self.ctx.counted_step(len(batch)):
+                out, _ = self.training_step(batch)
             self.ctx.log(train_accuracy=(out.logits.argmax(1) == batch.label).float().mean())
 
     # -- evaluation support (not a hook) ---------------------------------------------------------

@@ -91,7 +91,7 @@ class RunContext:
         self._optimizer_factory = optimizer_factory
         self._grad_clip = grad_clip
         self._params: list[nn.Parameter] = []
-        self.meter = meter or FlopMeter(enabled=False)
+        self.meter = meter or FlopMeter("off")
         self._num_workers = num_workers
         self._logs: defaultdict[str, _Mean] = defaultdict(_Mean)
         self.used_val = False
@@ -162,6 +162,10 @@ class RunContext:
                 m.train(training)
 
     # -- accounting ------------------------------------------------------------------------------
+
+    def counted_step(self, batch_size: int) -> AbstractContextManager[None]:
+        """Wrap one training step of ``batch_size`` rows so its FLOPs are counted (or extrapolated)."""
+        return self.meter.step(batch_size)
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         """Attribute the FLOPs of the enclosed code to ``name`` in the cost table."""

@@ -3,12 +3,24 @@
 The per-operator formulas are torch's own (``torch.utils.flop_counter.flop_registry``: matmuls,
 convolutions and attention, forward and backward, 2 FLOPs per multiply-add). We apply them from a
 lightweight dispatch mode instead of ``FlopCounterMode`` because the latter also tracks the module
-hierarchy on every call, which slowed small-model training noticeably; the totals are identical
-(``tests/test_metrics.py`` checks this against ``FlopCounterMode``).
+hierarchy on every call; the totals are identical (``tests/test_metrics.py`` checks this).
 
 Attribution is exclusive: FLOPs go to the innermost open phase. The trainer opens phases around the
 hooks (``forward``, ``losses``, ``backward``, ``after_backward``, ``on_epoch_start`` …) and methods can
 name sub-phases with ``ctx.phase("boost")``.
+
+Intercepting every operator has a price that grows as models shrink: on the embedded dataset's
+compact CNNs exact counting nearly doubles training time (``benchmarks/trainer_overhead.py``), on a
+ResNet-18 it costs a few percent. Three modes, recorded in every summary:
+
+* ``exact``: every operator of the training is counted.
+* ``sampled`` (default): everything outside the per-batch training steps is counted exactly
+  (``on_fit_start``, ``on_epoch_start``/``end`` such as side trainings, and methods that own the
+  whole epoch); of the training steps, the first ``sample_steps`` of every epoch are counted exactly
+  and the rest are extrapolated per phase from their FLOPs per sample. Step cost is linear in the
+  batch size, so the extrapolation is exact up to rounding for methods whose steps all do the same
+  work (``tests/test_metrics.py`` compares both modes on every method).
+* ``off``: nothing is counted.
 """
 
 from __future__ import annotations
@@ -32,30 +44,80 @@ class _CountingMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.meter.by_phase[self.meter.stack[-1]] += int(formula(*args, **kwargs, out_val=out))
+            self.meter._add(int(formula(*args, **kwargs, out_val=out)))
         return out
 
 
 class FlopMeter:
-    """Counts FLOPs of everything run inside :meth:`counting`, by phase.
+    """Counts FLOPs by phase (see the module docstring for the modes).
 
-    ``by_phase`` survives checkpoints (see :meth:`state_dict`), so a resumed run reports the FLOPs
-    of the whole training, not only of its last segment.
+    ``by_phase`` and ``extrapolated`` survive checkpoints (:meth:`state_dict`), so a resumed run
+    reports the FLOPs of the whole training, not only of its last segment.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, mode: str = "exact", sample_steps: int = 3) -> None:
+        if mode not in ("exact", "sampled", "off"):
+            raise ValueError(f"unknown FLOP counting mode {mode!r}")
+        self.mode = mode
+        self.sample_steps = sample_steps
         self.by_phase: defaultdict[str, int] = defaultdict(int)
+        self.extrapolated = 0  # the part of ``total`` that was estimated, not counted
         self.stack: list[str] = ["other"]
+        self._active = False
+        self._in_step = False
+        self._step_flops: defaultdict[str, int] = defaultdict(int)  # counted steps of this epoch, by phase
+        self._counted_steps = 0
+        self._counted_samples = 0
+        self._skipped_samples = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def _add(self, flops: int) -> None:
+        phase = self.stack[-1]
+        self.by_phase[phase] += flops
+        if self._in_step:
+            self._step_flops[phase] += flops
 
     @contextmanager
     def counting(self) -> Iterator[None]:
-        """Count every operator run inside (a no-op when disabled)."""
-        if not self.enabled:
+        """Count every operator run inside (nested use is fine; a no-op when off)."""
+        if not self.enabled or self._active:
             yield
             return
-        with _CountingMode(self):
+        self._active = True
+        try:
+            with _CountingMode(self):
+                yield
+        finally:
+            self._active = False
+
+    @contextmanager
+    def step(self, batch_size: int) -> Iterator[None]:
+        """One training step of ``batch_size`` rows: counted, or left for extrapolation (sampled)."""
+        if self.mode == "sampled" and self._counted_steps >= self.sample_steps:
+            self._skipped_samples += batch_size
             yield
+            return
+        self._counted_steps += 1
+        self._counted_samples += batch_size
+        self._in_step = True
+        try:
+            with self.counting():
+                yield
+        finally:
+            self._in_step = False
+
+    def end_epoch(self) -> None:
+        """Add the extrapolated FLOPs of the steps that were not counted this epoch."""
+        if self._skipped_samples and self._counted_samples:
+            for phase, flops in self._step_flops.items():
+                estimate = round(flops * self._skipped_samples / self._counted_samples)
+                self.by_phase[phase] += estimate
+                self.extrapolated += estimate
+        self._step_flops.clear()
+        self._counted_steps = self._counted_samples = self._skipped_samples = 0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -70,8 +132,9 @@ class FlopMeter:
     def total(self) -> int:
         return sum(self.by_phase.values())
 
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.by_phase)
+    def state_dict(self) -> dict[str, Any]:
+        return {"by_phase": dict(self.by_phase), "extrapolated": self.extrapolated}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.by_phase = defaultdict(int, state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.by_phase = defaultdict(int, state["by_phase"])
+        self.extrapolated = int(state["extrapolated"])

@@ -71,3 +71,22 @@ def test_trains_end_to_end_on_the_embedded_datasets(name: str, dataset: str, tmp
     assert summary["status"] == "complete" and 0 <= summary["test"]["accuracy"] <= 1
     assert set(summary["shapley"]) == set(summary["modalities"])
     assert summary["flops"]["total"] > 0
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_sampled_flop_counting_matches_exact_counting(name: str, tmp_path: Path) -> None:
+    runs = {
+        mode: balancemm.train(
+            name,
+            "embedded3",
+            out=tmp_path / mode,
+            sets=["train.epochs=1", f"train.flops={mode}"],
+            **HPARAMS.get(name, {}),
+        )["flops"]
+        for mode in ("exact", "sampled")
+    }
+    exact, sampled = runs["exact"], runs["sampled"]
+    assert exact["extrapolated"] == 0 and sampled["extrapolated"] > 0
+    assert set(sampled["by_phase"]) == set(exact["by_phase"])
+    for phase, flops in exact["by_phase"].items():
+        assert sampled["by_phase"][phase] == pytest.approx(flops, rel=1e-6), phase
