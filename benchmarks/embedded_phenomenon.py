@@ -29,14 +29,14 @@ def main() -> None:
     args = ap.parse_args()
     rows: dict[str, list[float]] = {}
 
-    def add(key: str, value: float) -> None:
-        rows.setdefault(key, []).append(100 * value)
+    def add(key: str, value: float, scale: float = 100.0) -> None:  # accuracies in points, times in s
+        rows.setdefault(key, []).append(scale * value)
 
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             base = balancemm.train("baseline", args.dataset, seed=seed, sets=args.sets, out=f"{tmp}/b{seed}")
-            add("baseline wall time (s) /100", (time.perf_counter() - t0) / 100)
+            add("baseline wall time (s)", time.perf_counter() - t0, scale=1.0)
             add("baseline acc", base["test"]["accuracy"])
             probes = probe_run(f"{tmp}/b{seed}")
             for m in base["modalities"]:
@@ -72,8 +72,8 @@ def main() -> None:
         ),
         (
             "baseline run <= 60 s",
-            mean["baseline wall time (s) /100"] * 100 / 100,
-            mean["baseline wall time (s) /100"] <= 60,
+            mean["baseline wall time (s)"],
+            mean["baseline wall time (s)"] <= 60,
         ),
     ]
     print()
