@@ -1,4 +1,4 @@
-"""The ``balancemm`` command: ``train``, ``list``, ``probe``.
+"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``probe``.
 
 Any user error is printed as one line (``balancemm: error: …``) with a nonzero exit and no traceback.
 Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
@@ -27,19 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one method, select on validation, test once")
-    t.add_argument("--method", required=True, help="registry name or alias, e.g. ogm_ge (see: balancemm list methods)")
-    t.add_argument("--dataset", default=None, help="registry name (default: embedded, needs no download)")
-    t.add_argument("--config", default=None, help="YAML file with sections run/method/data/model/train")
-    t.add_argument(
-        "--set",
-        dest="sets",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3",
-    )
-    t.add_argument("--seed", type=int, default=None)
+    c = sub.add_parser("config", help="print the resolved config as YAML (method defaults + protocol + overrides)")
+    for cmd in (t, c):
+        cmd.add_argument("--method", help="registry name or alias, e.g. ogm_ge (or run.method in --config)")
+        cmd.add_argument("--dataset", default=None, help="registry name (default: embedded, needs no download)")
+        cmd.add_argument("--config", default=None, help="YAML file with sections run/method/data/model/train")
+        cmd.add_argument(
+            "--set",
+            dest="sets",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3",
+        )
+        cmd.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-seed<N>-<hash>)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,6 +94,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from balancemm.config import resolve_config
+
+    cfg = resolve_config(args.method, args.dataset, config_file=args.config, sets=args.sets, seed=args.seed)
+    print(f"# balancemm {__version__}; config hash {cfg.digest()[:12]}; usable as --config")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from balancemm.methods import GROUPS, METHODS
@@ -126,7 +139,7 @@ def _probe(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "list": _list, "probe": _probe}[args.command](args)
+        return {"train": _train, "config": _config, "list": _list, "probe": _probe}[args.command](args)
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -362,7 +362,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a user YAML file; a missing or malformed file is one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist or is not a file")
     try:
         data = _yaml(path.read_text())
     except yaml.YAMLError as exc:

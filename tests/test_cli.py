@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from balancemm.cli import main
+from balancemm.config import resolve_config
 from balancemm.methods import METHODS, Needs
 from balancemm.methods.baseline import Baseline
 from balancemm.registry import Entry
@@ -76,7 +78,7 @@ def test_list_shows_groups_and_papers() -> None:
         (["--method", "baseline", "--set", "model.fusion=nope"], "unknown fusion 'nope'"),
         (["--method", "baseline", "--seed", "x"], "invalid int value"),
         (["--method", "baseline", "--device", "tpu"], "unknown device 'tpu'"),
-        (["--dataset", "embedded"], "the following arguments are required: --method"),
+        (["--dataset", "embedded"], "no method given; use --method NAME, one of baseline"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_no_traceback_no_run_dir(tmp_path: Path, args: list[str], message: str) -> None:
@@ -118,3 +120,30 @@ def test_diverging_run_is_marked_failed(tmp_path: Path) -> None:
     (line,) = res.stderr.strip().splitlines()
     assert "loss term 'ce' became" in line and "at epoch 0, step" in line
     assert (out / "failed").is_file() and not (out / "done").exists() and not (out / "summary.json").exists()
+
+
+def test_config_prints_yaml_that_round_trips_as_a_config_file(tmp_path: Path) -> None:
+    res = bmm("config", "--method", "OGM", "--dataset", "embedded3", "--set", "method.alpha=0", "--seed", "4")
+    assert res.returncode == 0, res.stderr
+    saved = tmp_path / "c.yaml"
+    saved.write_text(res.stdout)
+    original = resolve_config("ogm_ge", "embedded3", sets=["method.alpha=0"], seed=4)
+    again = resolve_config(config_file=saved)
+    assert again == original and res.stdout.startswith("# balancemm") and original.digest()[:12] in res.stdout
+
+
+def test_unwritable_paths_are_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = bmm("train", "--method", "baseline", "--out", str(blocker / "run"), "--quiet", "--set", "train.epochs=1")
+    assert res.returncode == 2 and res.stderr.startswith("balancemm: error: cannot create the run directory")
+    env = {**os.environ, "BALANCEMM_CACHE": str(blocker / "cache")}
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "balancemm", "train", "--method", "baseline", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 2 and "set BALANCEMM_CACHE to a writable directory" in res.stderr
+    assert res.stderr.count("\n") == 1 and not out.exists()

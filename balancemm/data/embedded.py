@@ -41,6 +41,7 @@ from torch import Tensor
 
 from balancemm.config import rng
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName, stratified_split
+from balancemm.errors import DataError
 from balancemm.registry import DATASETS
 
 _SAMPLE_RATE = 4000  # Hz
@@ -153,10 +154,16 @@ def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dic
         mean, std = x[train].mean(), x[train].std()
         inputs[m] = ((x - mean) / std).float()
     built = {"inputs": inputs, "labels": labels, "splits": {"train": train, "val": val, "test": test}}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(built, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a half-written cache
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(built, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a half-written cache
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the dataset cache in {path.parent} ({exc.strerror or exc}); "
+            "set BALANCEMM_CACHE to a writable directory"
+        ) from None
     return built
 
 

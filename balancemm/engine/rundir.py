@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from balancemm.errors import ConfigError
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -63,10 +65,16 @@ class RunDir:
         return str(read_json(self.config).get("config_hash"))
 
     def create(self, config: dict[str, Any]) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        if not self.config.is_file():
-            write_json(self.config, config)
-        self.failed.unlink(missing_ok=True)
+        """Create the directory (or reopen it to resume); an unusable path is a user error."""
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            if not self.config.is_file():
+                write_json(self.config, config)
+            self.failed.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run directory {self.path} ({exc.strerror or exc}); choose another --out"
+            ) from None
 
     def append_record(self, record: dict[str, Any]) -> None:
         with open(self.results, "a") as fh:
