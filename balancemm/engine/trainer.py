@@ -164,7 +164,9 @@ class Trainer:
         self.ctx.attach_optimizer(self.optimizer)
         self.scheduler = build_scheduler(train.scheduler, self.optimizer)
         self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf")}  # selection state
-        self.train_time = 0.0
+        self.train_time = 0.0  # seconds in training epochs, summed over resumed segments
+        self._wall_before = 0.0  # wall seconds of earlier segments of a resumed run
+        self._started = time.perf_counter()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -202,8 +204,12 @@ class Trainer:
             "best": self.best,
             "flops": self.meter.state_dict(),
             "train_time_s": self.train_time,
+            "wall_time_s": self._wall(),
             "used_val": self.ctx.used_val,
         }
+
+    def _wall(self) -> float:
+        return self._wall_before + time.perf_counter() - self._started
 
     def _restore(self, state: dict[str, Any]) -> int:
         self.method.load_state_dict(state["method"])
@@ -215,6 +221,7 @@ class Trainer:
         self.best = state["best"]
         self.meter.load_state_dict(state["flops"])
         self.train_time = state["train_time_s"]
+        self._wall_before = state["wall_time_s"]
         self.ctx.used_val = state["used_val"]
         return int(state["epoch"]) + 1
 
@@ -226,20 +233,13 @@ class Trainer:
         if run.done.is_file() and run.summary.is_file():
             self._say(f"{run.path} is already complete; not training again")
             return dict(read_json(run.summary))
-        run.create(
-            {
-                "config": cfg.to_dict(),
-                "config_hash": cfg.digest(),
-                "run_id": self.run_id,
-                "environment": environment(self.device),
-            }
-        )
         env = environment(self.device)
+        run.create({"config": cfg.to_dict(), "config_hash": cfg.digest(), "run_id": self.run_id, "environment": env})
         self._say(
             f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
             f"{env['device']} ({env['threads']} threads) | run {run.path}"
         )
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         try:
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
             with self.meter.counting(), ctx.phase("on_fit_start"):
@@ -250,7 +250,7 @@ class Trainer:
                 run.truncate_records(start - 1)
                 self._say(f"resuming after epoch {start - 1} from {run.last}")
             self._train_epochs(start)
-            return self._finish(time.perf_counter() - started)
+            return self._finish()
         except NonFiniteLossError as exc:
             run.mark_failed(str(exc))
             raise
@@ -341,7 +341,7 @@ class Trainer:
             "flops_cumulative": self.meter.total if self.meter.enabled else None,
         }
 
-    def _finish(self, wall: float) -> dict[str, Any]:
+    def _finish(self) -> dict[str, Any]:
         run, cfg, method = self.run, self.cfg, self.method
         best = run.load(run.best)
         if best["epoch"] != self.best["epoch"]:
@@ -376,7 +376,7 @@ class Trainer:
                 "by_phase": dict(sorted(self.meter.by_phase.items())) if self.meter.enabled else {},
             },
             "train_time_s": self.train_time,
-            "wall_time_s": wall,
+            "wall_time_s": self._wall(),
             "peak_memory_mb": peak,
             "peak_memory_kind": peak_kind,
             "params": {

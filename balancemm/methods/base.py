@@ -69,23 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from balancemm.data.batch import Batch, SamplePlan
-from balancemm.methods.context import RunContext
+from balancemm.methods.context import Needs, RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method requires from the run, checked before training starts.
-
-    Attributes:
-        val: reads the validation split during training (G-Blending, LFM, Relearning); the run's
-            summary records it.
-        min_modalities, max_modalities: the modality counts the method supports.
-    """
-
-    val: bool = False
-    min_modalities: int = 2
-    max_modalities: int | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +25,6 @@ from balancemm.data.loader import Batches
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
 
-if TYPE_CHECKING:
-    from balancemm.methods.base import Needs
-
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -36,6 +32,21 @@ def derive_seed(seed: int, *names: object) -> int:
     """A stable 63-bit seed from the run seed and a purpose name (DomainBed-style hashing)."""
     digest = hashlib.sha256(repr((seed, *names)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method requires from the run, checked before training starts.
+
+    Attributes:
+        val: reads the validation split during training (G-Blending, LFM, Relearning); the run's
+            summary records it.
+        min_modalities, max_modalities: the modality counts the method supports.
+    """
+
+    val: bool = False
+    min_modalities: int = 2
+    max_modalities: int | None = None
 
 
 class DataAccessError(RuntimeError):
@@ -74,8 +85,6 @@ class RunContext:
         meter: FlopMeter | None = None,
         num_workers: int = 0,
     ) -> None:
-        from balancemm.methods.base import Needs
-
         self.modalities = modalities
         self.seed = seed
         self.num_epochs = num_epochs
