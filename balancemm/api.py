@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from balancemm.config import RunConfig, deep_merge, resolve_config
+
+if TYPE_CHECKING:
+    from balancemm.models import MultimodalClassifier
 
 
 def default_out(cfg: RunConfig, root: str | Path = "runs") -> Path:
@@ -49,7 +52,7 @@ def train(
     return Trainer(cfg, out or default_out(cfg), device=device, progress=progress).fit()
 
 
-def create_model(dataset: str = "embedded", method: str = "baseline", **resolve: Any) -> Any:
+def create_model(dataset: str = "embedded", method: str = "baseline", **resolve: Any) -> MultimodalClassifier:
     """The model a run of ``method`` on ``dataset`` would train (a ``MultimodalClassifier``).
 
     ``resolve`` takes the keyword arguments of :func:`balancemm.config.resolve_config`

@@ -28,6 +28,7 @@ class Batches:
         plan: extra rows / sampling weights for this epoch (data-level methods).
         device: where batches are moved.
         num_workers: worker processes for splits without an in-memory fast path.
+        subset: ``[K]`` split indices to draw from instead of the whole split.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Batches:
         return self._len
 
     def __iter__(self) -> Iterator[Batch]:
+        # An empty probe tells whether the split can slice stacked tensors (no per-sample collation).
         if self.split.get_batch(self.rows[:0]) is not None:
             yield from self._in_memory()
         else:
