@@ -73,14 +73,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: {value!r} is not {_describe(tp)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -129,7 +128,8 @@ def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys, wrong types and bad ranges.
 
     A dataclass may define ``_parse(data, path)`` (a classmethod) to take over, e.g. when its schema
-    depends on one of its values (an encoder's options depend on the encoder's name).
+    depends on one of its values (an encoder's options depend on the encoder's name); a field may
+    name its own parser in its metadata (``field(metadata={"parse": fn})``, ``fn(value, path)``).
     """
     custom = getattr(cls, "_parse", None)
     if custom is not None:
@@ -150,7 +150,11 @@ def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"missing required config key {prefix}{name}")
             continue
-        value = _coerce(data[name], hints[name], prefix + name)
+        custom_field = f.metadata.get("parse")
+        if custom_field is not None:
+            value = custom_field(data[name], prefix + name)
+        else:
+            value = _coerce(data[name], hints[name], prefix + name)
         _check_range(value, f.metadata, prefix + name)
         kwargs[name] = value
     obj = cls(**kwargs)
@@ -204,40 +208,32 @@ class EncoderConfig:
         return {"name": self.name, **to_dict(self.options)}
 
 
+def _parse_encoders(raw: Any, path: str) -> dict[str, EncoderConfig]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping modality -> encoder")
+    return {str(m): parse(EncoderConfig, dict(v or {}), f"{path}.{m}") for m, v in raw.items()}
+
+
+def _parse_fusion(raw: Any, path: str) -> str:
+    from balancemm.models import FUSIONS
+
+    try:
+        return FUSIONS.resolve(_coerce(raw, str, path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """How the multimodal classifier is composed (DESIGN.md §3.3)."""
 
-    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
-    fusion: str = "concat"
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict, metadata={"parse": _parse_encoders})
+    fusion: str = field(default="concat", metadata={"parse": _parse_fusion})
     # Per-modality logits: "slice" = W_m·h_m + b/M from the fusion head (OGM-GE / BalanceMM
     # convention), "linear" = separate unimodal heads, "auto" = slice where the fusion allows it.
     unimodal_heads: Literal["auto", "slice", "linear"] = "auto"
     # How a masked modality is removed: zero its pooled feature (default; lets the Shapley metric
     # encode once per batch) or zero its input tensor (BalanceMM parity; encoders and BN still run).
-    mask: Literal["feature", "input"] = "feature"
-
-    @classmethod
-    def _parse(cls, data: Mapping[str, Any], path: str) -> ModelConfig:
-        from balancemm.models import FUSIONS
-
-        rest = dict(data)
-        raw = rest.pop("encoders", {})
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}.encoders: expected a mapping modality -> encoder")
-        encoders = {str(m): parse(EncoderConfig, dict(v or {}), f"{path}.encoders.{m}") for m, v in raw.items()}
-        plain = parse(_ModelFields, rest, path)
-        try:
-            fusion = FUSIONS.resolve(plain.fusion)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}.fusion: {exc}") from None
-        return cls(encoders, fusion, plain.unimodal_heads, plain.mask)
-
-
-@dataclass(frozen=True)
-class _ModelFields:
-    fusion: str = "concat"
-    unimodal_heads: Literal["auto", "slice", "linear"] = "auto"
     mask: Literal["feature", "input"] = "feature"
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method
+from balancemm.methods.context import eval_mode
 from balancemm.metrics.classification import accuracy, confusion_matrix, macro_f1
 from balancemm.metrics.imbalance import imbalance_degree
 from balancemm.metrics.shapley import coalitions, shapley_values
@@ -34,24 +35,18 @@ def evaluate(method: Method, batches: Iterable[Batch], num_classes: int, *, shap
     uni_cm = {m: torch.zeros_like(fused_cm) for m in modalities}
     coal_correct = torch.zeros(len(coals), dtype=torch.long)
     loss_sum, n = 0.0, 0
-    modes = {m: m.training for m in method.modules()}
-    method.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if shapley:
-                    out, coal_logits = method.predict_coalitions(batch, coals)
-                    coal_correct += (coal_logits.argmax(-1) == batch.label).sum(1).cpu()
-                else:
-                    out = method.predict(batch)
-                loss_sum += float(F.cross_entropy(out.logits, batch.label, reduction="sum"))
-                n += len(batch)
-                fused_cm += confusion_matrix(out.logits.argmax(1), batch.label, num_classes)
-                for m in modalities:
-                    uni_cm[m] += confusion_matrix(out.unimodal_logits[m].argmax(1), batch.label, num_classes)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    with eval_mode(method):
+        for batch in batches:
+            if shapley:
+                out, coal_logits = method.predict_coalitions(batch, coals)
+                coal_correct += (coal_logits.argmax(-1) == batch.label).sum(1).cpu()
+            else:
+                out = method.predict(batch)
+            loss_sum += float(F.cross_entropy(out.logits, batch.label, reduction="sum"))
+            n += len(batch)
+            fused_cm += confusion_matrix(out.logits.argmax(1), batch.label, num_classes)
+            for m in modalities:
+                uni_cm[m] += confusion_matrix(out.unimodal_logits[m].argmax(1), batch.label, num_classes)
     result: dict[str, Any] = {
         "num_samples": n,
         "loss": loss_sum / max(n, 1),

@@ -49,6 +49,19 @@ class Needs:
     max_modalities: int | None = None
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; every submodule's train/eval state is restored on exit."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
 class DataAccessError(RuntimeError):
     """A method asked for data it may not see (a bug in the method, not a user error)."""
 
@@ -158,17 +171,9 @@ class RunContext:
             num_workers=self._num_workers,
         )
 
-    @contextmanager
-    def eval_mode(self, module: nn.Module) -> Iterator[None]:
+    def eval_mode(self, module: nn.Module) -> AbstractContextManager[None]:
         """Eval mode and no gradients inside; the previous train/eval state is restored on exit."""
-        modes = {m: m.training for m in module.modules()}
-        module.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for m, training in modes.items():
-                m.train(training)
+        return eval_mode(module)
 
     # -- accounting ------------------------------------------------------------------------------
 
