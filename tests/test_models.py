@@ -68,7 +68,8 @@ def test_coalition_logits_equal_one_forward_per_coalition(tiny: TinyDataset, mas
     batch = first_batch(tiny)
     coals = coalitions(tiny.modalities)
     with torch.no_grad():
-        stacked = model.coalition_logits(batch, coals)
+        out, stacked = model.predict_coalitions(batch, coals)
+        torch.testing.assert_close(out.logits, model(batch).logits)
         for k, s in enumerate(coals):
             torch.testing.assert_close(stacked[k], model(batch.with_only(s)).logits)
 

@@ -149,23 +149,14 @@ class Method(nn.Module):
     def predict_coalitions(self, batch: Batch, coalitions: list[frozenset[str]]) -> tuple[ModelOutput, Tensor]:
         """The prediction on ``batch`` and fused logits ``[K, B, C]`` for each coalition.
 
-        With the default ``predict`` and feature masking, one encoder pass serves every coalition;
-        a method with its own ``predict`` is evaluated once per coalition instead.
+        With the default ``predict`` the model answers (one encoder pass for every coalition under
+        feature masking); a method with its own ``predict`` is evaluated once per coalition instead.
         """
-        model, everything = self.model, frozenset(self.model.modalities)
-        if type(self).predict is Method.predict and model.mask == "feature":
-            features = model.encode(batch)
-            masked = model.apply_mask(features, batch.present, batch.modalities)
-            out = ModelOutput(model.fuse(masked), masked, model.unimodal(masked))
-            logits = [
-                out.logits
-                if s == everything
-                else model.fuse(model.apply_mask(features, batch.with_only(s).present, batch.modalities))
-                for s in coalitions
-            ]
-        else:
-            out = self.predict(batch)
-            logits = [out.logits if s == everything else self.predict(batch.with_only(s)).logits for s in coalitions]
+        if type(self).predict is Method.predict:
+            return self.model.predict_coalitions(batch, coalitions)
+        out = self.predict(batch)
+        everything = frozenset(self.model.modalities)
+        logits = [out.logits if s == everything else self.predict(batch.with_only(s)).logits for s in coalitions]
         return out, torch.stack(logits)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

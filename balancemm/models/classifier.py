@@ -122,22 +122,30 @@ class MultimodalClassifier(nn.Module):
             return {m: self.unimodal_heads[m](h) for m, h in features.items()}
         return self.fusion.slice(features)
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        features = self.apply_mask(self.encode(batch), batch.present, batch.modalities)
-        return ModelOutput(self.fuse(features), features, self.unimodal(features))
+    def _output(self, features: dict[str, Tensor], batch: Batch) -> ModelOutput:
+        masked = self.apply_mask(features, batch.present, batch.modalities)
+        return ModelOutput(self.fuse(masked), masked, self.unimodal(masked))
 
-    def coalition_logits(self, batch: Batch, coalitions: Sequence[frozenset[str]]) -> Tensor:
-        """Fused logits ``[K, B, C]`` with only each coalition's modalities present.
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self._output(self.encode(batch), batch)
+
+    def predict_coalitions(self, batch: Batch, coalitions: Sequence[frozenset[str]]) -> tuple[ModelOutput, Tensor]:
+        """The output on ``batch`` and fused logits ``[K, B, C]`` with only each coalition present.
 
         With feature masking the encoders run once and each coalition only re-runs the fusion,
         which is what makes the Shapley metric cost about one test pass instead of 2^M.
         """
+        everything = frozenset(self.modalities)
         if self.mask == "feature":
             features = self.encode(batch)
-            return torch.stack(
-                [self.fuse(self.apply_mask(features, batch.with_only(s).present, batch.modalities)) for s in coalitions]
-            )
-        return torch.stack([self(batch.with_only(s)).logits for s in coalitions])
+            out = self._output(features, batch)
+            logits = [
+                out.logits if s == everything else self._output(features, batch.with_only(s)).logits for s in coalitions
+            ]
+        else:
+            out = self(batch)
+            logits = [out.logits if s == everything else self(batch.with_only(s)).logits for s in coalitions]
+        return out, torch.stack(logits)
 
     # -- parameter ownership ---------------------------------------------------------------------
 
