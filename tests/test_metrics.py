@@ -121,3 +121,19 @@ def test_sampled_mode_counts_first_steps_and_extrapolates_the_rest_per_sample() 
     meter.end_epoch()
     per_row = 2 * 16 * 4
     assert meter.by_phase["forward"] == 29 * per_row and meter.extrapolated == 13 * per_row
+
+
+def test_steps_inside_an_exactly_counted_region_do_not_disturb_sampling() -> None:
+    layer = torch.nn.Linear(16, 4)
+    meter = FlopMeter("sampled", sample_steps=1)
+    with meter.counting(), meter.phase("side"):
+        for _ in range(3):  # e.g. a side training in on_epoch_start: all counted, none sampled
+            with meter.step(8):
+                layer(torch.randn(8, 16))
+    for batch in (8, 8):
+        with meter.step(batch), meter.phase("forward"):
+            layer(torch.randn(batch, 16))
+    meter.end_epoch()
+    per_row = 2 * 16 * 4
+    assert meter.by_phase["side"] == 24 * per_row
+    assert meter.by_phase["forward"] == 16 * per_row and meter.extrapolated == 8 * per_row

@@ -13,12 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from balancemm.config import RunConfig
 from balancemm.data import Batches, MultimodalDataset, create_dataset
-from balancemm.engine.rundir import RunDir, read_json
-from balancemm.errors import DataError
-from balancemm.methods import METHODS, RunContext
-from balancemm.models import ModelSpec, MultimodalClassifier, build_model
+from balancemm.models import MultimodalClassifier
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -59,14 +55,9 @@ def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality:
 
 def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[str, Any]]:
     """Probe every modality (or one) of the selected checkpoint of a finished run directory."""
-    run = RunDir(path)
-    if not run.best.is_file():
-        raise DataError(f"{run.path} has no checkpoints/best.pt; is it a finished BalanceMM run?")
-    cfg = RunConfig.from_dict(read_json(run.config)["config"])
+    from balancemm.engine.artifacts import load_run
+
+    cfg, method = load_run(path)
     data = create_dataset(cfg.run.dataset, cfg.data)
-    method_cls = METHODS.get(cfg.run.method)
-    spec = method_cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
-    method = method_cls(build_model(spec), RunContext(spec.modalities, needs=method_cls.needs), cfg.method)
-    method.load_state_dict(run.load(run.best)["method"])
-    wanted = [modality] if modality else list(spec.modalities)
+    wanted = [modality] if modality else list(method.model.modalities)
     return {m: linear_probe(method.model, data, m) for m in wanted}

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from balancemm import __version__
 from balancemm.config import OptimizerConfig, RunConfig, SchedulerConfig
 from balancemm.data import Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
+from balancemm.engine.artifacts import Artifacts
 from balancemm.engine.evaluate import evaluate
 from balancemm.engine.rundir import RunDir, read_json, write_json
 from balancemm.errors import BalanceMMError, ConfigError, NonFiniteLossError
@@ -143,6 +144,7 @@ class Trainer:
         torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
+        self.artifacts = Artifacts(cfg, self.run.path.parent, spec.modalities, self.data, self.device, progress)
         self.meter = FlopMeter(cfg.train.flops, cfg.train.flops_sample_steps)
         train = cfg.train
         self.ctx = RunContext(
@@ -158,6 +160,7 @@ class Trainer:
             grad_clip=train.grad_clip,
             meter=self.meter,
             num_workers=train.num_workers,
+            artifact_loader=self.artifacts.load,
         )
         self.method: Method = method_cls(model, self.ctx, cfg.method).to(self.device)
         self.optimizer = build_optimizer(train.optimizer, self.method.trainable_parameters())
@@ -241,6 +244,9 @@ class Trainer:
         )
         self._started = time.perf_counter()
         try:
+            # Artifacts (e.g. teachers) are whole runs of their own: prepared outside the FLOP meter
+            # and reported separately in the summary.
+            self.artifacts.prepare(METHODS.get(cfg.run.method).needs.artifacts)
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
             with self.meter.counting(), ctx.phase("on_fit_start"):
                 method.on_fit_start()
@@ -374,7 +380,12 @@ class Trainer:
                 "total": self.meter.total if self.meter.enabled else None,
                 "extrapolated": self.meter.extrapolated if self.meter.enabled else None,
                 "by_phase": dict(sorted(self.meter.by_phase.items())) if self.meter.enabled else {},
+                "artifacts": {k: a["flops"] for k, a in self.artifacts.runs.items()},
+                "total_with_artifacts": (self.meter.total + sum(a["flops"] or 0 for a in self.artifacts.runs.values()))
+                if self.meter.enabled
+                else None,
             },
+            "artifacts": self.artifacts.runs,
             "train_time_s": self.train_time,
             "wall_time_s": self._wall(),
             "peak_memory_mb": peak,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from balancemm.data.base import MultimodalDataset, SplitName
-from balancemm.data.batch import SamplePlan
+from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
@@ -42,11 +42,14 @@ class Needs:
         val: reads the validation split during training (G-Blending, LFM, Relearning); the run's
             summary records it.
         min_modalities, max_modalities: the modality counts the method supports.
+        artifacts: runs the trainer prepares before ``on_fit_start`` and ``ctx.artifact`` serves;
+            ``"unimodal"`` = a frozen unimodal model per modality trained with the same protocol.
     """
 
     val: bool = False
     min_modalities: int = 2
     max_modalities: int | None = None
+    artifacts: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -97,6 +100,7 @@ class RunContext:
         grad_clip: float = 0.0,
         meter: FlopMeter | None = None,
         num_workers: int = 0,
+        artifact_loader: Callable[[str, str], nn.Module] | None = None,
     ) -> None:
         self.modalities = modalities
         self.seed = seed
@@ -116,7 +120,36 @@ class RunContext:
         self.meter = meter or FlopMeter("off")
         self._num_workers = num_workers
         self._logs: defaultdict[str, _Mean] = defaultdict(_Mean)
+        self._artifact_loader = artifact_loader
         self.used_val = False
+
+    def spawn(self, optimizer: torch.optim.Optimizer) -> RunContext:
+        """A context for a side model (G-Blending's per-head trainings): same data, generator, FLOP
+        meter and rules, its own optimiser and step counter, and logs that do not reach the run's."""
+        child = RunContext(
+            self.modalities,
+            seed=self.seed,
+            num_epochs=self.num_epochs,
+            device=self.device,
+            dataset=self._dataset,
+            needs=self._needs,
+            batch_size=self._batch_size,
+            eval_batch_size=self._eval_batch_size,
+            optimizer_factory=self._optimizer_factory,
+            grad_clip=self._grad_clip,
+            meter=self.meter,
+            num_workers=self._num_workers,
+        )
+        child.generator = self.generator
+        child.epoch = self.epoch
+        child.attach_optimizer(optimizer)
+        return child
+
+    def artifact(self, kind: str, modality: str) -> nn.Module:
+        """A frozen artifact the method declared in ``needs.artifacts`` (e.g. a unimodal teacher)."""
+        if kind not in self._needs.artifacts or self._artifact_loader is None:
+            raise DataAccessError(f"artifact {kind!r} was not declared in needs.artifacts")
+        return self._artifact_loader(kind, modality)
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -184,6 +217,18 @@ class RunContext:
     def phase(self, name: str) -> AbstractContextManager[None]:
         """Attribute the FLOPs of the enclosed code to ``name`` in the cost table."""
         return self.meter.phase(name)
+
+    def mean_loss(self, per_sample: Callable[[Batch], Tensor], split: SplitName) -> float:
+        """Mean over every sample of a split of ``per_sample(batch) → [B]`` (no gradients).
+
+        The caller chooses the mode, typically inside ``eval_mode(module)``.
+        """
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self.batches(split):
+                total += float(per_sample(batch).sum())
+                count += len(batch)
+        return total / max(count, 1)
 
     def log(self, **scalars: float | Tensor) -> None:
         """Record scalars; the trainer writes their per-epoch means into the run records."""

@@ -96,6 +96,11 @@ class FlopMeter:
     @contextmanager
     def step(self, batch_size: int) -> Iterator[None]:
         """One training step of ``batch_size`` rows: counted, or left for extrapolation (sampled)."""
+        if self._active:
+            # Already inside an exactly counted region (e.g. a side training in on_epoch_start):
+            # count it there, and keep it out of this epoch's sampling statistics.
+            yield
+            return
         if self.mode == "sampled" and self._counted_steps >= self.sample_steps:
             self._skipped_samples += batch_size
             yield

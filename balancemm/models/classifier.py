@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,9 @@ class ModelSpec:
     fusion: str = "concat"
     unimodal_heads: str = "auto"
     mask: str = "feature"
+    # Keyword arguments of the fusion's constructor, set by a method's model_spec (e.g. MMCosine's
+    # scale s); the protocol never sets them, so every method starts from the same model.
+    fusion_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int) -> ModelSpec:
@@ -170,7 +173,7 @@ def build_model(spec: ModelSpec) -> MultimodalClassifier:
         except ValueError as exc:
             raise ConfigError(f"model.encoders.{m}: {exc}") from None
     dims = {m: e.num_features for m, e in encoders.items()}
-    fusion = FUSIONS.get(spec.fusion)(dims, spec.num_classes)
+    fusion = FUSIONS.get(spec.fusion)(dims, spec.num_classes, **spec.fusion_options)
     heads_kind = spec.unimodal_heads
     if heads_kind == "auto":
         heads_kind = "slice" if fusion.supports_slice else "linear"

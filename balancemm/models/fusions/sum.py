@@ -1,7 +1,12 @@
-"""Sum fusion (OGM-GE's SumFusion for M modalities): z = Σ_m (W_m h_m + b_m)."""
+"""Sum fusion (OGM-GE's SumFusion for M modalities): z = Σ_m (W_m h_m + b_m).
+
+With ``average=True`` the fused logits are the mean of the per-modality logits instead of their sum
+(LFM's late fusion, ō = (o_a + o_v)/2).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from balancemm.models.fusions.base import Fusion
@@ -12,13 +17,15 @@ from balancemm.registry import FUSIONS
 class SumFusion(Fusion):
     supports_slice = True
 
-    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
+    def __init__(self, dims: dict[str, int], num_classes: int, average: bool = False) -> None:
         super().__init__(dims, num_classes)
         self.fc = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
+        self.average = average
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         parts = self.slice(features)
-        return sum(parts[m] for m in self.modalities)  # type: ignore[return-value]
+        total = torch.stack([parts[m] for m in self.modalities]).sum(0)
+        return total / len(self.modalities) if self.average else total
 
     def slice(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         return {m: self.fc[m](features[m]) for m in self.modalities}

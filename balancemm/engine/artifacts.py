@@ -1,0 +1,108 @@
+"""Artifacts: runs a method needs before it can train (UMT's frozen unimodal teachers).
+
+A method declares them (``Needs(artifacts=("unimodal",))``); the trainer prepares them before
+``on_fit_start``, outside the FLOP meter, and the method fetches them with ``ctx.artifact(...)``.
+
+``unimodal`` = one ``unimodal`` run per modality of the model, with **the same protocol** (data,
+model, training config and seed) as the run that needs it. Each is an ordinary run directory named
+like the default one ``balancemm train --method unimodal`` would create, beside the requesting run,
+so a teacher trained earlier with the same config is reused instead of trained again, and an
+interrupted teacher training resumes like any run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from balancemm.config import RunConfig, RunSection
+from balancemm.data import MultimodalDataset, create_dataset
+from balancemm.engine.rundir import RunDir, read_json
+from balancemm.errors import DataError
+from balancemm.methods import METHODS, Method, RunContext
+from balancemm.models import ModelSpec, MultimodalClassifier, build_model
+
+KINDS = ("unimodal",)
+
+
+def load_run(path: str | Path, dataset: MultimodalDataset | None = None) -> tuple[RunConfig, Method]:
+    """The config and the method (with its selected, best-on-validation weights) of a finished run."""
+    run = RunDir(path)
+    if not run.best.is_file() or not run.config.is_file():
+        raise DataError(f"{run.path} has no checkpoints/best.pt; is it a finished BalanceMM run?")
+    cfg = RunConfig.from_dict(read_json(run.config)["config"])
+    data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
+    method_cls = METHODS.get(cfg.run.method)
+    spec = method_cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
+    method = method_cls(build_model(spec), RunContext(spec.modalities, needs=method_cls.needs), cfg.method)
+    method.load_state_dict(run.load(run.best)["method"])
+    return cfg, method
+
+
+def unimodal_config(cfg: RunConfig, modality: str) -> RunConfig:
+    """The same protocol and seed, trained on one modality alone."""
+    hparams = METHODS.get("unimodal").HParams(modality=modality)
+    return dataclasses.replace(cfg, run=RunSection("unimodal", cfg.run.dataset, cfg.run.seed), method=hparams)
+
+
+class Artifacts:
+    """Prepares and serves the artifacts of one run."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        root: Path,
+        modalities: tuple[str, ...],
+        dataset: MultimodalDataset,
+        device: torch.device,
+        progress: bool,
+    ) -> None:
+        self.cfg, self.root, self.modalities = cfg, root, modalities
+        self.dataset, self.device, self.progress = dataset, device, progress
+        self.runs: dict[str, dict[str, Any]] = {}
+        self._loaded: dict[str, MultimodalClassifier] = {}
+
+    def path(self, kind: str, modality: str) -> Path:
+        from balancemm.api import default_out
+
+        return default_out(unimodal_config(self.cfg, modality), self.root)
+
+    def prepare(self, kinds: tuple[str, ...]) -> None:
+        """Train (or reuse) every declared artifact; the global RNG is left exactly as it was."""
+        from balancemm.engine.trainer import Trainer
+
+        for kind in kinds:
+            if kind not in KINDS:
+                raise ValueError(f"unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
+            for m in self.modalities:
+                path = self.path(kind, m)
+                reused = (path / "done").is_file()
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    summary = Trainer(
+                        unimodal_config(self.cfg, m),
+                        path,
+                        device=str(self.device),
+                        progress=self.progress,
+                        dataset=self.dataset,
+                    ).fit()
+                self.runs[f"{kind}:{m}"] = {
+                    "run": str(path),
+                    "reused": reused,
+                    "flops": summary["flops"]["total"],
+                    "test_accuracy": summary["test"]["accuracy"],
+                }
+
+    def load(self, kind: str, modality: str) -> MultimodalClassifier:
+        """A frozen model (eval mode, no gradients) of the artifact, on the run's device."""
+        key = f"{kind}:{modality}"
+        if key not in self.runs:
+            raise KeyError(f"artifact {key} was not prepared; declare it in needs.artifacts")
+        if key not in self._loaded:
+            _, method = load_run(self.runs[key]["run"], self.dataset)
+            model = method.model.to(self.device).eval()
+            model.requires_grad_(False)
+            self._loaded[key] = model
+        return self._loaded[key]
