@@ -137,3 +137,14 @@ def test_steps_inside_an_exactly_counted_region_do_not_disturb_sampling() -> Non
     per_row = 2 * 16 * 4
     assert meter.by_phase["side"] == 24 * per_row
     assert meter.by_phase["forward"] == 16 * per_row and meter.extrapolated == 8 * per_row
+
+
+def test_sticky_phases_keep_inner_hook_phases() -> None:
+    layer = torch.nn.Linear(4, 4)
+    meter = FlopMeter("exact")
+    # a side model's template phase ("forward") inside a method's sticky phase ("estimate")
+    with meter.counting(), meter.phase("on_epoch_start"), meter.phase("estimate", sticky=True), meter.phase("forward"):
+        layer(torch.randn(2, 4))
+    with meter.counting(), meter.phase("losses"), meter.phase("teachers", sticky=True):
+        layer(torch.randn(2, 4))
+    assert dict(meter.by_phase) == {"estimate": 64, "teachers": 64}

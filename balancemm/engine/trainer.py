@@ -248,7 +248,7 @@ class Trainer:
             # and reported separately in the summary.
             self.artifacts.prepare(METHODS.get(cfg.run.method).needs.artifacts)
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
-            with self.meter.counting(), ctx.phase("on_fit_start"):
+            with self.meter.counting(), ctx.hook_phase("on_fit_start"):
                 method.on_fit_start()
             start = 0
             if run.last.is_file():
@@ -285,7 +285,7 @@ class Trainer:
             method.train()
             t0 = time.perf_counter()
             meter = self.meter
-            with meter.counting(), ctx.phase("on_epoch_start"):
+            with meter.counting(), ctx.hook_phase("on_epoch_start"):
                 plan = method.on_epoch_start(epoch)
             batches = self._train_batches(epoch, plan)
             inner = tqdm(
@@ -297,9 +297,9 @@ class Trainer:
                 dynamic_ncols=True,
             )
             # A method owning the whole epoch is counted exactly; otherwise each step decides (sampled mode).
-            with meter.counting() if hatch == "train_epoch" else nullcontext(), ctx.phase(hatch or "other"):
+            with meter.counting() if hatch == "train_epoch" else nullcontext(), ctx.hook_phase(hatch or "other"):
                 method.train_epoch(epoch, inner)
-            with meter.counting(), ctx.phase("on_epoch_end"):
+            with meter.counting(), ctx.hook_phase("on_epoch_end"):
                 method.on_epoch_end(epoch)
             meter.end_epoch()
             self.scheduler.step()

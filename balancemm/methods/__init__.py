@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from balancemm.methods import baseline as _baseline  # noqa: F401
+from balancemm.methods import gblending as _gblending  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
 from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
+from balancemm.methods import umt as _umt  # noqa: F401
 from balancemm.methods import unimodal as _unimodal  # noqa: F401
 from balancemm.methods.base import Method, Needs
 from balancemm.methods.context import RunContext

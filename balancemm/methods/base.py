@@ -125,16 +125,16 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch) -> tuple[ModelOutput, dict[str, Tensor]]:
         ctx = self.ctx
-        with ctx.phase("forward"):
+        with ctx.hook_phase("forward"):
             out = self.forward(batch)
-        with ctx.phase("losses"):
+        with ctx.hook_phase("losses"):
             losses = self.losses(out, batch)
         ctx.check_finite(losses)
-        with ctx.phase("backward"):
+        with ctx.hook_phase("backward"):
             self.backward(losses)
-        with ctx.phase("after_backward"):
+        with ctx.hook_phase("after_backward"):
             self.after_backward(out, batch)
-        with ctx.phase("optimizer_step"):
+        with ctx.hook_phase("optimizer_step"):
             ctx.optimizer_step()
         return out, losses
 

@@ -215,7 +215,12 @@ class RunContext:
         return self.meter.step(batch_size)
 
     def phase(self, name: str) -> AbstractContextManager[None]:
-        """Attribute the FLOPs of the enclosed code to ``name`` in the cost table."""
+        """Attribute the FLOPs of the enclosed code to ``name`` in the cost table, including the hooks
+        of any side model trained inside (the phase is sticky)."""
+        return self.meter.phase(name, sticky=True)
+
+    def hook_phase(self, name: str) -> AbstractContextManager[None]:
+        """The template's own phases (forward, losses, …): yield to an enclosing method phase."""
         return self.meter.phase(name)
 
     def mean_loss(self, per_sample: Callable[[Batch], Tensor], split: SplitName) -> float:

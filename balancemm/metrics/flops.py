@@ -7,7 +7,9 @@ hierarchy on every call; the totals are identical (``tests/test_metrics.py`` che
 
 Attribution is exclusive: FLOPs go to the innermost open phase. The trainer opens phases around the
 hooks (``forward``, ``losses``, ``backward``, ``after_backward``, ``on_epoch_start`` …) and methods can
-name sub-phases with ``ctx.phase("boost")``.
+name sub-phases with ``ctx.phase("boost")``. A phase a method names is *sticky*: everything inside it
+stays there, including the template hooks of a side model it trains (G-Blending's estimation runs
+forward and backward passes, which belong to the estimation, not to the run's own forward/backward).
 
 Intercepting every operator has a price that grows as models shrink: on the embedded dataset's
 compact CNNs exact counting adds 50–90 % to training time, on a ResNet-18 step about 5 %
@@ -63,6 +65,7 @@ class FlopMeter:
         self.by_phase: defaultdict[str, int] = defaultdict(int)
         self.extrapolated = 0  # the part of ``total`` that was estimated, not counted
         self.stack: list[str] = ["other"]
+        self.sticky: list[bool] = [False]  # parallel to stack: is this level inside a sticky phase?
         self._active = False
         self._in_step = False
         self._step_flops: defaultdict[str, int] = defaultdict(int)  # counted steps of this epoch, by phase
@@ -125,13 +128,16 @@ class FlopMeter:
         self._counted_steps = self._counted_samples = self._skipped_samples = 0
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Attribute FLOPs run inside to ``name`` (innermost phase wins)."""
-        self.stack.append(name)
+    def phase(self, name: str, *, sticky: bool = False) -> Iterator[None]:
+        """Attribute FLOPs run inside to ``name`` (innermost phase wins, unless inside a sticky one)."""
+        inside_sticky = self.sticky[-1]
+        self.stack.append(self.stack[-1] if inside_sticky else name)
+        self.sticky.append(sticky or inside_sticky)
         try:
             yield
         finally:
             self.stack.pop()
+            self.sticky.pop()
 
     @property
     def total(self) -> int:

@@ -23,9 +23,18 @@ def _build(name: str, data: TinyDataset) -> Any:
     hp = parse(cls.HParams, HPARAMS.get(name, {}), "method")
     torch.manual_seed(0)
     model = build_model(cls.model_spec(tiny_spec(data), hp))
-    ctx = RunContext(model.modalities, dataset=data, needs=cls.needs, batch_size=8)
+
+    def recipe(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    def teacher(kind: str, modality: str) -> torch.nn.Module:  # an untrained stand-in for unimodal teachers
+        return build_model(tiny_spec(data).only([modality])).eval().requires_grad_(False)
+
+    ctx = RunContext(
+        model.modalities, dataset=data, needs=cls.needs, batch_size=8, optimizer_factory=recipe, artifact_loader=teacher
+    )
     method = cls(model, ctx, hp)
-    ctx.attach_optimizer(torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9))
+    ctx.attach_optimizer(recipe(method.trainable_parameters()))
     return method
 
 
