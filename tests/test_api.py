@@ -21,5 +21,5 @@ def test_readme_python_snippet_works(tmp_path: Path) -> None:
     assert isinstance(model, MultimodalClassifier) and model.unimodal_heads is not None
     method = balancemm.create_method("mmpareto", model, gamma=1.5)
     assert method.hp.gamma == 1.5
-    assert balancemm.list_methods(group="optimization") == ["ogm_ge"]
+    assert "ogm_ge" in balancemm.list_methods(group="optimization")
     assert balancemm.list_datasets() == ["embedded", "embedded3"]

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from balancemm.methods import baseline as _baseline  # noqa: F401
+from balancemm.methods import cml as _cml  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
+from balancemm.methods import lfm as _lfm  # noqa: F401
+from balancemm.methods import mbsd as _mbsd  # noqa: F401
+from balancemm.methods import mmcosine as _mmcosine  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
 from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
 from balancemm.methods import umt as _umt  # noqa: F401

@@ -53,12 +53,12 @@ class Needs:
 
 
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every submodule's train/eval state is restored on exit."""
+def eval_mode(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Eval mode (and no gradients unless ``grad``) inside; every submodule's mode is restored on exit."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             yield
     finally:
         for m, training in modes.items():
@@ -204,9 +204,25 @@ class RunContext:
             num_workers=self._num_workers,
         )
 
-    def eval_mode(self, module: nn.Module) -> AbstractContextManager[None]:
-        """Eval mode and no gradients inside; the previous train/eval state is restored on exit."""
-        return eval_mode(module)
+    def split_size(self, split: SplitName) -> int:
+        """Number of rows of a split the method may read (same access rules as :meth:`batches`)."""
+        return len(self.batches(split).split)
+
+    def rows(self, split: SplitName, index: Tensor) -> Batch:
+        """One batch holding exactly the rows ``index`` of a split (same access rules as :meth:`batches`)."""
+        batches = Batches(
+            self.batches(split).split,
+            max(int(index.numel()), 1),
+            subset=index,
+            device=self.device,
+            num_workers=self._num_workers,
+        )
+        return next(iter(batches))
+
+    def eval_mode(self, module: nn.Module, grad: bool = False) -> AbstractContextManager[None]:
+        """Eval mode and no gradients inside (``grad=True`` keeps them, e.g. for a Hessian-vector
+        product with BatchNorm on running statistics); the previous modes are restored on exit."""
+        return eval_mode(module, grad)
 
     # -- accounting ------------------------------------------------------------------------------
 
