@@ -15,7 +15,10 @@ from balancemm.metrics.shapley import coalitions
 from balancemm.models import build_model
 from tests.conftest import TinyDataset, first_batch, tiny_spec
 
-HPARAMS: dict[str, dict[str, Any]] = {"unimodal": {"modality": "audio"}}
+HPARAMS: dict[str, dict[str, Any]] = {
+    "unimodal": {"modality": "audio"},
+    "gblending": {"super_epoch": 1},
+}  # keep side trainings short
 
 
 def _build(name: str, data: TinyDataset) -> Any:
