@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from balancemm.data.base import MultimodalDataset, SplitName
+from balancemm.data.base import MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
 from balancemm.errors import NonFiniteLossError
@@ -176,6 +176,18 @@ class RunContext:
 
     # -- data ------------------------------------------------------------------------------------
 
+    def _split(self, split: SplitName) -> Split:
+        """The split itself, after the access rules: test refused, validation only if declared."""
+        if split == "test":
+            raise DataAccessError("methods may not read the test split; it is only for the final report")
+        if split == "val":
+            if not self._needs.val:
+                raise DataAccessError("this method did not declare needs.val, so it may not read validation data")
+            self.used_val = True
+        if self._dataset is None:
+            raise RuntimeError("no dataset attached to this context")
+        return self._dataset.split(split)
+
     def batches(
         self,
         split: SplitName,
@@ -185,16 +197,8 @@ class RunContext:
         plan: SamplePlan | None = None,
     ) -> Batches:
         """Batches of the training split (or validation, if declared). The test split is refused."""
-        if split == "test":
-            raise DataAccessError("methods may not read the test split; it is only for the final report")
-        if split == "val":
-            if not self._needs.val:
-                raise DataAccessError("this method did not declare needs.val, so it may not read validation data")
-            self.used_val = True
-        if self._dataset is None:
-            raise RuntimeError("no dataset attached to this context")
         return Batches(
-            self._dataset.split(split),
+            self._split(split),
             self._batch_size if shuffle else self._eval_batch_size,
             shuffle=shuffle,
             generator=self.generator,
@@ -206,12 +210,12 @@ class RunContext:
 
     def split_size(self, split: SplitName) -> int:
         """Number of rows of a split the method may read (same access rules as :meth:`batches`)."""
-        return len(self.batches(split).split)
+        return len(self._split(split))
 
     def rows(self, split: SplitName, index: Tensor) -> Batch:
         """One batch holding exactly the rows ``index`` of a split (same access rules as :meth:`batches`)."""
         batches = Batches(
-            self.batches(split).split,
+            self._split(split),
             max(int(index.numel()), 1),
             subset=index,
             device=self.device,
