@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from balancemm.config import EncoderConfig
+from balancemm.config import EncoderConfig, parse
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch
+from balancemm.methods import METHODS, Method, RunContext
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.models.encoders.cnn import CompactCNNOptions
 
@@ -78,6 +79,37 @@ def first_batch(data: TinyDataset, n: int = 8) -> Batch:
     inputs = split.get_batch(rows)
     assert inputs is not None
     return Batch(inputs, split.labels[rows], rows, present, data.modalities)
+
+
+def build_method(name: str, data: TinyDataset, *, lr: float = 0.05, **hparams: Any) -> Method:
+    """A registered method on a tiny model, with the data, an SGD recipe (attached as the run's
+    optimiser) and untrained stand-ins for the unimodal runs a method may declare as artifacts."""
+    cls = METHODS.get(name)
+    hp = parse(cls.HParams, hparams, "method")
+    torch.manual_seed(0)
+    model = build_model(cls.model_spec(tiny_spec(data), hp))
+
+    def recipe(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    stand_ins: dict[str, MultimodalClassifier] = {}
+
+    def unimodal(kind: str, modality: str) -> MultimodalClassifier:
+        if modality not in stand_ins:
+            stand_ins[modality] = build_model(tiny_spec(data).only([modality])).eval().requires_grad_(False)
+        return stand_ins[modality]
+
+    ctx = RunContext(
+        model.modalities,
+        dataset=data,
+        needs=cls.needs_for(hp),
+        batch_size=8,
+        optimizer_factory=recipe,
+        artifact_loader=unimodal,
+    )
+    method = cls(model, ctx, hp)
+    ctx.attach_optimizer(recipe(method.trainable_parameters()))
+    return method
 
 
 @pytest.fixture(params=[2, 3], ids=["M2", "M3"])

@@ -105,6 +105,15 @@ def test_flop_meter_agrees_with_torch_flop_counter_on_a_conv_net() -> None:
     assert meter.total == reference.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("mode", ["use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"])
+def test_pairwise_distances_are_counted(mode: str) -> None:
+    # torch has no formula for cdist; ours counts the cross term, 2·N·K·d (PMR's prototype distances)
+    meter = FlopMeter()
+    with meter.counting():
+        torch.cdist(torch.randn(8, 5), torch.randn(3, 5), compute_mode=mode)
+    assert meter.total == 2 * 8 * 3 * 5
+
+
 def test_disabled_meter_counts_nothing() -> None:
     meter = FlopMeter("off")
     with meter.counting(), meter.step(2):

@@ -9,6 +9,7 @@ from balancemm.config import EncoderConfig
 from balancemm.errors import ConfigError
 from balancemm.metrics.shapley import coalitions
 from balancemm.models import ENCODERS, ModelSpec, build_model
+from balancemm.models.encoders.cnn import CompactCNNOptions
 from balancemm.models.encoders.resnet import ResNet18, ResNet18Options
 from tests.conftest import TinyDataset, first_batch, tiny_model, tiny_spec
 
@@ -26,13 +27,30 @@ def test_concat_slices_sum_to_fused_logits(tiny: TinyDataset) -> None:
     torch.testing.assert_close(out.unimodal_logits[m0], out.features[m0] @ w[:, :d0].t() + b / len(tiny.modalities))
 
 
-@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
+@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated", "shared"])
 def test_every_fusion_runs_with_two_and_three_modalities(tiny: TinyDataset, fusion: str) -> None:
     model = tiny_model(tiny, fusion=fusion)
     out = model(first_batch(tiny))
     assert out.logits.shape == (8, 3)
     assert set(out.unimodal_logits) == set(tiny.modalities)
-    assert (model.unimodal_heads is None) == (fusion in ("concat", "sum"))  # auto: slice where possible
+    assert (model.unimodal_heads is None) == (fusion in ("concat", "sum", "shared"))  # auto: slice where possible
+
+
+@pytest.mark.parametrize("hidden", [0, 5])
+def test_shared_head_applies_one_head_to_every_modality(tiny: TinyDataset, hidden: int) -> None:
+    model = tiny_model(tiny, fusion="shared", fusion_options={"hidden": hidden})
+    out = model(first_batch(tiny))
+    for m in tiny.modalities:
+        torch.testing.assert_close(out.unimodal_logits[m], model.fusion.head(out.features[m]))
+    torch.testing.assert_close(out.logits, sum(out.unimodal_logits.values()))
+
+
+def test_shared_head_refuses_unequal_feature_sizes() -> None:
+    data = TinyDataset()
+    spec = tiny_spec(data, fusion="shared")
+    encoders = dict(spec.encoders, visual=EncoderConfig("cnn", CompactCNNOptions(channels=(4, 7))))
+    with pytest.raises(ConfigError, match=r"same feature size \(got audio=6, visual=7\)"):
+        build_model(ModelSpec(spec.modalities, spec.input_shapes, spec.num_classes, encoders, fusion="shared"))
 
 
 def test_slice_heads_refused_for_unsliceable_fusion() -> None:

@@ -46,7 +46,7 @@ def test_registration_rules() -> None:
 
 def test_encoders_and_fusions_registered() -> None:
     assert {"cnn", "resnet18"} <= set(ENCODERS.names())
-    assert {"concat", "sum", "film", "gated"} <= set(FUSIONS.names())
+    assert {"concat", "sum", "film", "gated", "shared"} <= set(FUSIONS.names())
 
 
 def test_import_balancemm_does_not_import_torch_and_methods_do_not_import_sklearn() -> None:

@@ -37,7 +37,9 @@ def load_run(path: str | Path, dataset: MultimodalDataset | None = None) -> tupl
     data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
     method_cls = METHODS.get(cfg.run.method)
     spec = method_cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
-    method = method_cls(build_model(spec), RunContext(spec.modalities, needs=method_cls.needs), cfg.method)
+    method = method_cls(
+        build_model(spec), RunContext(spec.modalities, needs=method_cls.needs_for(cfg.method)), cfg.method
+    )
     method.load_state_dict(run.load(run.best)["method"])
     return cfg, method
 

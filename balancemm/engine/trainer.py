@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ class Trainer:
             )
         # Everything below may fail on user input; nothing is written to disk until fit().
         self.data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
-        needs, n_mod = method_cls.needs, len(self.data.modalities)
+        needs, n_mod = method_cls.needs_for(cfg.method), len(self.data.modalities)
         if n_mod < needs.min_modalities or (needs.max_modalities is not None and n_mod > needs.max_modalities):
             most = needs.max_modalities if needs.max_modalities is not None else "any number of"
             raise ConfigError(
@@ -246,7 +247,7 @@ class Trainer:
         try:
             # Artifacts (e.g. teachers) are whole runs of their own: prepared outside the FLOP meter
             # and reported separately in the summary.
-            self.artifacts.prepare(METHODS.get(cfg.run.method).needs.artifacts)
+            self.artifacts.prepare(self.ctx.needs.artifacts)
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
             with self.meter.counting(), ctx.hook_phase("on_fit_start"):
                 method.on_fit_start()
@@ -296,13 +297,19 @@ class Trainer:
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
-            # A method owning the whole epoch is counted exactly; otherwise each step decides (sampled mode).
-            with meter.counting() if hatch == "train_epoch" else nullcontext(), ctx.hook_phase(hatch or "other"):
+            # Each step decides whether it is counted (sampled mode), also in a method that owns the epoch;
+            # in exact mode such a method is counted whole, including any work between its steps.
+            whole = hatch == "train_epoch" and meter.mode == "exact"
+            with meter.counting() if whole else nullcontext(), ctx.hook_phase(hatch or "other"):
                 method.train_epoch(epoch, inner)
             with meter.counting(), ctx.hook_phase("on_epoch_end"):
                 method.on_epoch_end(epoch)
             meter.end_epoch()
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # The schedule is a per-epoch clock; a method that trains with its own optimisers at
+                # ctx.lr (ReconBoost's stages) never steps the run's, and torch would warn about that.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
             self.train_time += time.perf_counter() - t0
             val = evaluate(method, self._eval_batches("val"), self.data.num_classes)
             logs = ctx.pop_logs()

@@ -35,21 +35,23 @@ The template step::
     backward(losses); after_backward(out, batch); ctx.optimizer_step()
 
 A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses)`` on its losses
-(the default loop does), so NaN detection and loss logging keep working.
+(the default loop does), so NaN detection and loss logging keep working, and must wrap each step in
+``self.ctx.counted_step(batch_size)``: with sampled FLOP counting only its steps are counted.
 
 Where the 17 methods plug in (DESIGN.md §3.6; the method specs give the details):
 
 * ``model_spec``: MMCosine (cosine head), AMCo (masked head), MLA and ReconBoost (shared head),
   Greedy (MMTM mid-fusion), unimodal (one modality), MMPareto / G-Blending (unimodal heads option);
-* ``on_fit_start``: UMT (frozen teachers), AGM (running means), Relearning (initial weights),
-  Greedy (speed accumulators), LFM (initial α);
-* ``on_epoch_start``: PMR (prototypes), G-Blending (weights), LFM (α update), CML, AMCo,
+* ``needs_for`` (classmethod): ReconBoost (unimodal runs only when ``pretrained``);
+* ``on_fit_start``: UMT (frozen teachers), ReconBoost (pre-trained learners), Greedy (speed
+  accumulators), LFM (initial α);
+* ``on_epoch_start``: PMR (prototypes), Relearning (diagnosis and re-initialisation after the
+  previous epoch's validation), G-Blending (weights), LFM (α update), CML, AMCo,
   Modality-valuation (returns a ``SamplePlan``);
 * ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (class mask);
 * ``losses``: UMT, MBSD, CML, MMPareto, G-Blending, LFM, PMR, OPM, AMCo;
 * ``backward``: MMPareto (per-loss gradients, min-norm combination);
-* ``after_backward``: OGM-GE, AGM, PMR (3 modalities), Greedy;
-* ``on_epoch_end``: Relearning (re-initialisation);
+* ``after_backward``: OGM-GE, AGM (gradient clipping rule), Greedy;
 * ``predict``: MLA (entropy-weighted fusion), ReconBoost (boosted ensemble);
 * hatches: MLA owns ``training_step``, ReconBoost owns ``train_epoch``.
 
@@ -90,6 +92,12 @@ class Method(nn.Module):
         self.model = model
         self.ctx = ctx
         self.hp = hp if hp is not None else self.HParams()
+
+    @classmethod
+    def needs_for(cls, hp: Any) -> Needs:
+        """What a run with hyper-parameters ``hp`` requires (``needs`` unless a setting changes it,
+        e.g. ReconBoost asks for unimodal runs only when it starts from pre-trained learners)."""
+        return cls.needs
 
     # -- hooks -----------------------------------------------------------------------------------
 

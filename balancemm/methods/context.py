@@ -116,7 +116,6 @@ class RunContext:
         self._eval_batch_size = eval_batch_size
         self._optimizer_factory = optimizer_factory
         self._grad_clip = grad_clip
-        self._params: list[nn.Parameter] = []
         self.meter = meter or FlopMeter("off")
         self._num_workers = num_workers
         self._logs: defaultdict[str, _Mean] = defaultdict(_Mean)
@@ -145,6 +144,10 @@ class RunContext:
         child.attach_optimizer(optimizer)
         return child
 
+    @property
+    def needs(self) -> Needs:
+        return self._needs
+
     def artifact(self, kind: str, modality: str) -> nn.Module:
         """A frozen artifact the method declared in ``needs.artifacts`` (e.g. a unimodal teacher)."""
         if kind not in self._needs.artifacts or self._artifact_loader is None:
@@ -156,23 +159,40 @@ class RunContext:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by the trainer: the protocol's optimiser over every trainable parameter."""
         self.optimizer = optimizer
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def optimizer_step(self) -> None:
-        """Clip (if the protocol says so), step, zero the gradients, count the step."""
-        if self.optimizer is None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Clip (if the protocol says so), step, zero the gradients, count the step.
+
+        ``optimizer`` defaults to the run's; a method that trains in stages with its own optimisers
+        (ReconBoost) passes one from :meth:`new_optimizer`, so clipping and step counting still apply.
+        """
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
             raise RuntimeError("no optimiser attached to this context")
         if self._grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, self._grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self._grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def new_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """A fresh optimiser with the protocol's recipe (ReconBoost stages, G-Blending side models)."""
+    @property
+    def lr(self) -> float:
+        """The run optimiser's current learning rate (after the protocol's schedule)."""
+        if self.optimizer is None:
+            raise RuntimeError("no optimiser attached to this context")
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def new_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """A fresh optimiser with the protocol's recipe (ReconBoost stages, G-Blending side models);
+        ``lr`` replaces the recipe's initial rate (e.g. ``ctx.lr`` to follow the schedule)."""
         if self._optimizer_factory is None:
             raise RuntimeError("no optimiser recipe attached to this context")
-        return self._optimizer_factory(params)
+        optimizer = self._optimizer_factory(params)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return optimizer
 
     # -- data ------------------------------------------------------------------------------------
 

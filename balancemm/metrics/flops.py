@@ -17,23 +17,43 @@ compact CNNs exact counting adds 50–90 % to training time, on a ResNet-18 step
 
 * ``exact``: every operator of the training is counted.
 * ``sampled`` (default): everything outside the per-batch training steps is counted exactly
-  (``on_fit_start``, ``on_epoch_start``/``end`` such as side trainings, and methods that own the
-  whole epoch); of the training steps, the first ``sample_steps`` of every epoch are counted exactly
-  and the rest are extrapolated per phase from their FLOPs per sample. Step cost is linear in the
-  batch size, so the extrapolation is exact up to rounding for methods whose steps all do the same
-  work (``tests/test_metrics.py`` compares both modes on every method).
+  (``on_fit_start``, ``on_epoch_start``/``end`` such as side trainings); of the training steps
+  (``ctx.counted_step``), the first ``sample_steps`` of every epoch are counted exactly and the rest
+  are extrapolated per phase from their FLOPs per sample. Steps are sampled per kind (the method
+  phase they run in), so a method that owns the epoch and alternates kinds of steps (ReconBoost's
+  boosting and rectification passes) has each kind sampled; such a method must do its work inside
+  its steps, which is all that is counted of its epoch. Step cost is linear in the batch size, so
+  the extrapolation is exact up to rounding for steps of one kind that do the same work
+  (``tests/methods/test_all_methods.py`` compares both modes on every method).
 * ``off``: nothing is counted.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+
+def _pairwise_distance_flops(x1: Any, x2: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``x1 [*, N, d]``, ``x2 [*, K, d]`` → 2·N·K·d per batch: the cross term of ‖a − b‖ dominates."""
+    *batch, n, d = x1.shape
+    return 2 * math.prod(batch) * n * x2.shape[-2] * d
+
+
+# torch registers no formula for pairwise distances (PMR's prototype distances); its backward
+# decomposes into matrix products, which torch does count.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._euclidean_dist: _pairwise_distance_flops,
+    torch.ops.aten._cdist_forward: _pairwise_distance_flops,
+}
 
 
 class _CountingMode(TorchDispatchMode):
@@ -44,10 +64,20 @@ class _CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = flop_registry.get(func._overloadpacket) or _EXTRA_FORMULAS.get(func._overloadpacket)
         if formula is not None:
             self.meter._add(int(formula(*args, **kwargs, out_val=out)))
         return out
+
+
+@dataclass
+class _Sample:
+    """One kind of training step within an epoch: how many were counted or skipped, and their FLOPs."""
+
+    counted_steps: int = 0
+    counted_samples: int = 0
+    skipped_samples: int = 0
+    flops: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # counted, by phase
 
 
 class FlopMeter:
@@ -67,11 +97,8 @@ class FlopMeter:
         self.stack: list[str] = ["other"]
         self.sticky: list[bool] = [False]  # parallel to stack: is this level inside a sticky phase?
         self._active = False
-        self._in_step = False
-        self._step_flops: defaultdict[str, int] = defaultdict(int)  # counted steps of this epoch, by phase
-        self._counted_steps = 0
-        self._counted_samples = 0
-        self._skipped_samples = 0
+        self._in_step: _Sample | None = None  # the sample of the step being counted, if any
+        self._samples: dict[str, _Sample] = {}  # this epoch's steps, by kind (the method phase they run in)
 
     @property
     def enabled(self) -> bool:
@@ -80,8 +107,8 @@ class FlopMeter:
     def _add(self, flops: int) -> None:
         phase = self.stack[-1]
         self.by_phase[phase] += flops
-        if self._in_step:
-            self._step_flops[phase] += flops
+        if self._in_step is not None:
+            self._in_step.flops[phase] += flops
 
     @contextmanager
     def counting(self) -> Iterator[None]:
@@ -98,34 +125,42 @@ class FlopMeter:
 
     @contextmanager
     def step(self, batch_size: int) -> Iterator[None]:
-        """One training step of ``batch_size`` rows: counted, or left for extrapolation (sampled)."""
+        """One training step of ``batch_size`` rows: counted, or left for extrapolation (sampled).
+
+        Steps are sampled per kind, the method phase they run in (``ctx.phase``), so a method that
+        alternates kinds of steps within an epoch (ReconBoost's boosting and rectification) has each
+        kind counted on its own first steps and extrapolated from them.
+        """
         if self._active:
             # Already inside an exactly counted region (e.g. a side training in on_epoch_start):
             # count it there, and keep it out of this epoch's sampling statistics.
             yield
             return
-        if self.mode == "sampled" and self._counted_steps >= self.sample_steps:
-            self._skipped_samples += batch_size
+        kind = self.stack[-1] if self.sticky[-1] else ""
+        sample = self._samples.setdefault(kind, _Sample())
+        if self.mode == "sampled" and sample.counted_steps >= self.sample_steps:
+            sample.skipped_samples += batch_size
             yield
             return
-        self._counted_steps += 1
-        self._counted_samples += batch_size
-        self._in_step = True
+        sample.counted_steps += 1
+        sample.counted_samples += batch_size
+        self._in_step = sample
         try:
             with self.counting():
                 yield
         finally:
-            self._in_step = False
+            self._in_step = None
 
     def end_epoch(self) -> None:
         """Add the extrapolated FLOPs of the steps that were not counted this epoch."""
-        if self._skipped_samples and self._counted_samples:
-            for phase, flops in self._step_flops.items():
-                estimate = round(flops * self._skipped_samples / self._counted_samples)
+        for sample in self._samples.values():
+            if not (sample.skipped_samples and sample.counted_samples):
+                continue
+            for phase, flops in sample.flops.items():
+                estimate = round(flops * sample.skipped_samples / sample.counted_samples)
                 self.by_phase[phase] += estimate
                 self.extrapolated += estimate
-        self._step_flops.clear()
-        self._counted_steps = self._counted_samples = self._skipped_samples = 0
+        self._samples.clear()
 
     @contextmanager
     def phase(self, name: str, *, sticky: bool = False) -> Iterator[None]:

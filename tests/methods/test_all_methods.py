@@ -9,36 +9,23 @@ import pytest
 import torch
 
 import balancemm
-from balancemm.config import parse
-from balancemm.methods import METHODS, RunContext, list_methods
+from balancemm.methods import list_methods
 from balancemm.metrics.shapley import coalitions
-from balancemm.models import build_model
-from tests.conftest import TinyDataset, first_batch, tiny_spec
+from tests.conftest import TinyDataset, build_method, first_batch
 
 HPARAMS: dict[str, dict[str, Any]] = {
     "unimodal": {"modality": "audio"},
     "gblending": {"super_epoch": 1},
-}  # keep side trainings short
+    "reconboost": {"epochs_per_stage": 1, "correct_epoch": 1},
+}  # keep side trainings and stages short
+PASSES_PER_EPOCH = {"reconboost": 2}  # one boosting and one rectification pass
+# Sampled counting extrapolates FLOPs per sample; AGM's zero-input pass costs one row per step whatever
+# the batch size, a constant the per-sample extrapolation under-counts on the smaller last batch.
+SAMPLED_RTOL = {"agm": 1e-3}
 
 
 def _build(name: str, data: TinyDataset) -> Any:
-    cls = METHODS.get(name)
-    hp = parse(cls.HParams, HPARAMS.get(name, {}), "method")
-    torch.manual_seed(0)
-    model = build_model(cls.model_spec(tiny_spec(data), hp))
-
-    def recipe(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
-
-    def teacher(kind: str, modality: str) -> torch.nn.Module:  # an untrained stand-in for unimodal teachers
-        return build_model(tiny_spec(data).only([modality])).eval().requires_grad_(False)
-
-    ctx = RunContext(
-        model.modalities, dataset=data, needs=cls.needs, batch_size=8, optimizer_factory=recipe, artifact_loader=teacher
-    )
-    method = cls(model, ctx, hp)
-    ctx.attach_optimizer(recipe(method.trainable_parameters()))
-    return method
+    return build_method(name, data, **HPARAMS.get(name, {}))
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -54,7 +41,7 @@ def test_a_few_steps_train_every_parameter_with_finite_losses(name: str, tiny: T
         method.train_epoch(epoch, ctx.batches("train", shuffle=True))
         method.on_epoch_end(epoch)
     logs = ctx.pop_logs()
-    assert ctx.step == 6 and any(k.startswith("loss/") for k in logs)
+    assert ctx.step == 6 * PASSES_PER_EPOCH.get(name, 1) and any(k.startswith("loss/") for k in logs)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     unchanged = [n for n, p in method.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"{name} never updated {unchanged}"
@@ -101,4 +88,4 @@ def test_sampled_flop_counting_matches_exact_counting(name: str, tmp_path: Path)
     assert exact["extrapolated"] == 0 and sampled["extrapolated"] > 0
     assert set(sampled["by_phase"]) == set(exact["by_phase"])
     for phase, flops in exact["by_phase"].items():
-        assert sampled["by_phase"][phase] == pytest.approx(flops, rel=1e-6), phase
+        assert sampled["by_phase"][phase] == pytest.approx(flops, rel=SAMPLED_RTOL.get(name, 1e-6)), phase
