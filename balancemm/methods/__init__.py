@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from balancemm.methods import agm as _agm  # noqa: F401
 from balancemm.methods import baseline as _baseline  # noqa: F401
 from balancemm.methods import cml as _cml  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
@@ -35,7 +36,7 @@ def create_method(name: str, model: MultimodalClassifier, ctx: RunContext | None
 
     cls = METHODS.get(name)
     hp = parse(cls.HParams, {k: v for k, v in hparams.items() if v is not None}, "method")
-    return cls(model, ctx or RunContext(model.modalities, needs=cls.needs), hp)
+    return cls(model, ctx or RunContext(model.modalities, needs=cls.needs_for(hp)), hp)
 
 
 def list_methods(pattern: str = "*", group: str | None = None) -> list[str]:

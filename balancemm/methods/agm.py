@@ -1,0 +1,161 @@
+"""AGM: Adaptive Gradient Modulation.
+
+Li, Li, Jiang, Zhang, Tian, Cao. "Boosting Multi-modal Model Performance with Adaptive Gradient
+Modulation." ICCV 2023. Official code: Lingy12/AGM_ICCV2023 (``run/CREMAD_main.py``,
+``model/CREMAD_net.py``; ``URFunny_*`` for three modalities), which this follows
+(specs/methods-optim-forward-data.md §2).
+
+Idea: split the fused output into one "mono-modal output" per modality with a Shapley decomposition
+over zero-padded inputs; compare each modality's current loss with its long-run level and rescale the
+gradient that flows through its Shapley component, slowing a modality that is ahead of its history
+and speeding up one that is behind. The rescaling changes the gradient's direction, not only the
+encoders' step sizes: it reaches the fusion head and every shared parameter.
+
+Per step (hook ``forward``, the coalition passes inside the phase ``agm/coalitions``):
+
+1. f(S) = fused logits with the modalities outside S zero-padded at the input, for every non-empty
+   S ⊆ M; f(M) is the normal pass in train mode, the others run in eval mode *with* autograd.
+2. o_m = φ_m + f(∅)/|M| with φ the Shapley value of the coalition logits (§2.1), so Σ_m o_m = f(M).
+   f(∅) enters φ_m only as −f(∅)/|M|, so o_m is φ_m computed with f(∅) := 0 and the all-zero pass is
+   never needed. Computed by the codebase's one Shapley helper (``metrics.shapley``).
+3. s_m = (1/B) Σ_i −log max(softmax(o_m)_i[y_i], 1e-8)                  (no gradient)
+4. r_m = exp(|M|/(|M|−1) · (s̄ − s_m)),  r*_m = exp(|M|/(|M|−1) · (S̄ − S̄_m)),  s̄, S̄ the means over m,
+   where S̄_m is the running average of s_m over every training iteration so far, read before this
+   step's update: S̄_m ← S̄_m (t−1)/t + s_m/t.
+5. c_m = exp(α · min(r*_m − r_m, κ)).
+6. In the modulation window the loss is CE(Σ_m [c_m o_m + (1 − c_m) sg(o_m)], y): the value is
+   CE(f(M), y) and ∂L/∂o_m is multiplied by c_m (the official backward hook on o_m).
+Hook ``after_backward``: if any entry of the fusion head's weight gradient leaves [−θ, θ], clip the
+norm of all gradients to ``clip_norm`` (the official AGM rule).
+
+Deviations from the paper/official code:
+  * Zero-padded passes are shared: in eval mode an encoder's output on its real input is the same in
+    every coalition, and its output on a zero input is the same for every row, so each encoder runs
+    once in train mode, once in eval mode and once on a single zero row, and only the fusion is
+    evaluated per coalition. Values and gradients are the official ones (the official code re-runs
+    every encoder for every coalition, the all-zero one included: 2^|M| full passes).
+  * After the modulation window the coefficients are never used again, so the coalition passes stop
+    and training is plain CE (the official code keeps computing them); before and inside the window
+    they run every step, because the running averages need every iteration.
+  * Three or more modalities use the general Shapley formula with the |M|/(|M|−1) factor, as the
+    official URFunny code does for three.
+Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug (spec §2.6):
+  * the ratios keep the official sign exp(·(s̄ − s_m)); BalanceMM flips it, so it boosts the modality
+    that is ahead (its two-modality coefficients are ours with the modalities swapped);
+  * the S = ∅ Shapley term is kept (BalanceMM drops it);
+  * the padded passes carry gradients and the coefficients reshape the gradient through o_m;
+    BalanceMM runs them without gradients and scales encoder weight gradients after the fact;
+  * defaults are the official ones (α 1.0, κ 10, window 0–20, clip 1/1); BalanceMM uses α 0.1, κ 7,
+    window 0–80, clip 5/5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from balancemm.config import rng
+from balancemm.data.batch import Batch
+from balancemm.errors import ConfigError
+from balancemm.methods.base import Method
+from balancemm.metrics.shapley import coalitions, shapley_values
+from balancemm.models.classifier import ModelOutput
+from balancemm.registry import METHODS
+
+
+@dataclass(frozen=True)
+class AGMHParams:
+    alpha: float = field(default=1.0, metadata=rng(ge=0))  # α; official --alpha 1.0 (README AV-MNIST 2.5); BMM 0.1
+    kappa: float | None = field(default=10.0, metadata=rng(gt=0))  # κ: 10 CREMA-D, 7 URFunny, null MOSEI; BMM 7
+    modulation_starts: int = field(default=0, metadata=rng(ge=0))  # first modulated epoch, 0-based (BMM 0)
+    modulation_ends: int = field(default=20, metadata=rng(ge=0))  # last modulated epoch, inclusive (BMM 80)
+    clip_threshold: float = field(default=1.0, metadata=rng(ge=0))  # θ, fusion-weight grad bound (BMM 5); 0 = no clip
+    clip_norm: float = field(default=1.0, metadata=rng(gt=0))  # max_norm of the clip (BMM 5)
+
+    def _validate(self, path: str) -> None:
+        if self.modulation_ends < self.modulation_starts:
+            raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
+
+
+def mono_outputs(fused: dict[frozenset[str], Tensor], modalities: tuple[str, ...]) -> dict[str, Tensor]:
+    """AGM's mono-modal outputs o_m = φ_m + f(∅)/|M| ``{m: [B, C]}`` from the logits ``[B, C]`` of
+    every non-empty coalition. f(∅)'s only term in φ_m is −f(∅)/|M|, so o_m is φ_m with f(∅) := 0."""
+    full = fused[frozenset(modalities)]
+    return shapley_values({**fused, frozenset(): torch.zeros_like(full)}, modalities)
+
+
+def agm_scores(outputs: dict[str, Tensor], label: Tensor) -> Tensor:
+    """s ``[M]``: batch-mean cross-entropy of each o_m, with the true-class probability clamped at 1e-8."""
+    return torch.stack(
+        [-torch.softmax(o, dim=1).gather(1, label[:, None]).clamp(min=1e-8).log().mean() for o in outputs.values()]
+    )
+
+
+def agm_coefficients(scores: Tensor, running: Tensor, alpha: float, kappa: float | None) -> Tensor:
+    """c ``[M]`` = exp(α·min(r* − r, κ)) from the current scores s and their running averages S̄ ``[M]``."""
+    factor = len(scores) / (len(scores) - 1)
+    current = torch.exp(factor * (scores.mean() - scores))
+    target = torch.exp(factor * (running.mean() - running))
+    gap = target - current
+    return torch.exp(alpha * (gap if kappa is None else gap.clamp(max=kappa)))
+
+
+def modulated_sum(outputs: dict[str, Tensor], coefficients: Tensor) -> Tensor:
+    """Σ_m o_m in value, with the gradient through each o_m multiplied by c_m."""
+    parts = [c * o + (1 - c) * o.detach() for o, c in zip(outputs.values(), coefficients, strict=True)]
+    return torch.stack(parts).sum(0)
+
+
+@METHODS.register("agm", group="optimization", paper="Li et al., ICCV 2023", aliases=("AGM", "AGMTrainer"))
+class AGM(Method):
+    name = "agm"
+    HParams = AGMHParams
+    running: Tensor  # [M] S̄_m, running mean of s_m over every iteration
+    iteration: Tensor  # t, iterations seen (a buffer, so resume continues the averages)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("running", torch.zeros(len(self.model.modalities)))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        hp, ctx, model = self.hp, self.ctx, self.model
+        mods = model.modalities
+        features = model.encode(batch)
+        full = model.fuse(features)
+        if ctx.epoch > hp.modulation_ends:
+            return ModelOutput(full, features, {})
+        with ctx.phase("agm/coalitions"), ctx.eval_mode(model, grad=True):
+            real = model.encode(batch)
+            zero = {m: model.encoders[m](torch.zeros_like(batch.inputs[m][:1])).expand_as(real[m]) for m in mods}
+            fused = {
+                s: model.fuse({m: real[m] if m in s else zero[m] for m in mods})
+                for s in coalitions(mods, include_empty=False)
+                if len(s) < len(mods)
+            }
+        fused[frozenset(mods)] = full
+        outputs = mono_outputs(fused, mods)
+        with torch.no_grad():
+            scores = agm_scores(outputs, batch.label)
+            coeffs = agm_coefficients(scores, self.running, hp.alpha, hp.kappa)
+            self.iteration += 1
+            t = self.iteration.item()
+            self.running.mul_((t - 1) / t).add_(scores / t)
+        ctx.log(**{f"agm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
+        if hp.modulation_starts <= ctx.epoch:
+            ctx.log(**{f"agm/c_{m}": c for m, c in zip(mods, coeffs, strict=True)})
+            logits = modulated_sum(outputs, coeffs)
+        else:
+            logits = torch.stack(list(outputs.values())).sum(0)
+        return ModelOutput(logits, features, outputs)
+
+    def after_backward(self, out: ModelOutput, batch: Batch) -> None:
+        hp = self.hp
+        if hp.clip_threshold <= 0:
+            return
+        weights = [p.grad for p in self.model.fusion.parameters() if p.dim() > 1 and p.grad is not None]
+        if any(bool((g.abs() > hp.clip_threshold).any()) for g in weights):
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), hp.clip_norm)

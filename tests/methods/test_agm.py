@@ -1,0 +1,157 @@
+"""AGM against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §2.7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from balancemm.data.batch import Batch
+from balancemm.methods import RunContext, create_method
+from balancemm.methods.agm import agm_coefficients, agm_scores, modulated_sum, mono_outputs
+from balancemm.metrics.shapley import shapley_values
+from tests.conftest import TinyDataset, first_batch, tiny_model
+
+A, V, AV = frozenset("a"), frozenset("v"), frozenset("av")
+
+
+def test_two_modality_decomposition_matches_the_spec() -> None:
+    fused = {AV: torch.tensor([[3.0, 0.0]]), A: torch.tensor([[2.0, 0.0]]), V: torch.tensor([[1.0, 0.0]])}
+    o = mono_outputs(fused, ("a", "v"))
+    assert o["a"].tolist() == [[2.0, 0.0]] and o["v"].tolist() == [[1.0, 0.0]]
+    torch.testing.assert_close(o["a"] + o["v"], fused[AV])
+    # the true Shapley value with f(∅) = [0.5, 0] is o_a − f(∅)/2 = [1.75, 0]
+    phi = shapley_values({**fused, frozenset(): torch.tensor([[0.5, 0.0]])}, ("a", "v"))
+    assert phi["a"].tolist() == [[1.75, 0.0]]
+
+
+def test_three_modality_decomposition_is_the_spec_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    names = ["a", "t", "v", "at", "av", "tv", "atv"]
+    f = {frozenset(n): torch.randn(2, 3, generator=g) for n in names}
+    o = mono_outputs(f, ("a", "t", "v"))
+    k = frozenset
+    expected_a = (f[k("atv")] - f[k("tv")] + f[k("a")]) / 3 + (f[k("at")] - f[k("t")] + f[k("av")] - f[k("v")]) / 6
+    torch.testing.assert_close(o["a"], expected_a)
+    torch.testing.assert_close(o["a"] + o["t"] + o["v"], f[k("atv")])
+
+
+def test_coefficients_first_iteration() -> None:
+    zero = torch.zeros(2)
+    assert agm_coefficients(torch.tensor([1.5, 1.5]), zero, 0.1, 10.0).tolist() == pytest.approx([1.0, 1.0])
+    c = agm_coefficients(torch.tensor([1.0, 2.0]), zero, 0.1, 10.0)
+    # official: c_a = exp(0.1·(1 − e)), c_v = exp(0.1·(1 − 1/e)); BalanceMM swaps them
+    assert c.tolist() == pytest.approx([0.842124, 1.065253], abs=1e-6)
+
+
+def test_kappa_clamps_the_gap_and_none_does_not() -> None:
+    # s = (3, 0): r_a = e^−3, r* = 1, gap_a = 1 − e^−3 ≈ 0.95; with κ = 0.5 the gap is clamped
+    scores, running = torch.tensor([3.0, 0.0]), torch.zeros(2)
+    c = agm_coefficients(scores, running, 1.0, 0.5)
+    assert c[0].item() == pytest.approx(math.exp(0.5))
+    assert c[1].item() == pytest.approx(math.exp(1 - math.exp(3)))
+    assert agm_coefficients(scores, running, 1.0, None)[0].item() == pytest.approx(math.exp(1 - math.exp(-3)))
+
+
+def test_three_modality_ratios_use_the_m_over_m_minus_1_factor() -> None:
+    s = torch.tensor([1.0, 2.0, 3.0])
+    c = agm_coefficients(s, torch.zeros(3), 1.0, None)
+    r = [math.exp(1.5 * (2.0 - x)) for x in (1.0, 2.0, 3.0)]
+    assert c.tolist() == pytest.approx([math.exp(1 - x) for x in r])
+
+
+def test_scores_clamp_the_true_class_probability() -> None:
+    o = {"a": torch.tensor([[0.0, 0.0]]), "v": torch.tensor([[-100.0, 100.0]])}
+    s = agm_scores(o, torch.tensor([0]))
+    assert s.tolist() == pytest.approx([math.log(2), -math.log(1e-8)])
+
+
+def test_coefficients_reshape_the_coalition_gradients() -> None:
+    # ∂L/∂f(av) = ½(c_a + c_v)g, ∂L/∂f(a) = ½(c_a − c_v)g, ∂L/∂f(v) = ½(c_v − c_a)g
+    fused = {s: torch.randn(4, 3, requires_grad=True) for s in (AV, A, V)}
+    g = torch.randn(4, 3)
+    c = torch.tensor([0.8, 1.3])
+    (modulated_sum(mono_outputs(fused, ("a", "v")), c) * g).sum().backward()
+    torch.testing.assert_close(fused[AV].grad, 0.5 * (0.8 + 1.3) * g)
+    torch.testing.assert_close(fused[A].grad, 0.5 * (0.8 - 1.3) * g)
+    torch.testing.assert_close(fused[V].grad, 0.5 * (1.3 - 0.8) * g)
+
+
+def _method(num_modalities: int = 2, **hp: object) -> tuple[object, Batch]:
+    data = TinyDataset(num_modalities)
+    model = tiny_model(data)
+    method = create_method("agm", model, RunContext(data.modalities), **hp)
+    return method, first_batch(data)
+
+
+def _zero_padded(batch: Batch, keep: set[str]) -> Batch:
+    inputs = {m: x if m in keep else torch.zeros_like(x) for m, x in batch.inputs.items()}
+    return Batch(inputs, batch.label, batch.index, batch.present, batch.modalities)
+
+
+def test_shared_passes_equal_the_official_per_coalition_passes() -> None:
+    method, batch = _method()
+    model = method.model
+    torch.manual_seed(0)
+    out = method.forward(batch)
+    model.eval()
+    with torch.no_grad():
+        f_a = model(_zero_padded(batch, {"audio"})).logits
+        f_v = model(_zero_padded(batch, {"visual"})).logits
+    model.train()
+    f_av = out.logits.detach()  # Σ o_m equals the train-mode f(M)
+    torch.testing.assert_close(out.unimodal_logits["audio"].detach(), 0.5 * (f_av - f_v + f_a))
+    torch.testing.assert_close(out.unimodal_logits["visual"].detach(), 0.5 * (f_av - f_a + f_v))
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_equal_coefficients_scale_the_plain_gradient(num_modalities: int) -> None:
+    # With c_m = c for all m the padded passes get zero gradient, so every parameter's gradient is
+    # c × the gradient of plain CE(f(M), y) (spec §2.7's hook test).
+    method, batch = _method(num_modalities)
+    model = method.model
+    o = method.forward(batch).unimodal_logits
+    c = 1.7
+    coeffs = torch.full((num_modalities,), c)
+    F.cross_entropy(modulated_sum(o, coeffs), batch.label).backward()
+    agm = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(batch).logits, batch.label).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(agm[n], c * p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_running_scores_are_a_cumulative_mean_over_iterations() -> None:
+    method, batch = _method()
+    seen = []
+    for _ in range(3):
+        out = method.forward(batch)
+        seen.append(agm_scores({m: o.detach() for m, o in out.unimodal_logits.items()}, batch.label))
+    torch.testing.assert_close(method.running, torch.stack(seen).mean(0))
+    assert method.iteration.item() == 3
+
+
+def test_window_before_start_tracks_scores_without_modulating_and_after_end_is_plain() -> None:
+    method, batch = _method(modulation_starts=1, modulation_ends=2)
+    method.ctx.epoch = 0
+    method.forward(batch)
+    logs = method.ctx.pop_logs()
+    assert "agm/s_audio" in logs and "agm/c_audio" not in logs
+    method.ctx.epoch = 3
+    out = method.forward(batch)
+    assert out.unimodal_logits == {} and method.iteration.item() == 1 and not method.ctx.pop_logs()
+
+
+def test_clip_rule_follows_the_fusion_weight_gradient() -> None:
+    method, batch = _method(clip_threshold=1.0, clip_norm=1.0)
+    params = method.trainable_parameters()
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    method.after_backward(None, batch)  # type: ignore[arg-type]
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)  # every entry within [−1, 1]
+    method.model.fusion.fc_out.weight.grad[0, 0] = 2.0
+    method.after_backward(None, batch)  # type: ignore[arg-type]
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
