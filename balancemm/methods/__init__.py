@@ -14,6 +14,7 @@ from balancemm.methods import mmcosine as _mmcosine  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
 from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
 from balancemm.methods import pmr as _pmr  # noqa: F401
+from balancemm.methods import reconboost as _reconboost  # noqa: F401
 from balancemm.methods import relearning as _relearning  # noqa: F401
 from balancemm.methods import umt as _umt  # noqa: F401
 from balancemm.methods import unimodal as _unimodal  # noqa: F401
