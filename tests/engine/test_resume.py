@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import balancemm
+from balancemm.engine.trainer import Trainer
 from balancemm.methods.base import Method
 
 # OGM-GE draws Gaussian noise from the run generator every step, so resume must restore it exactly.
@@ -88,3 +89,36 @@ def test_sigkill_then_same_command_resumes(tmp_path: Path) -> None:
     for key in SAME:
         assert resumed[key] == whole[key], key
     assert _val_lines(out) == _val_lines(tmp_path / "whole")
+
+
+# Methods whose own state lives across epochs: running score averages (AGM), prototypes (PMR), initial
+# weights and the re-initialisation count (Relearning), ensemble members and boost rate (ReconBoost).
+STATEFUL = {
+    "agm": {},
+    "pmr": {},
+    "relearning": {"reinit_epoch": 1},
+    "reconboost": {"pretrained": False, "epochs_per_stage": 1, "correct_epoch": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_method_state_survives_an_interrupt_between_epochs(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sets = ["train.epochs=3"]
+    whole = balancemm.train(name, out=tmp_path / "whole", sets=sets, progress=False, **STATEFUL[name])
+    real = Trainer._train_batches
+
+    def crashing(self: Trainer, epoch: int, plan: Any) -> Any:  # after epoch 2's on_epoch_start
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, epoch, plan)
+
+    monkeypatch.setattr(Trainer, "_train_batches", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
+    monkeypatch.setattr(Trainer, "_train_batches", real)
+    resumed = balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
+    for key in SAME:
+        assert resumed[key] == whole[key], key
+    assert _same_weights(tmp_path / "whole", tmp_path / "cut")
