@@ -132,6 +132,21 @@ def test_sampled_mode_counts_first_steps_and_extrapolates_the_rest_per_sample() 
     assert meter.by_phase["forward"] == 29 * per_row and meter.extrapolated == 13 * per_row
 
 
+def test_each_kind_of_step_is_sampled_on_its_own() -> None:
+    # A method owning the epoch alternates kinds of steps (ReconBoost: boost, then rectify); each kind
+    # is counted on its own first steps, even when the other kind has used up the sample.
+    small, large = torch.nn.Linear(16, 4), torch.nn.Linear(16, 40)
+    meter = FlopMeter("sampled", sample_steps=1)
+    for kind, layer in (("boost", small), ("rectify", large)):
+        with meter.phase(kind, sticky=True):
+            for _ in range(3):
+                with meter.step(8):
+                    layer(torch.randn(8, 16))
+    meter.end_epoch()
+    assert meter.by_phase["boost"] == 24 * 2 * 16 * 4 and meter.by_phase["rectify"] == 24 * 2 * 16 * 40
+    assert meter.extrapolated == 16 * 2 * 16 * 4 + 16 * 2 * 16 * 40
+
+
 def test_steps_inside_an_exactly_counted_region_do_not_disturb_sampling() -> None:
     layer = torch.nn.Linear(16, 4)
     meter = FlopMeter("sampled", sample_steps=1)
