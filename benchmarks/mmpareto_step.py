@@ -13,25 +13,7 @@ import argparse
 from functools import partial
 
 import torch
-from _common import interleaved
-
-from balancemm.config import resolve_config
-from balancemm.data import Batches, create_dataset
-from balancemm.methods import METHODS, RunContext
-from balancemm.models import ModelSpec, build_model
-
-
-def _method(name: str, dataset: str):  # type: ignore[no-untyped-def]
-    cfg = resolve_config(name, dataset)
-    data = create_dataset(dataset, cfg.data)
-    cls = METHODS.get(name)
-    torch.manual_seed(0)
-    spec = cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
-    model = build_model(spec)
-    method = cls(model, RunContext(model.modalities), cfg.method)
-    method.ctx.attach_optimizer(torch.optim.SGD(method.parameters(), lr=1e-3, momentum=0.9))
-    batch = next(iter(Batches(data.split("train"), cfg.train.batch_size)))
-    return method, batch
+from _common import interleaved, method_and_batch
 
 
 def count_backward(method, batch) -> int:  # type: ignore[no-untyped-def]
@@ -51,8 +33,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()
     for dataset in ("embedded", "embedded3"):
-        base, batch = _method("baseline", dataset)
-        pareto, _ = _method("mmpareto", dataset)
+        base, batch = method_and_batch("baseline", dataset)
+        pareto, _ = method_and_batch("mmpareto", dataset)
         t = interleaved(
             {"baseline": partial(base.training_step, batch), "mmpareto": partial(pareto.training_step, batch)},
             args.repeats,

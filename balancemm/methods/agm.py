@@ -33,7 +33,8 @@ Deviations from the paper/official code:
     every coalition, and its output on a zero input is the same for every row, so each encoder runs
     once in train mode, once in eval mode and once on a single zero row, and only the fusion is
     evaluated per coalition. Values and gradients are the official ones (the official code re-runs
-    every encoder for every coalition, the all-zero one included: 2^|M| full passes).
+    every encoder for every coalition, the all-zero one included: 2^|M| full passes);
+    ``passes=official`` runs those passes, for the official cost (``benchmarks/agm_step.py``).
   * After the modulation window the coefficients are never used again, so the coalition passes stop
     and training is plain CE (the official code keeps computing them); before and inside the window
     they run every step, because the running averages need every iteration.
@@ -52,7 +53,7 @@ Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug (spec §2.6
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -74,6 +75,9 @@ class AGMHParams:
     modulation_ends: int = field(default=20, metadata=rng(ge=0))  # last modulated epoch, inclusive (BMM 80)
     clip_threshold: float = field(default=1.0, metadata=rng(ge=0))  # θ, fusion-weight grad bound (BMM 5); 0 = no clip
     clip_norm: float = field(default=1.0, metadata=rng(gt=0))  # max_norm of the clip (BMM 5)
+    # "shared": each encoder runs once per input kind, same values and gradients as "official":
+    # one full zero-padded pass per coalition, the all-zero one included (the official cost)
+    passes: Literal["shared", "official"] = "shared"
 
     def _validate(self, path: str) -> None:
         if self.modulation_ends < self.modulation_starts:
@@ -81,10 +85,20 @@ class AGMHParams:
 
 
 def mono_outputs(fused: dict[frozenset[str], Tensor], modalities: tuple[str, ...]) -> dict[str, Tensor]:
-    """AGM's mono-modal outputs o_m = φ_m + f(∅)/|M| ``{m: [B, C]}`` from the logits ``[B, C]`` of
-    every non-empty coalition. f(∅)'s only term in φ_m is −f(∅)/|M|, so o_m is φ_m with f(∅) := 0."""
+    """AGM's mono-modal outputs o_m = φ_m + f(∅)/|M| ``{m: [B, C]}`` from coalition logits ``[B, C]``.
+
+    f(∅) may be left out: its only term in φ_m is −f(∅)/|M|, so o_m is then φ_m with f(∅) := 0.
+    """
     full = fused[frozenset(modalities)]
-    return shapley_values({**fused, frozenset(): torch.zeros_like(full)}, modalities)
+    empty = fused.get(frozenset(), torch.zeros_like(full))
+    phi = shapley_values({**fused, frozenset(): empty}, modalities)
+    return {m: phi[m] + empty / len(modalities) for m in modalities}
+
+
+def zero_padded(batch: Batch, keep: frozenset[str]) -> Batch:
+    """``batch`` with the inputs of the modalities outside ``keep`` replaced by zeros."""
+    inputs = {m: x if m in keep else torch.zeros_like(x) for m, x in batch.inputs.items()}
+    return Batch(inputs, batch.label, batch.index, batch.present, batch.modalities)
 
 
 def agm_scores(outputs: dict[str, Tensor], label: Tensor) -> Tensor:
@@ -129,13 +143,13 @@ class AGM(Method):
         if ctx.epoch > hp.modulation_ends:
             return ModelOutput(full, features, {})
         with ctx.phase("agm/coalitions"), ctx.eval_mode(model, grad=True):
-            real = model.encode(batch)
-            zero = {m: model.encoders[m](torch.zeros_like(batch.inputs[m][:1])).expand_as(real[m]) for m in mods}
-            fused = {
-                s: model.fuse({m: real[m] if m in s else zero[m] for m in mods})
-                for s in coalitions(mods, include_empty=False)
-                if len(s) < len(mods)
-            }
+            partial = [s for s in coalitions(mods, include_empty=hp.passes == "official") if len(s) < len(mods)]
+            if hp.passes == "official":
+                fused = {s: model(zero_padded(batch, s)).logits for s in partial}
+            else:
+                real = model.encode(batch)
+                zero = {m: model.encoders[m](torch.zeros_like(batch.inputs[m][:1])).expand_as(real[m]) for m in mods}
+                fused = {s: model.fuse({m: real[m] if m in s else zero[m] for m in mods}) for s in partial}
         fused[frozenset(mods)] = full
         outputs = mono_outputs(fused, mods)
         with torch.no_grad():

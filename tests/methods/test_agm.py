@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from balancemm.data.batch import Batch
 from balancemm.methods import RunContext, create_method
-from balancemm.methods.agm import agm_coefficients, agm_scores, modulated_sum, mono_outputs
+from balancemm.methods.agm import agm_coefficients, agm_scores, modulated_sum, mono_outputs, zero_padded
 from balancemm.metrics.shapley import shapley_values
 from tests.conftest import TinyDataset, first_batch, tiny_model
 
@@ -86,11 +86,6 @@ def _method(num_modalities: int = 2, **hp: object) -> tuple[object, Batch]:
     return method, first_batch(data)
 
 
-def _zero_padded(batch: Batch, keep: set[str]) -> Batch:
-    inputs = {m: x if m in keep else torch.zeros_like(x) for m, x in batch.inputs.items()}
-    return Batch(inputs, batch.label, batch.index, batch.present, batch.modalities)
-
-
 def test_shared_passes_equal_the_official_per_coalition_passes() -> None:
     method, batch = _method()
     model = method.model
@@ -98,12 +93,28 @@ def test_shared_passes_equal_the_official_per_coalition_passes() -> None:
     out = method.forward(batch)
     model.eval()
     with torch.no_grad():
-        f_a = model(_zero_padded(batch, {"audio"})).logits
-        f_v = model(_zero_padded(batch, {"visual"})).logits
+        f_a = model(zero_padded(batch, frozenset({"audio"}))).logits
+        f_v = model(zero_padded(batch, frozenset({"visual"}))).logits
     model.train()
     f_av = out.logits.detach()  # Σ o_m equals the train-mode f(M)
     torch.testing.assert_close(out.unimodal_logits["audio"].detach(), 0.5 * (f_av - f_v + f_a))
     torch.testing.assert_close(out.unimodal_logits["visual"].detach(), 0.5 * (f_av - f_a + f_v))
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_shared_passes_give_the_official_passes_values_and_gradients(num_modalities: int) -> None:
+    coeffs = torch.tensor([0.7, 1.4, 1.1][:num_modalities])
+    grads, outputs = [], []
+    for passes in ("official", "shared"):
+        method, batch = _method(num_modalities, passes=passes)
+        o = method.forward(batch).unimodal_logits
+        F.cross_entropy(modulated_sum(o, coeffs), batch.label).backward()
+        outputs.append({m: x.detach() for m, x in o.items()})
+        grads.append({n: p.grad.clone() for n, p in method.model.named_parameters()})
+    for m in outputs[0]:
+        torch.testing.assert_close(outputs[1][m], outputs[0][m], rtol=1e-5, atol=1e-6)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])
