@@ -12,6 +12,7 @@ from balancemm.methods import lfm as _lfm  # noqa: F401
 from balancemm.methods import mbsd as _mbsd  # noqa: F401
 from balancemm.methods import mmcosine as _mmcosine  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
+from balancemm.methods import modality_valuation as _modality_valuation  # noqa: F401
 from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
 from balancemm.methods import pmr as _pmr  # noqa: F401
 from balancemm.methods import reconboost as _reconboost  # noqa: F401
