@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from balancemm.methods import agm as _agm  # noqa: F401
+from balancemm.methods import amco as _amco  # noqa: F401
 from balancemm.methods import baseline as _baseline  # noqa: F401
 from balancemm.methods import cml as _cml  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
@@ -14,6 +15,7 @@ from balancemm.methods import mmcosine as _mmcosine  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
 from balancemm.methods import modality_valuation as _modality_valuation  # noqa: F401
 from balancemm.methods import ogm_ge as _ogm_ge  # noqa: F401
+from balancemm.methods import opm as _opm  # noqa: F401
 from balancemm.methods import pmr as _pmr  # noqa: F401
 from balancemm.methods import reconboost as _reconboost  # noqa: F401
 from balancemm.methods import relearning as _relearning  # noqa: F401

@@ -1,0 +1,189 @@
+"""OPM: On-the-fly Prediction Modulation.
+
+Wei, Hu, Du, Wen. "On-the-fly Modulation for Balanced Multimodal Learning." TPAMI 2024. Official code:
+GeWu-Lab/BML_TPAMI2024 (``code/models/Classifier.py``: ``Modality_drop``, ``calcu_q``; ``code/main.py:
+train``), which this follows (specs/methods-optim-forward-data.md §7). The same paper's OGM variant is
+``ogm_ge``.
+
+Idea: in the feed-forward stage, randomly drop the pooled feature of the dominant modality for some
+samples, so the fusion head has to use the others; the drop probability grows with how much more
+confident the dominant modality's own logits are.
+
+Per step (hook ``forward``), with z_m = W_m h_m + b/M the modality's slice of the concat head,
+computed without gradient from the features before any drop:
+
+1. score        s_m = Σ_i softmax(z_m)_i[y_i]                      (a sum over the batch)
+2. ratio        ρ_m = s_m / mean_{j≠m} s_j                         (M = 2: ρ_a = s_a/s_v, ρ_v = 1/ρ_a)
+3. probability  r_m = tanh(relu(ρ_m − 1)),  q_m = q_base·(1 + λ·r_m) if r_m > 0 else 0,  clipped to [0, 1]
+4. with probability p_exe per batch (epochs ≥ ``modulation_starts``), drop:
+                θ = Σ_m d_m q_m / Σ_m d_m                          (one scalar for the batch)
+                κ_{m,i} ~ Bernoulli(1 − q_m)                       (per sample and modality)
+                h̃_{m,i} = κ_{m,i}·h_{m,i} / (1 − θ)                (the same 1/(1 − θ) on every modality)
+                kept rows: Σ_m κ_{m,i} > 0
+5. z = fusion(h̃), and (hook ``losses``) L = CE(z, y) over the kept rows only.
+
+Only the dominant modality gets q > 0, and q jumps from 0 to q_base as soon as ρ > 1. Only the fused
+loss is trained; the step's ``unimodal_logits`` are the no-grad slices of the features before the
+drop (the official code only logs their losses). Steps that do not drop (warm-up, the 1 − p_exe
+batches) are exactly the plain forward and the plain CE. Inference is the plain model (no drop).
+
+Three or more modalities (no official version): ρ_m = s_m / mean_{j≠m} s_j (``ratio_to=mean``, the
+spec's "natural" choice, as ``ogm_ge`` and ``pmr`` here), so a modality is dropped when it beats the
+average of the others; BalanceMM's s_m / Σ_{j≠m} s_j (``ratio_to=sum``) drops only a modality that
+beats all the others together (3 equal modalities: ρ = 0.5). For M = 2 both are the official rule.
+
+The weakest modality always has ρ ≤ 1, hence q = 0 and κ = 1, so with these probabilities no row
+ever loses every modality. The row filter is still applied as in the official code, and a batch in
+which every row was dropped would give the loss 0 with zero gradients (the official code skips the
+batch: ``continue`` before ``optimizer.step``).
+
+Logged per step: ``opm/s_<m>`` always; in modulated epochs ``opm/q_<m>`` and ``opm/executed``; on
+executed steps ``opm/theta`` and ``opm/kept`` (share of rows kept).
+
+Deviations from the paper/official code:
+  * The fused logits are computed on every row and the dropped rows are left out of the loss (the
+    official code removes them before the fusion head): same loss and gradients, and the FLOPs per
+    sample stay the same on every step, so sampled FLOP counting stays exact.
+  * A batch with every row dropped gives a zero loss and still takes an optimiser step with zero
+    gradients (momentum and weight decay act); the official code skips the step. Unreachable with
+    score-derived probabilities (see above).
+  * θ uses the encoders' real feature sizes d_m; the official ``cfg.d`` is hard-coded to [512, 512].
+  * Scores are computed vectorised (a gather) from the slices under ``no_grad``; the official code
+    uses detached weight copies and a per-sample loop (same values). They are clamped at 1e-12
+    before dividing, so an underflowed score cannot produce NaN.
+  * Random numbers come from the run's generator (the official code mixes numpy and torch RNGs).
+Deviations from BalanceMM (``OPM_trainer.py``):
+  * q_base = 0.5 (official argparse) instead of 0.4; a warm-up (epochs 0–5 unmodulated) that BalanceMM
+    lacks (``modulation_starts=0`` reproduces it).
+  * Outside the modulated epochs the plain CE is trained (BalanceMM does no backward there, §0.2).
+  * Three or more modalities: the mean of the others by default (``ratio_to=sum`` is BalanceMM's rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from balancemm.config import rng
+from balancemm.data.batch import Batch
+from balancemm.errors import ConfigError
+from balancemm.methods.base import Method
+from balancemm.models.classifier import ModelOutput, ModelSpec
+from balancemm.registry import FUSIONS, METHODS
+
+
+@dataclass(frozen=True)
+class OPMHParams:
+    q_base: float = field(default=0.5, metadata=rng(ge=0, le=1))  # q_base; argparse 0.5, config.py 0.4 (BMM 0.4)
+    lam: float = field(default=0.5, metadata=rng(ge=0))  # λ; official `lam` 0.5 (BMM `alpha` 0.5)
+    p_exe: float = field(default=0.7, metadata=rng(ge=0, le=1))  # drop executed on this share of batches (BMM 0.7)
+    modulation_starts: int = field(default=6, metadata=rng(ge=0))  # 0-based; official: epochs 0–5 warm-up (BMM 0)
+    ratio_to: Literal["mean", "sum"] = "mean"  # M ≥ 3: ρ_m = s_m / mean_{j≠m} s_j | / Σ_{j≠m} s_j (BMM)
+
+
+def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: str = "mean") -> Tensor:
+    """Drop probabilities q ``[M]`` (float64) from per-modality scores s ``[M]`` (sorted modality order).
+
+    ρ_m = s_m / mean_{j≠m} s_j (``ratio_to="sum"``: / Σ_{j≠m} s_j), r_m = tanh(relu(ρ_m − 1)),
+    q_m = q_base·(1 + λ·r_m) where r_m > 0, else 0, clipped to [0, 1]. For M = 2 both rules are the
+    official ρ_a = s_a/s_v, ρ_v = s_v/s_a.
+    """
+    s = scores.double().clamp(min=1e-12)
+    m = s.numel()
+    # A 0/1 matrix product keeps Σ_{j≠m} s_j exact for M = 2 (the other score itself), so the two
+    # modalities' ratios are exact inverses and cannot both exceed 1; (Σ s − s_m) would round.
+    others = (1 - torch.eye(m, dtype=s.dtype, device=s.device)) @ s
+    if ratio_to == "mean":
+        others = others / (m - 1)
+    r = torch.tanh(torch.relu(s / others - 1))
+    return torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r)).clamp(0, 1)
+
+
+def drop_features(
+    features: dict[str, Tensor], q: Tensor, generator: torch.Generator
+) -> tuple[dict[str, Tensor], Tensor, float]:
+    """Randomly drop each modality's feature per sample and rescale; the official ``execute_drop``.
+
+    Args:
+        features: ``{m: [B, d_m]}`` pooled features, in the order of ``q``.
+        q: ``[M]`` drop probabilities.
+        generator: the only source of randomness (the run's ``ctx.generator``).
+
+    Returns:
+        ``{m: [B, d_m]}`` features κ_{m,i}·h_{m,i}/(1 − θ), the ``[B]`` bool mask of rows that keep at
+        least one modality, and θ = Σ_m d_m q_m / Σ_m d_m.
+    """
+    first = next(iter(features.values()))
+    dims = torch.tensor([h.shape[1] for h in features.values()], dtype=q.dtype)
+    theta = float((dims * q.cpu()).sum() / dims.sum())
+    # κ ~ Bernoulli(1 − q): u < 1 − q with u uniform on [0, 1), drawn on the CPU generator.
+    keep = torch.rand(first.shape[0], len(features), generator=generator, dtype=q.dtype) < (1 - q.cpu())
+    keep = keep.to(first.device)
+    # θ = 1 only if every q is 1, and then every κ is 0: nothing is left to rescale.
+    scale = 1.0 / (1.0 - theta) if theta < 1 else 0.0
+    dropped = {m: h * (keep[:, j, None].to(h.dtype) * scale) for j, (m, h) in enumerate(features.items())}
+    return dropped, keep.any(dim=1), theta
+
+
+@METHODS.register(
+    "opm",
+    group="feed-forward",
+    paper="Wei et al., TPAMI 2024 (OPM)",
+    aliases=("OPM", "OPMTrainer"),
+)
+class OPM(Method):
+    name = "opm"
+    HParams = OPMHParams
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The rows the last forward kept (None: it dropped nothing, every row counts); ``losses``
+        # reads it. Transient, not a buffer: it only passes from one hook to the next in a step.
+        self.kept: Tensor | None = None
+
+    @classmethod
+    def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
+        # Dropping acts on the pooled features that a concat head reads, and the scores come from
+        # that head's per-modality slices.
+        if FUSIONS.resolve(spec.fusion) != "concat" or spec.unimodal_heads == "linear":
+            raise ConfigError(
+                "opm drops pooled features before a concat fusion head and scores each modality by its slice of "
+                f"that head (got model.fusion={spec.fusion}, model.unimodal_heads={spec.unimodal_heads}): use "
+                "model.fusion=concat with model.unimodal_heads=auto or slice"
+            )
+        return replace(spec, unimodal_heads="slice")
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        hp, ctx, model = self.hp, self.ctx, self.model
+        mods = model.modalities
+        features = model.apply_mask(model.encode(batch), batch.present, batch.modalities)
+        with torch.no_grad():
+            unimodal = model.unimodal(features)
+            scores = torch.stack(
+                [torch.softmax(unimodal[m], dim=1).gather(1, batch.label[:, None]).sum() for m in mods]
+            )
+        ctx.log(**{f"opm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
+        self.kept = None
+        if ctx.epoch >= hp.modulation_starts:
+            q = opm_drop_probabilities(scores, hp.q_base, hp.lam, hp.ratio_to)
+            execute = bool(torch.rand((), generator=ctx.generator) < hp.p_exe)
+            ctx.log(**{f"opm/q_{m}": v for m, v in zip(mods, q, strict=True)})
+            ctx.log(**{"opm/executed": float(execute)})
+            if execute:
+                features, kept, theta = drop_features(features, q, ctx.generator)
+                self.kept = kept
+                ctx.log(**{"opm/theta": theta})
+                ctx.log(**{"opm/kept": kept.float().mean()})
+        return ModelOutput(model.fuse(features), features, unimodal)
+
+    def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+        if self.kept is None:
+            return {"ce": F.cross_entropy(out.logits, batch.label)}
+        per_row = F.cross_entropy(out.logits, batch.label, reduction="none")
+        kept = self.kept.to(per_row.dtype)
+        # Mean over the kept rows; with none kept the loss is 0 and every gradient is zero.
+        return {"ce": (per_row * kept).sum() / kept.sum().clamp(min=1)}
