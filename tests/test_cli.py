@@ -64,7 +64,7 @@ def test_list_shows_groups_and_papers() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "nope"], "unknown method 'nope'; valid: agm, baseline"),
+        (["--method", "nope"], "unknown method 'nope'; valid: "),
         (["--method", "baseline", "--dataset", "nope"], "unknown dataset 'nope'; valid: embedded"),
         (["--method", "unimodal"], "unimodal needs method.modality, one of audio, visual"),
         (
@@ -78,7 +78,7 @@ def test_list_shows_groups_and_papers() -> None:
         (["--method", "baseline", "--set", "model.fusion=nope"], "unknown fusion 'nope'"),
         (["--method", "baseline", "--seed", "x"], "invalid int value"),
         (["--method", "baseline", "--device", "tpu"], "unknown device 'tpu'"),
-        (["--dataset", "embedded"], "no method given; use --method NAME, one of agm, baseline"),
+        (["--dataset", "embedded"], "no method given; use --method NAME, one of "),
     ],
 )
 def test_bad_input_is_one_line_nonzero_no_traceback_no_run_dir(tmp_path: Path, args: list[str], message: str) -> None:
