@@ -11,6 +11,7 @@ from balancemm.methods import cml as _cml  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
 from balancemm.methods import lfm as _lfm  # noqa: F401
 from balancemm.methods import mbsd as _mbsd  # noqa: F401
+from balancemm.methods import mla as _mla  # noqa: F401
 from balancemm.methods import mmcosine as _mmcosine  # noqa: F401
 from balancemm.methods import mmpareto as _mmpareto  # noqa: F401
 from balancemm.methods import modality_valuation as _modality_valuation  # noqa: F401

@@ -19,9 +19,12 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "reconboost": {"epochs_per_stage": 1, "correct_epoch": 1},
 }  # keep side trainings and stages short
 PASSES_PER_EPOCH = {"reconboost": 2}  # one boosting and one rectification pass
-# Sampled counting extrapolates FLOPs per sample; AGM's zero-input pass costs one row per step whatever
-# the batch size, a constant the per-sample extrapolation under-counts on the smaller last batch.
-SAMPLED_RTOL = {"agm": 1e-3}
+STEP_PER_MODALITY = {"mla"}  # one optimiser step per modality and batch
+# Sampled counting extrapolates FLOPs per sample, exact for work proportional to the batch. Two phases
+# cost a constant per step instead: AGM's zero-input pass is one row whatever the batch size, forward and
+# backward (under-counted on the smaller last batch), and MLA's projection is O(d²) per step and skipped on the first
+# step of training (so the sampled steps of epoch 0 under-count it; −1.4 % of that phase over 30 epochs).
+SAMPLED_RTOL = {("agm", "agm/coalitions"): 1e-3, ("agm", "backward"): 1e-3, ("mla", "mla/gs"): 0.11}
 
 
 def _build(name: str, data: TinyDataset) -> Any:
@@ -41,7 +44,8 @@ def test_a_few_steps_train_every_parameter_with_finite_losses(name: str, tiny: T
         method.train_epoch(epoch, ctx.batches("train", shuffle=True))
         method.on_epoch_end(epoch)
     logs = ctx.pop_logs()
-    assert ctx.step == 6 * PASSES_PER_EPOCH.get(name, 1) and any(k.startswith("loss/") for k in logs)
+    steps = 6 * PASSES_PER_EPOCH.get(name, 1) * (len(tiny.modalities) if name in STEP_PER_MODALITY else 1)
+    assert ctx.step == steps and any(k.startswith("loss/") for k in logs)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     unchanged = [n for n, p in method.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"{name} never updated {unchanged}"
@@ -88,4 +92,4 @@ def test_sampled_flop_counting_matches_exact_counting(name: str, tmp_path: Path)
     assert exact["extrapolated"] == 0 and sampled["extrapolated"] > 0
     assert set(sampled["by_phase"]) == set(exact["by_phase"])
     for phase, flops in exact["by_phase"].items():
-        assert sampled["by_phase"][phase] == pytest.approx(flops, rel=SAMPLED_RTOL.get(name, 1e-6)), phase
+        assert sampled["by_phase"][phase] == pytest.approx(flops, rel=SAMPLED_RTOL.get((name, phase), 1e-6)), phase
