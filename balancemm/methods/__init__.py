@@ -9,6 +9,7 @@ from balancemm.methods import amco as _amco  # noqa: F401
 from balancemm.methods import baseline as _baseline  # noqa: F401
 from balancemm.methods import cml as _cml  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
+from balancemm.methods import greedy as _greedy  # noqa: F401
 from balancemm.methods import lfm as _lfm  # noqa: F401
 from balancemm.methods import mbsd as _mbsd  # noqa: F401
 from balancemm.methods import mla as _mla  # noqa: F401

@@ -14,6 +14,7 @@ from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.models.encoders.base import Encoder
 from balancemm.models.fusions.base import Fusion
+from balancemm.models.fusions.mmtm import MidFusion
 from balancemm.registry import ENCODERS, FUSIONS
 
 
@@ -45,6 +46,10 @@ class ModelSpec:
     # Keyword arguments of the fusion's constructor, set by a method's model_spec (e.g. MMCosine's
     # scale s); the protocol never sets them, so every method starts from the same model.
     fusion_options: dict[str, Any] = field(default_factory=dict)
+    # MMTM mid-fusion (Greedy): a block after each of the last ``mmtm_stages`` encoder stages
+    # (0 = none, the protocol's model); ``mmtm_ratio`` is the blocks' bottleneck ratio.
+    mmtm_stages: int = 0
+    mmtm_ratio: float = 4.0
 
     @classmethod
     def from_config(cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int) -> ModelSpec:
@@ -70,14 +75,17 @@ class ModelSpec:
 
 
 class MultimodalClassifier(nn.Module):
-    """Encoders + fusion + optional unimodal heads (TorchMultimodal-style composition).
+    """Encoders (+ optional MMTM mid-fusion) + fusion + optional unimodal heads (TorchMultimodal-style).
 
     Parameter ownership comes from module structure: :meth:`modality_parameters` is exactly the
-    encoder of one modality, :meth:`head_parameters` is everything after the encoders.
+    encoder of one modality, :meth:`head_parameters` is everything shared between modalities (the
+    fusion, the unimodal heads and the mid-fusion blocks).
 
     Masking (``batch.present``): with ``mask="feature"`` an absent modality's pooled feature is
     zeroed before fusion, so coalitions can reuse one encoder pass; with ``mask="input"`` its input is
-    zeroed before the encoder (BalanceMM's choice; encoder and BatchNorm still run on zeros).
+    zeroed before the encoder (BalanceMM's choice; encoder and BatchNorm still run on zeros). With
+    mid-fusion and feature masking, an absent modality's squeezed vector is also zeroed in every
+    MMTM block, so it reaches the others nowhere; coalitions then need one pass each.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class MultimodalClassifier(nn.Module):
         fusion: Fusion,
         unimodal_heads: nn.ModuleDict | None = None,
         mask: str = "feature",
+        mid_fusion: MidFusion | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(sorted(encoders))
@@ -93,21 +102,34 @@ class MultimodalClassifier(nn.Module):
         self.fusion = fusion
         self.unimodal_heads = unimodal_heads
         self.mask = mask
+        self.mid_fusion = mid_fusion
 
     # -- the pieces ------------------------------------------------------------------------------
 
+    def _input(self, batch: Batch, modality: str) -> Tensor:
+        """One modality's input, zeroed where absent under input masking."""
+        x = batch.inputs[modality]
+        if self.mask == "input":
+            keep = batch.present_of(modality)
+            if not bool(keep.all()):
+                x = x * keep.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return x
+
     def encode(self, batch: Batch, only: Iterable[str] | None = None) -> dict[str, Tensor]:
-        """Pooled features ``{m: [B, d_m]}`` of the model's modalities (or the subset ``only``)."""
+        """Pooled features ``{m: [B, d_m]}`` of the model's modalities (or the subset ``only``).
+
+        With mid-fusion every encoder runs (their features depend on each other) and ``only`` just
+        selects what is returned.
+        """
         wanted = self.modalities if only is None else tuple(m for m in self.modalities if m in set(only))
-        out = {}
-        for m in wanted:
-            x = batch.inputs[m]
-            if self.mask == "input":
-                keep = batch.present_of(m)
-                if not bool(keep.all()):
-                    x = x * keep.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-            out[m] = self.encoders[m](x)
-        return out
+        if self.mid_fusion is None:
+            return {m: self.encoders[m](self._input(batch, m)) for m in wanted}
+        keep = None
+        if self.mask == "feature":
+            keep = batch.present[:, [batch.modalities.index(m) for m in self.modalities]]
+        inputs = {m: self._input(batch, m) for m in self.modalities}
+        features = self.mid_fusion(self.encoders, inputs, keep)
+        return {m: features[m] for m in wanted}
 
     def apply_mask(self, features: dict[str, Tensor], present: Tensor, modalities: Sequence[str]) -> dict[str, Tensor]:
         """Zero the features of absent modalities (feature masking); identity for input masking."""
@@ -136,10 +158,11 @@ class MultimodalClassifier(nn.Module):
         """The output on ``batch`` and fused logits ``[K, B, C]`` with only each coalition present.
 
         With feature masking the encoders run once and each coalition only re-runs the fusion,
-        which is what makes the Shapley metric cost about one test pass instead of 2^M.
+        which is what makes the Shapley metric cost about one test pass instead of 2^M. Mid-fusion
+        mixes modalities inside the encoders, so there every coalition gets its own pass.
         """
         everything = frozenset(self.modalities)
-        if self.mask == "feature":
+        if self.mask == "feature" and self.mid_fusion is None:
             features = self.encode(batch)
             out = self._output(features, batch)
             logits = [
@@ -157,10 +180,12 @@ class MultimodalClassifier(nn.Module):
         return self.encoders[modality].parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Fusion and unimodal-head parameters: everything downstream of the encoders."""
+        """Fusion, unimodal-head and mid-fusion parameters: everything no single encoder owns."""
         yield from self.fusion.parameters()
         if self.unimodal_heads is not None:
             yield from self.unimodal_heads.parameters()
+        if self.mid_fusion is not None:
+            yield from self.mid_fusion.parameters()
 
 
 def build_model(spec: ModelSpec) -> MultimodalClassifier:
@@ -185,4 +210,10 @@ def build_model(spec: ModelSpec) -> MultimodalClassifier:
     heads = None
     if heads_kind == "linear":
         heads = nn.ModuleDict({m: nn.Linear(d, spec.num_classes) for m, d in dims.items()})
-    return MultimodalClassifier(encoders, fusion, heads, spec.mask)
+    mid_fusion = None
+    if spec.mmtm_stages > 0:
+        try:
+            mid_fusion = MidFusion(encoders, spec.input_shapes, spec.mmtm_stages, spec.mmtm_ratio)
+        except ValueError as exc:
+            raise ConfigError(f"mid-fusion: {exc}") from None
+    return MultimodalClassifier(encoders, fusion, heads, spec.mask, mid_fusion)

@@ -92,9 +92,11 @@ def test_sigkill_then_same_command_resumes(tmp_path: Path) -> None:
 
 
 # Methods whose own state lives across epochs: running score averages (AGM), prototypes (PMR), initial
-# weights and the re-initialisation count (Relearning), ensemble members and boost rate (ReconBoost).
+# weights and the re-initialisation count (Relearning), ensemble members and boost rate (ReconBoost),
+# speed sums, curation window and MMTM gate averages (Greedy).
 STATEFUL = {
     "agm": {},
+    "greedy": {"starting_epoch": 0},
     "pmr": {},
     "relearning": {"reinit_epoch": 1},
     "reconboost": {"pretrained": False, "epochs_per_stage": 1, "correct_epoch": 1},
