@@ -7,6 +7,7 @@ Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -111,13 +112,17 @@ def _list(args: argparse.Namespace) -> int:
 
         if args.group is not None and args.group not in GROUPS:
             raise BalanceMMError(f"unknown group {args.group!r}; valid: {', '.join(GROUPS)}")
-        print(f"{'group':14s}{'method':20s}{'paper':40s}aliases")
-        for group in GROUPS:
-            if args.group not in (None, group):
-                continue
-            for e in METHODS:
-                if e.meta.get("group") == group:
-                    print(f"{group:14s}{e.name:20s}{e.meta.get('paper', ''):40s}{', '.join(e.aliases)}")
+        rows = [
+            (group, e.name, str(e.meta.get("paper", "")), ", ".join(e.aliases))
+            for group in GROUPS
+            if args.group in (None, group)
+            for e in METHODS
+            if e.meta.get("group") == group
+        ]
+        # Columns as wide as their longest entry, so long paper notes never run into the aliases.
+        widths = [max(len(r[i]) for r in [("group", "method", "paper", ""), *rows]) + 2 for i in range(3)]
+        for row in [("group", "method", "paper", "aliases"), *rows]:
+            print("".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + row[3])
     else:
         from balancemm.data import DATASETS
 
@@ -146,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("balancemm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``balancemm list methods | head``): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
