@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from balancemm import __version__
-from balancemm.errors import BalanceMMError
+from balancemm.errors import BalanceMMError, SweepFailed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered methods or datasets")
     ls.add_argument("what", choices=["methods", "datasets"])
     ls.add_argument("--group", default=None, help="only methods of this taxonomy group")
+
+    sw = sub.add_parser("sweep", help="train a grid of methods × datasets × seeds × trials; reruns skip finished jobs")
+    sw.add_argument("spec", nargs="?", default=None, help="YAML file with methods/datasets/seeds/trials/search/sets")
+    sw.add_argument("--methods", default=None, help="comma-separated keys, or 'all' (default: all)")
+    sw.add_argument("--datasets", default=None, help="comma-separated keys (default: embedded)")
+    sw.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 3)")
+    sw.add_argument("--trials", type=int, default=None, help="hyper-parameter trials per method (default: 1)")
+    sw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--root", default="runs/sweep", help="where the job directories go (default: runs/sweep)")
+    sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
+    sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
+    sw.add_argument("--quiet", action="store_true", help="no progress output")
 
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
     pr.add_argument("run_dir")
@@ -132,6 +144,37 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from balancemm.sweep import SweepSpec, plan_jobs, run_sweep
+
+    raw: dict[str, Any] = {}
+    if args.spec is not None:
+        from balancemm.config import load_yaml
+
+        raw = dict(load_yaml(args.spec) or {})
+    for key in ("methods", "datasets", "seeds", "trials"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    raw["sets"] = [*raw.get("sets", []), *args.sets]
+    if args.jobs is not None and args.jobs < 1:
+        raise BalanceMMError("--jobs must be at least 1")
+    jobs = plan_jobs(SweepSpec.from_mapping(raw, where=args.spec or "sweep"), args.root)
+    if args.dry_run:
+        for job in jobs:
+            state = "done" if (job.out / "done").is_file() else "todo"
+            print(f"{state:5s} {job.label:40s} {job.out}")
+        return 0
+    outcome = run_sweep(jobs, args.root, parallel=args.jobs, progress=not args.quiet)
+    print(
+        f"sweep: {len(outcome.finished)} trained, {outcome.skipped} already finished, "
+        f"{len(outcome.failed)} failed, {outcome.total} jobs under {args.root}"
+    )
+    if outcome.failed:
+        first, reason = outcome.failed[0]
+        raise SweepFailed(f"{len(outcome.failed)} of {outcome.total} jobs failed, e.g. {first.out}: {reason}")
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from balancemm.engine.probe import probe_run
 
@@ -144,7 +187,7 @@ def _probe(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "config": _config, "list": _list, "probe": _probe}[args.command](args)
+        return {"train": _train, "config": _config, "list": _list, "sweep": _sweep, "probe": _probe}[args.command](args)
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code

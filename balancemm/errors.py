@@ -26,3 +26,9 @@ class NonFiniteLossError(BalanceMMError):
     """A loss term became NaN or infinite; training stops and the run is marked failed."""
 
     exit_code = 3
+
+
+class SweepFailed(BalanceMMError):
+    """Some jobs of a sweep failed; the others finished, and rerunning the sweep retries the failed."""
+
+    exit_code = 1

@@ -1,0 +1,55 @@
+"""Sweeps: grids of methods × datasets × seeds × hyper-parameter trials, run idempotently.
+
+``plan_jobs`` resolves the grid into jobs named by their config hash; ``run_sweep`` trains the
+unfinished ones with a launcher (local worker processes) and reports each as it finishes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from balancemm.sweep.local import Outcome, default_parallel, run_local, summary_line
+from balancemm.sweep.spec import Job, SweepSpec, plan_jobs
+
+__all__ = ["Job", "Outcome", "SweepSpec", "default_parallel", "plan_jobs", "run_sweep"]
+
+
+def run_sweep(
+    jobs: Sequence[Job],
+    root: str | Path,
+    *,
+    parallel: int | None = None,
+    threads_per_job: int = 1,
+    progress: bool = True,
+) -> Outcome:
+    """Train every unfinished job; one line per finished job and an overall bar with ETA (stderr)."""
+    root = Path(root)
+    parallel = parallel or default_parallel(threads_per_job)
+    todo = sum(1 for j in jobs if not (j.out / "done").is_file())
+    say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)
+    say(f"sweep: {len(jobs)} jobs under {root}, {len(jobs) - todo} already finished, {parallel} at a time")
+    bar = tqdm(total=todo, desc="sweep", unit="job", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    count = 0
+
+    def finished(job: Job, seconds: float) -> None:
+        nonlocal count
+        count += 1
+        say(f"[{count}/{todo}] {job.label}: {summary_line(job)} ({seconds:.0f} s)")
+        bar.update(1)
+
+    def failed(job: Job, reason: str) -> None:
+        nonlocal count
+        count += 1
+        say(f"[{count}/{todo}] {job.label}: FAILED: {reason}")
+        bar.update(1)
+
+    try:
+        return run_local(
+            jobs, root, parallel=parallel, threads_per_job=threads_per_job, on_finish=finished, on_fail=failed
+        )
+    finally:
+        bar.close()

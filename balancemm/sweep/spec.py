@@ -1,0 +1,163 @@
+"""What a sweep runs: methods × datasets × seeds × hyper-parameter trials, as resolved run configs.
+
+A sweep is described by a YAML file or the same keys on the command line::
+
+    methods: [baseline, ogm_ge, unimodal]   # or "all": every registered method
+    datasets: [embedded]
+    seeds: 3                                # or an explicit list [0, 1, 2]
+    trials: 1                               # hyper-parameter trials per method (the same for every method)
+    search:                                 # candidate values per method; trial 0 is always the defaults
+      ogm_ge: {alpha: [0.1, 0.3, 0.5]}
+    sets: ["train.epochs=10"]               # protocol overrides, applied to every job alike
+
+``unimodal`` expands to one job per modality of each dataset; the reference methods (``baseline``,
+``unimodal``) have nothing to tune and run with their defaults only. Each job's directory is named by the
+hash of its resolved config (``<method>-<dataset>-seed<N>-<hash8>``, as ``balancemm train`` names it),
+so a sweep finds its own finished jobs again and two sweeps over the same configs share them.
+
+Fairness (docs/protocol.md): every method on a dataset gets the same protocol (only ``method.*`` keys
+vary between jobs) and the same number of trials; trials beyond the defaults are drawn without
+replacement from the method's search grid with a seed fixed by the sweep, so the draw is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from balancemm.config import RunConfig, load_yaml, resolve_config
+from balancemm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the sweep."""
+
+    config: RunConfig
+    out: Path
+    trial: int  # 0 = the method's defaults
+
+    @property
+    def label(self) -> str:
+        run = self.config.run
+        hp = self.config.to_dict()["method"]
+        extra = f" trial {self.trial}" if self.trial else ""
+        modality = f"({hp['modality']})" if run.method == "unimodal" else ""
+        return f"{run.method}{modality} {run.dataset} seed {run.seed}{extra}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    methods: tuple[str, ...] = ("all",)
+    datasets: tuple[str, ...] = ("embedded",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    trials: int = 1
+    search: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
+    sets: tuple[str, ...] = ()
+    draw_seed: int = 0  # seeds the draw of hyper-parameter trials
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "sweep") -> SweepSpec:
+        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+
+        def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            value = raw.get(key, default)
+            items = value.split(",") if isinstance(value, str) else value
+            if not items or not all(isinstance(v, str) and v.strip() for v in items):
+                raise ConfigError(f"{where}.{key} must be a list of names (or a comma-separated string)")
+            return tuple(v.strip() for v in items)
+
+        seeds = raw.get("seeds", 3)
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            if seeds < 1:
+                raise ConfigError(f"{where}.seeds must be >= 1 (a count) or a list of seeds")
+            seed_list = tuple(range(seeds))
+        elif isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds):
+            seed_list = tuple(seeds)
+        else:
+            raise ConfigError(f"{where}.seeds must be a count or a list of integers")
+        trials = raw.get("trials", 1)
+        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+            raise ConfigError(f"{where}.trials must be an integer >= 1")
+        search = raw.get("search", {}) or {}
+        if not isinstance(search, Mapping) or not all(
+            isinstance(space, Mapping) and all(isinstance(v, list) and v for v in space.values())
+            for space in search.values()
+        ):
+            raise ConfigError(f"{where}.search must map method → parameter → non-empty list of values")
+        sets = raw.get("sets", [])
+        if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
+            raise ConfigError(f"{where}.sets must be a list of 'key=value' strings")
+        return cls(
+            names("methods", ("all",)),
+            names("datasets", ("embedded",)),
+            seed_list,
+            trials,
+            {str(k): dict(v) for k, v in search.items()},
+            tuple(sets),
+            int(raw.get("draw_seed", 0)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SweepSpec:
+        return cls.from_mapping(load_yaml(path) or {}, where=str(path))
+
+
+def _trials(method: str, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Hyper-parameter settings of one method: the defaults, then ``trials − 1`` draws from its grid."""
+    if spec.trials == 1:
+        return [{}]
+    space = spec.search.get(method)
+    if not space:
+        raise ConfigError(
+            f"trials={spec.trials} but no search space for {method}: add search.{method} or use trials 1 "
+            "(every method gets the same number of trials)"
+        )
+    from balancemm.methods import METHODS
+
+    defaults = dataclasses.asdict(METHODS.get(method).HParams())
+    keys = sorted(space)
+    grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
+    # A point equal to the defaults would repeat trial 0 (same config, same job): not a new trial.
+    grid = [point for point in grid if any(defaults.get(k) != v for k, v in point.items())]
+    if len(grid) < spec.trials - 1:
+        raise ConfigError(
+            f"search.{method} has {len(grid)} points besides the defaults, fewer than the {spec.trials - 1} "
+            "trials to draw"
+        )
+    draw = random.Random(f"{spec.draw_seed}:{method}").sample(grid, spec.trials - 1)
+    return [{}, *draw]
+
+
+def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
+    """Every job of the sweep, resolved and validated, in a stable order; duplicates removed."""
+    from balancemm.api import default_out
+    from balancemm.data import create_dataset
+    from balancemm.methods import METHODS
+
+    methods = [m for m in METHODS.names() if m != "unimodal"] + ["unimodal"] if "all" in spec.methods else spec.methods
+    jobs: dict[str, Job] = {}
+    for dataset in spec.datasets:
+        for name in methods:
+            method = METHODS.resolve(name)
+            # References (baseline, unimodal) have nothing to tune: they run once per seed.
+            settings: list[tuple[int, dict[str, Any]]]
+            if METHODS.entry(method).meta.get("group") == "reference":
+                settings = [(0, {})]
+            else:
+                settings = list(enumerate(_trials(method, spec)))
+            if method == "unimodal":
+                settings = [(0, {"modality": m}) for m in create_dataset(dataset).modalities]
+            for trial, hp in settings:
+                for seed in spec.seeds:
+                    cfg = resolve_config(method, dataset, sets=spec.sets, overrides={"method": hp}, seed=seed)
+                    jobs.setdefault(cfg.digest(), Job(cfg, default_out(cfg, root), trial))
+    return list(jobs.values())

@@ -1,0 +1,45 @@
+"""One sweep job in its own process: ``python -m balancemm.sweep.worker JOB.json``.
+
+The worker holds an exclusive lock on the job for as long as it trains, so a job is never trained
+twice at once: not when a sweep is restarted while the workers of a killed sweep still run, and not
+when two sweeps share jobs. The lock is released by the kernel when the process dies, however it dies;
+the run itself then resumes from its last checkpoint the next time the job is started.
+
+Exit codes: 0 done, 75 the job is locked by another live process, 3 training diverged, 2 user error,
+1 anything else (the run directory holds a ``failed`` marker with the reason).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+BUSY = 75  # EX_TEMPFAIL: someone else is training this job right now
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    out = Path(job["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(out.parent / f".{out.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return BUSY
+    from balancemm.config import RunConfig
+    from balancemm.engine.trainer import Trainer
+    from balancemm.errors import BalanceMMError
+
+    try:
+        Trainer(RunConfig.from_dict(job["config"]), out, progress=False).fit()
+    except BalanceMMError as exc:
+        print(f"balancemm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

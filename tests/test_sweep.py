@@ -1,0 +1,151 @@
+"""Sweeps: the grid, hash-named jobs, idempotent reruns, locking, failures, and surviving SIGKILL."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balancemm.api import default_out
+from balancemm.config import resolve_config
+from balancemm.errors import ConfigError
+from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
+from balancemm.sweep.local import job_file
+
+QUICK = ["train.epochs=1"]
+
+
+def bmm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "balancemm", *args], capture_output=True, text=True)
+
+
+def test_grid_expands_methods_modalities_seeds_and_names_jobs_by_config_hash(tmp_path: Path) -> None:
+    spec = SweepSpec.from_mapping({"methods": "baseline,unimodal", "seeds": [0, 3], "sets": QUICK})
+    jobs = plan_jobs(spec, tmp_path)
+    labels = [j.label for j in jobs]
+    assert labels == [
+        "baseline embedded seed 0",
+        "baseline embedded seed 3",
+        "unimodal(audio) embedded seed 0",
+        "unimodal(audio) embedded seed 3",
+        "unimodal(visual) embedded seed 0",
+        "unimodal(visual) embedded seed 3",
+    ]
+    expected = resolve_config("baseline", "embedded", sets=QUICK, seed=3)
+    assert jobs[1].out == default_out(expected, tmp_path)  # the directory `balancemm train` would use
+
+
+def test_trials_draw_the_same_number_per_method_reproducibly(tmp_path: Path) -> None:
+    raw = {
+        "methods": ["ogm_ge", "mmcosine", "baseline"],
+        "seeds": 2,
+        "trials": 3,
+        "search": {"ogm_ge": {"alpha": [0.1, 0.3, 0.5, 0.8]}, "mmcosine": {"scale": [5.0, 10.0, 20.0]}},
+    }
+    jobs = plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
+    per_method: dict[str, set[int]] = {}
+    for j in jobs:
+        per_method.setdefault(j.config.run.method, set()).add(j.trial)
+    assert per_method == {"ogm_ge": {0, 1, 2}, "mmcosine": {0, 1, 2}, "baseline": {0}}  # references: defaults only
+    assert len(jobs) == (3 + 3 + 1) * 2
+    again = plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
+    assert [j.out for j in again] == [j.out for j in jobs]
+    alphas = {j.config.method.alpha for j in jobs if j.config.run.method == "ogm_ge"}  # type: ignore[attr-defined]
+    assert len(alphas) == 3 and 0.1 in alphas  # the default plus two distinct draws
+    scales = {j.config.method.scale for j in jobs if j.config.run.method == "mmcosine"}  # type: ignore[attr-defined]
+    assert scales == {5.0, 10.0, 20.0}  # 10 is the default, so the draws come from the other points
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"method": ["baseline"]}, "unknown key 'method'"),
+        ({"seeds": 0}, "seeds must be >= 1"),
+        ({"methods": ["ogm_ge"], "trials": 2}, "no search space for ogm_ge"),
+        ({"methods": ["ogm_ge"], "trials": 3, "search": {"ogm_ge": {"alpha": [0.1, 0.2]}}}, "has 1 points besides"),
+        ({"methods": ["nope"]}, "unknown method 'nope'"),
+    ],
+)
+def test_bad_sweeps_are_refused_with_one_clear_message(tmp_path: Path, raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    res = bmm("sweep", "--methods", "baseline,nope", "--root", str(root))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "unknown method 'nope'" in res.stderr
+    assert not root.exists()
+
+
+def test_rerun_skips_finished_jobs_and_counts_each_once(tmp_path: Path) -> None:
+    jobs = plan_jobs(SweepSpec.from_mapping({"methods": ["baseline"], "seeds": 2, "sets": QUICK}), tmp_path)
+    first = run_sweep(jobs, tmp_path, parallel=2, progress=False)
+    assert len(first.finished) == 2 and first.skipped == 0 and not first.failed
+    second = run_sweep(jobs, tmp_path, parallel=2, progress=False)
+    assert not second.finished and second.skipped == 2
+    dirs = sorted(p.name for p in tmp_path.iterdir() if (p / "config.json").is_file())
+    assert dirs == sorted(j.out.name for j in jobs)
+
+
+def test_failed_jobs_are_reported_and_the_cli_exits_nonzero(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    res = bmm(
+        "sweep", "--methods", "baseline", "--seeds", "1", "--root", str(root), "--quiet",
+        "--set", "train.epochs=1", "train.optimizer.lr=1e12",
+    )  # fmt: skip
+    assert res.returncode == 1
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("balancemm: error: 1 of 1 jobs failed") and "loss term 'ce' became" in line
+
+
+def test_a_locked_job_is_left_to_the_process_holding_it(tmp_path: Path) -> None:
+    (job,) = plan_jobs(SweepSpec.from_mapping({"methods": ["baseline"], "seeds": 1, "sets": QUICK}), tmp_path)
+    lock = os.open(job.out.parent / f".{job.out.name}.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert worker.main([str(job_file(job, tmp_path))]) == worker.BUSY
+        assert not job.out.exists()
+    finally:
+        os.close(lock)
+
+
+def _records(run: Path) -> list[tuple[str, int]]:
+    lines = (run / "results.jsonl").read_text().splitlines()
+    return [(r["split"], r["epoch"]) for r in map(json.loads, lines)]
+
+
+def test_sweep_killed_with_sigkill_and_restarted_finishes_every_job_exactly_once(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    args = ["sweep", "--methods", "baseline,ogm_ge", "--seeds", "2", "--root", str(root), "--jobs", "2", "--quiet"]
+    args += ["--set", "train.epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "balancemm", *args], start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(root.glob("*/done")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while not any(root.glob("*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+    proc.wait()
+    finished_before = {p.parent.name for p in root.glob("*/done")}
+    assert 1 <= len(finished_before) < 4
+    res = bmm(*args)
+    assert res.returncode == 0, res.stderr
+    assert f"{4 - len(finished_before)} trained, {len(finished_before)} already finished" in res.stdout
+    runs = [p.parent for p in root.glob("*/config.json")]
+    assert len(runs) == 4
+    for run in runs:
+        assert (run / "done").is_file() and (run / "summary.json").is_file()
+        assert _records(run) == [
+            ("val", 0),
+            ("val", 1),
+            ("val", 2),
+            ("test", json.loads((run / "summary.json").read_text())["selected_epoch"]),
+        ]
