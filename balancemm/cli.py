@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--trials", type=int, default=None, help="hyper-parameter trials per method (default: 1)")
     sw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     sw.add_argument("--root", default="runs/sweep", help="where the job directories go (default: runs/sweep)")
-    sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
+    sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core; ray: all)")
+    sw.add_argument("--launcher", choices=["local", "ray"], default="local", help="where jobs run (default: local)")
+    sw.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001")
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -164,7 +166,9 @@ def _sweep(args: argparse.Namespace) -> int:
             state = "done" if (job.out / "done").is_file() else "todo"
             print(f"{state:5s} {job.label:40s} {job.out}")
         return 0
-    outcome = run_sweep(jobs, args.root, parallel=args.jobs, progress=not args.quiet)
+    outcome = run_sweep(
+        jobs, args.root, parallel=args.jobs, launcher=args.launcher, address=args.address, progress=not args.quiet
+    )
     print(
         f"sweep: {len(outcome.finished)} trained, {outcome.skipped} already finished, "
         f"{len(outcome.failed)} failed, {outcome.total} jobs under {args.root}"

@@ -15,9 +15,10 @@ import pytest
 
 from balancemm.api import default_out
 from balancemm.config import resolve_config
+from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
-from balancemm.sweep.local import job_file
+from balancemm.sweep.launchers import job_payload
 
 QUICK = ["train.epochs=1"]
 
@@ -111,7 +112,8 @@ def test_a_locked_job_is_left_to_the_process_holding_it(tmp_path: Path) -> None:
     lock = os.open(job.out.parent / f".{job.out.name}.lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        assert worker.main([str(job_file(job, tmp_path))]) == worker.BUSY
+        write_json(tmp_path / "job.json", job_payload(job))
+        assert worker.main([str(tmp_path / "job.json")]) == worker.BUSY
         assert not job.out.exists()
     finally:
         os.close(lock)
@@ -149,3 +151,17 @@ def test_sweep_killed_with_sigkill_and_restarted_finishes_every_job_exactly_once
             ("val", 2),
             ("test", json.loads((run / "summary.json").read_text())["selected_epoch"]),
         ]
+
+
+def test_ray_launcher_runs_the_sweep_on_a_real_local_ray_instance(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    jobs = plan_jobs(SweepSpec.from_mapping({"methods": ["baseline"], "seeds": 2, "sets": QUICK}), tmp_path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_sweep(jobs, tmp_path, launcher="ray", progress=False)
+        assert len(first.finished) == 2 and not first.failed
+        assert all((j.out / "done").is_file() for j in jobs)
+        again = run_sweep(jobs, tmp_path, launcher="ray", progress=False)
+        assert again.skipped == 2 and not again.finished
+    finally:
+        ray.shutdown()

@@ -1,7 +1,8 @@
 """Sweeps: grids of methods × datasets × seeds × hyper-parameter trials, run idempotently.
 
 ``plan_jobs`` resolves the grid into jobs named by their config hash; ``run_sweep`` trains the
-unfinished ones with a launcher (local worker processes) and reports each as it finishes.
+unfinished ones with a launcher (local worker processes, or Ray tasks on a cluster) and reports each
+job as it finishes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from balancemm.sweep.local import Outcome, default_parallel, run_local, summary_line
+from balancemm.sweep.launchers import Outcome, default_parallel, make_launcher, schedule, summary_line
 from balancemm.sweep.spec import Job, SweepSpec, plan_jobs
 
 __all__ = ["Job", "Outcome", "SweepSpec", "default_parallel", "plan_jobs", "run_sweep"]
@@ -24,11 +25,18 @@ def run_sweep(
     *,
     parallel: int | None = None,
     threads_per_job: int = 1,
+    launcher: str = "local",
+    address: str | None = None,
     progress: bool = True,
 ) -> Outcome:
-    """Train every unfinished job; one line per finished job and an overall bar with ETA (stderr)."""
+    """Train every unfinished job; one line per finished job and an overall bar with ETA (stderr).
+
+    ``parallel`` defaults to one job per local CPU core (``local``) or to every job at once (``ray``:
+    the cluster's scheduler places them as CPUs free up).
+    """
     root = Path(root)
-    parallel = parallel or default_parallel(threads_per_job)
+    runner = make_launcher(launcher, root, threads_per_job, address)
+    parallel = parallel or (default_parallel(threads_per_job) if launcher == "local" else len(jobs) or 1)
     todo = sum(1 for j in jobs if not (j.out / "done").is_file())
     say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)
     say(f"sweep: {len(jobs)} jobs under {root}, {len(jobs) - todo} already finished, {parallel} at a time")
@@ -48,8 +56,6 @@ def run_sweep(
         bar.update(1)
 
     try:
-        return run_local(
-            jobs, root, parallel=parallel, threads_per_job=threads_per_job, on_finish=finished, on_fail=failed
-        )
+        return schedule(jobs, runner, parallel=parallel, on_finish=finished, on_fail=failed)
     finally:
         bar.close()
