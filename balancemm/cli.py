@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core; ray: all)")
     sw.add_argument("--launcher", choices=["local", "ray"], default="local", help="where jobs run (default: local)")
     sw.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001")
+    sw.add_argument("--probe", action="store_true", help="linear-probe each multimodal run's encoders (Fig. 2)")
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -158,6 +159,8 @@ def _sweep(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     raw["sets"] = [*raw.get("sets", []), *args.sets]
+    if args.probe:
+        raw["probe"] = True
     if args.jobs is not None and args.jobs < 1:
         raise BalanceMMError("--jobs must be at least 1")
     jobs = plan_jobs(SweepSpec.from_mapping(raw, where=args.spec or "sweep"), args.root)

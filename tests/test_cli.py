@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def test_train_prints_the_summary_table_and_probe_reads_the_run(tmp_path: Path) 
     assert "epochs" in res.stderr  # progress bar
     probe = bmm("probe", str(run))
     assert probe.returncode == 0 and "linear-probe test accuracy" in probe.stdout
+    assert set(json.loads((run / "probe.json").read_text())) == {"audio", "visual"}  # saved for reports
 
 
 def test_default_run_directory_is_derived_from_the_config(tmp_path: Path) -> None:

@@ -96,6 +96,16 @@ def test_rerun_skips_finished_jobs_and_counts_each_once(tmp_path: Path) -> None:
     assert dirs == sorted(j.out.name for j in jobs)
 
 
+def test_probes_are_written_for_multimodal_runs_when_asked(tmp_path: Path) -> None:
+    spec = SweepSpec.from_mapping({"methods": ["baseline", "unimodal"], "seeds": 1, "sets": QUICK, "probe": True})
+    jobs = plan_jobs(spec, tmp_path)
+    run_sweep(jobs, tmp_path, parallel=2, progress=False)
+    probed = {j.label: json.loads((j.out / "probe.json").read_text()) for j in jobs if (j.out / "probe.json").exists()}
+    assert list(probed) == ["baseline embedded seed 0"]
+    assert set(probed["baseline embedded seed 0"]) == {"audio", "visual"}
+    assert 0 <= probed["baseline embedded seed 0"]["visual"]["test_accuracy"] <= 1
+
+
 def test_failed_jobs_are_reported_and_the_cli_exits_nonzero(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     res = bmm(

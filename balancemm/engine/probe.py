@@ -54,10 +54,17 @@ def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality:
 
 
 def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[str, Any]]:
-    """Probe every modality (or one) of the selected checkpoint of a finished run directory."""
+    """Probe every modality (or one) of the selected checkpoint of a finished run directory.
+
+    The results are also merged into ``<run>/probe.json``, where reports read them without torch.
+    """
     from balancemm.engine.artifacts import load_run
+    from balancemm.engine.rundir import read_json, write_json
 
     cfg, method = load_run(path)
     data = create_dataset(cfg.run.dataset, cfg.data)
     wanted = [modality] if modality else list(method.model.modalities)
-    return {m: linear_probe(method.model, data, m) for m in wanted}
+    results = {m: linear_probe(method.model, data, m) for m in wanted}
+    saved = Path(path) / "probe.json"
+    write_json(saved, {**(read_json(saved) if saved.is_file() else {}), **results})
+    return results

@@ -36,7 +36,11 @@ def default_parallel(threads_per_job: int = 1) -> int:
 
 def is_done(job: Job) -> bool:
     run = RunDir(job.out)
-    return run.done.is_file() and run.summary.is_file()
+    finished = run.done.is_file() and run.summary.is_file()
+    if finished and job.probe:
+        # Probes are asked for multimodal runs only (see the worker).
+        return (run.path / "probe.json").is_file() or len(read_json(run.summary)["modalities"]) == 1
+    return finished
 
 
 @dataclass
@@ -50,8 +54,8 @@ class Outcome:
 
 
 def job_payload(job: Job) -> dict[str, Any]:
-    """What a worker needs: the resolved config and the run directory."""
-    return {"config": job.config.to_dict(), "out": str(job.out)}
+    """What a worker needs: the resolved config, the run directory, whether to probe the encoders."""
+    return {"config": job.config.to_dict(), "out": str(job.out), "probe": job.probe}
 
 
 def _worker_env(threads: int) -> dict[str, str]:

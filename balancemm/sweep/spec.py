@@ -9,6 +9,7 @@ A sweep is described by a YAML file or the same keys on the command line::
     search:                                 # candidate values per method; trial 0 is always the defaults
       ogm_ge: {alpha: [0.1, 0.3, 0.5]}
     sets: ["train.epochs=10"]               # protocol overrides, applied to every job alike
+    probe: false                            # linear-probe each multimodal run's encoders (Fig. 2)
 
 ``unimodal`` expands to one job per modality of each dataset; the reference methods (``baseline``,
 ``unimodal``) have nothing to tune and run with their defaults only. Each job's directory is named by the
@@ -41,6 +42,7 @@ class Job:
     config: RunConfig
     out: Path
     trial: int  # 0 = the method's defaults
+    probe: bool = False  # linear-probe the trained encoders afterwards (Fig. 2's counterparts)
 
     @property
     def label(self) -> str:
@@ -60,10 +62,11 @@ class SweepSpec:
     search: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
     sets: tuple[str, ...] = ()
     draw_seed: int = 0  # seeds the draw of hyper-parameter trials
+    probe: bool = False  # linear-probe every multimodal run's encoders when it finishes
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "sweep") -> SweepSpec:
-        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed"}
+        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed", "probe"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -104,6 +107,7 @@ class SweepSpec:
             {str(k): dict(v) for k, v in search.items()},
             tuple(sets),
             int(raw.get("draw_seed", 0)),
+            bool(raw.get("probe", False)),
         )
 
     @classmethod
@@ -159,5 +163,5 @@ def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
             for trial, hp in settings:
                 for seed in spec.seeds:
                     cfg = resolve_config(method, dataset, sets=spec.sets, overrides={"method": hp}, seed=seed)
-                    jobs.setdefault(cfg.digest(), Job(cfg, default_out(cfg, root), trial))
+                    jobs.setdefault(cfg.digest(), Job(cfg, default_out(cfg, root), trial, spec.probe))
     return list(jobs.values())

@@ -34,7 +34,11 @@ def main(argv: list[str]) -> int:
     from balancemm.errors import BalanceMMError
 
     try:
-        Trainer(RunConfig.from_dict(job["config"]), out, progress=False).fit()
+        summary = Trainer(RunConfig.from_dict(job["config"]), out, progress=False).fit()
+        if job.get("probe") and len(summary["modalities"]) > 1 and not (out / "probe.json").is_file():
+            from balancemm.engine.probe import probe_run
+
+            probe_run(out)  # the unimodal counterparts of the paper's Fig. 2, for the report
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code
