@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
+    be = sub.add_parser("bench", help="every method, baseline and unimodal on a dataset, 3 seeds (a sweep preset)")
+    be.add_argument("--dataset", default="embedded", help="registry name (default: embedded)")
+    be.add_argument("--seeds", type=int, default=3)
+    be.add_argument("--root", default="runs/bench", help="where the job directories go (default: runs/bench)")
+    be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
+    be.add_argument("--quiet", action="store_true", help="no progress output")
+    be.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
+
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
     pr.add_argument("run_dir")
     pr.add_argument("--modality", default=None)
@@ -147,6 +155,12 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    args.spec, args.methods, args.datasets, args.trials = None, "all", args.dataset, 1
+    args.sets, args.probe, args.launcher, args.address = [], True, "local", None
+    return _sweep(args)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from balancemm.sweep import SweepSpec, plan_jobs, run_sweep
 
@@ -194,7 +208,15 @@ def _probe(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "config": _config, "list": _list, "sweep": _sweep, "probe": _probe}[args.command](args)
+        commands = {
+            "train": _train,
+            "config": _config,
+            "list": _list,
+            "sweep": _sweep,
+            "bench": _bench,
+            "probe": _probe,
+        }
+        return commands[args.command](args)
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code

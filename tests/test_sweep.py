@@ -17,6 +17,7 @@ from balancemm.api import default_out
 from balancemm.config import resolve_config
 from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
+from balancemm.methods import list_methods
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
 from balancemm.sweep.launchers import job_payload
 
@@ -77,6 +78,15 @@ def test_trials_draw_the_same_number_per_method_reproducibly(tmp_path: Path) -> 
 def test_bad_sweeps_are_refused_with_one_clear_message(tmp_path: Path, raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
+
+
+def test_bench_is_every_method_baseline_and_unimodal_with_three_seeds(tmp_path: Path) -> None:
+    res = bmm("bench", "--root", str(tmp_path / "bench"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    expected = (len(list_methods()) - 1 + 2) * 3  # every method but unimodal, plus unimodal per modality
+    assert len(lines) == expected and all(line.startswith("todo") for line in lines)
+    assert sum("unimodal(visual)" in line for line in lines) == 3 and sum(" agm " in line for line in lines) == 3
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
