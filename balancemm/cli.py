@@ -1,4 +1,4 @@
-"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``probe``.
+"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``sweep``, ``probe``, ``report``.
 
 Any user error is printed as one line (``balancemm: error: …``) with a nonzero exit and no traceback.
 Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
@@ -66,17 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
-    be = sub.add_parser("bench", help="every method, baseline and unimodal on a dataset, 3 seeds (a sweep preset)")
+    be = sub.add_parser(
+        "bench", help="every method, baseline and unimodal on a dataset with 3 seeds, then the report (a sweep preset)"
+    )
     be.add_argument("--dataset", default="embedded", help="registry name (default: embedded)")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--root", default="runs/bench", help="where the job directories go (default: runs/bench)")
     be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
+    be.add_argument("--report", default="reports/bench", help="where the report goes (default: reports/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress output")
     be.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
 
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
     pr.add_argument("run_dir")
     pr.add_argument("--modality", default=None)
+
+    rp = sub.add_parser("report", help="tables and figures from finished run directories (no torch needed)")
+    rp.add_argument("runs_dir", help="directory searched recursively for run directories")
+    rp.add_argument("--out", required=True, help="output directory (replaced atomically if it is a previous report)")
+    rp.add_argument("--oracle", action="store_true", help="also a test-selected Table 2, labelled as a diagnostic")
+    rp.add_argument("--allow-unfair", action="store_true", help="report even if the protocol check fails (flagged)")
+    rp.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     return p
 
 
@@ -158,7 +168,12 @@ def _list(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     args.spec, args.methods, args.datasets, args.trials = None, "all", args.dataset, 1
     args.sets, args.probe, args.launcher, args.address = [], True, "local", None
-    return _sweep(args)
+    code = _sweep(args)
+    if code != 0 or args.dry_run:
+        return code
+    return _report(
+        argparse.Namespace(runs_dir=args.root, out=args.report, oracle=False, allow_unfair=False, no_plots=False)
+    )
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -205,6 +220,25 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from balancemm.report import write_report
+
+    res = write_report(
+        args.runs_dir, args.out, oracle=args.oracle, allow_unfair=args.allow_unfair, plots=not args.no_plots
+    )
+    col = res.collection
+    for line in col.unfair:
+        print(f"balancemm: warning: unfair comparison: {line}", file=sys.stderr)
+    for line in res.missing:
+        print(f"balancemm: note: {line}", file=sys.stderr)
+    skipped = sum(n.startswith("skipped") for n in col.notes)
+    print(
+        f"report: {len(col.runs)} runs ({skipped} unfinished skipped), {len(col.datasets)} datasets "
+        f"→ {res.out}/report.html ({len(res.files)} files)"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -215,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": _sweep,
             "bench": _bench,
             "probe": _probe,
+            "report": _report,
         }
         return commands[args.command](args)
     except BalanceMMError as exc:
