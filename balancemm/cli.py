@@ -183,7 +183,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.spec is not None:
         from balancemm.config import load_yaml
 
-        raw = dict(load_yaml(args.spec) or {})
+        raw = load_yaml(args.spec, sections=None)  # SweepSpec checks the keys
     for key in ("methods", "datasets", "seeds", "trials"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)

@@ -354,8 +354,11 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a user YAML file; a missing or malformed file is one clear error."""
+def load_yaml(path: str | Path, sections: Iterable[str] | None = SECTIONS) -> dict[str, Any]:
+    """Read a user YAML file holding a mapping; a missing or malformed file is one clear error.
+
+    ``sections`` are the top-level keys allowed (a run config's by default; ``None``: any).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist or is not a file")
@@ -369,10 +372,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    unknown = [k for k in data if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+        raise ConfigError(f"config file {path} must hold a mapping")
+    allowed = list(sections) if sections is not None else None
+    unknown = [k for k in data if allowed is not None and k not in allowed]
+    if unknown and allowed is not None:
+        raise ConfigError(f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(allowed)}")
     return data
 
 

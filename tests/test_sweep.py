@@ -89,6 +89,17 @@ def test_bench_is_every_method_baseline_and_unimodal_with_three_seeds(tmp_path: 
     assert sum("unimodal(visual)" in line for line in lines) == 3 and sum(" agm " in line for line in lines) == 3
 
 
+def test_cli_reads_a_sweep_file_and_checks_its_keys(tmp_path: Path) -> None:
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("methods: [baseline, ogm_ge]\nseeds: 2\ntrials: 2\nsearch:\n  ogm_ge: {alpha: [0.3, 0.5]}\n")
+    res = bmm("sweep", str(spec), "--root", str(tmp_path / "r"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == 2 + 2 * 2  # baseline × 2 seeds, ogm_ge × 2 trials × 2 seeds
+    spec.write_text("methods: [baseline]\nepochs: 3\n")
+    res = bmm("sweep", str(spec), "--root", str(tmp_path / "r"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "unknown key 'epochs'" in res.stderr
+
+
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     res = bmm("sweep", "--methods", "baseline,nope", "--root", str(root))

@@ -112,7 +112,7 @@ class SweepSpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> SweepSpec:
-        return cls.from_mapping(load_yaml(path) or {}, where=str(path))
+        return cls.from_mapping(load_yaml(path, sections=None), where=str(path))
 
 
 def _trials(method: str, spec: SweepSpec) -> list[dict[str, Any]]:
