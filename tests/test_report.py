@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,32 @@ def test_report_does_not_import_torch(runs: Path, tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "o/figures/fig3_embedded_ogm_ge.svg").is_file()
+
+
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium binary on this machine (apt-get install chromium)")
+def test_html_renders_in_headless_chromium_with_its_inline_figures(report: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    assert browser is not None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
+    # A copy of the page reports, once loaded, how many tables it has and how many of its inline (data:)
+    # figures the browser decoded; the report itself carries no script.
+    probe = (
+        "<script>window.onload = () => { const ok = [...document.images].filter(i => i.naturalWidth > 0);"
+        " document.title = document.querySelectorAll('table').length + '|' + ok.length + '/' + document.images.length;"
+        " };</script></body>"
+    )
+    page = tmp_path / "page.html"
+    page.write_text((report / "report.html").read_text().replace("</body>", probe))
+    res = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    title = re.search(r"<title>(\d+)\|(\d+)/(\d+)</title>", res.stdout)
+    assert title is not None, res.stderr[-500:]
+    tables, loaded, total = map(int, title.groups())
+    assert tables >= 3 and total >= 1 and loaded == total
+    shot = tmp_path / "shot.png"
+    cmd = [browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", (report / "report.html").as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=60)
+    assert shot.is_file() and shot.stat().st_size > 10_000  # a rendered page, not a blank one
