@@ -107,6 +107,13 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert not root.exists()
 
 
+def test_an_unwritable_root_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = bmm("sweep", "--methods", "baseline", "--seeds", "1", "--root", str(blocker / "sweep"), "--quiet")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cannot write the sweep under" in res.stderr
+
+
 def test_rerun_skips_finished_jobs_and_counts_each_once(tmp_path: Path) -> None:
     jobs = plan_jobs(SweepSpec.from_mapping({"methods": ["baseline"], "seeds": 2, "sets": QUICK}), tmp_path)
     first = run_sweep(jobs, tmp_path, parallel=2, progress=False)

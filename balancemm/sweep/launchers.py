@@ -194,18 +194,19 @@ def schedule(
 
 
 def make_launcher(name: str, root: Path, threads: int, address: str | None = None) -> Launcher:
-    """The launcher called ``name`` (local or ray), with the sweep's folders created."""
+    """The launcher called ``name`` (local or ray); a bad launcher or an unwritable root is one clear error."""
+    if name not in ("local", "ray"):
+        raise ConfigError(f"unknown launcher {name!r}; valid: local, ray")
+    launcher: Launcher = LocalLauncher(root, threads) if name == "local" else RayLauncher(address, threads)
     try:
+        # The job descriptions and worker logs of the local launcher; created only once the launcher
+        # is usable (an unreachable Ray cluster leaves nothing behind).
         (root / ".sweep" / "logs").mkdir(parents=True, exist_ok=True)
         (root / ".sweep" / "jobs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         reason = exc.strerror or exc
         raise ConfigError(f"cannot write the sweep under {root} ({reason}); choose another --root") from None
-    if name == "local":
-        return LocalLauncher(root, threads)
-    if name == "ray":
-        return RayLauncher(address, threads)
-    raise ConfigError(f"unknown launcher {name!r}; valid: local, ray")
+    return launcher
 
 
 def summary_line(job: Job) -> str:
