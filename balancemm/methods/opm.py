@@ -71,6 +71,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
+from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.registry import FUSIONS, METHODS
@@ -93,12 +94,9 @@ def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: 
     official ρ_a = s_a/s_v, ρ_v = s_v/s_a.
     """
     s = scores.double().clamp(min=1e-12)
-    m = s.numel()
-    # A 0/1 matrix product keeps Σ_{j≠m} s_j exact for M = 2 (the other score itself), so the two
-    # modalities' ratios are exact inverses and cannot both exceed 1; (Σ s − s_m) would round.
-    others = (1 - torch.eye(m, dtype=s.dtype, device=s.device)) @ s
+    others = others_sum(s)  # exact for M = 2, so both ratios cannot exceed 1
     if ratio_to == "mean":
-        others = others / (m - 1)
+        others = others / (s.numel() - 1)
     r = torch.tanh(torch.relu(s / others - 1))
     return torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r)).clamp(0, 1)
 

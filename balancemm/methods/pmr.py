@@ -75,6 +75,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.errors import ConfigError
+from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput
 from balancemm.registry import METHODS
@@ -120,10 +121,7 @@ def pmr_coefficients(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     binary rule (the weaker modality gets α, a tie gives none).
     """
     s = scores.double()
-    m = s.numel()
-    # A 0/1 matrix product keeps mean_{j≠m} exact for M = 2 (it is the other score itself), so the
-    # two modalities' comparisons can never disagree; (Σ s − s_m) would round.
-    others = (1 - torch.eye(m, dtype=s.dtype, device=s.device)) @ s / (m - 1)
+    others = others_sum(s) / (s.numel() - 1)  # exact for M = 2: the two comparisons cannot disagree
     beta = (s < others).to(s.dtype) * alpha
     return beta, s / others.clamp(min=1e-300)
 
