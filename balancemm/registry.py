@@ -86,6 +86,9 @@ class Registry(Generic[T]):
 
 # The registries themselves; each layer's package __init__ fills its own with explicit imports.
 METHODS: Registry[Any] = Registry("method")
+#: The paper's taxonomy, in its section order, after the references; here (torch-free) so the CLI,
+#: the methods package and the report share one list.
+METHOD_GROUPS = ("reference", "data", "feed-forward", "objective", "optimization")
 DATASETS: Registry[Any] = Registry("dataset")
 ENCODERS: Registry[Any] = Registry("encoder")
 FUSIONS: Registry[Any] = Registry("fusion")

@@ -26,9 +26,9 @@ from balancemm.methods import unimodal as _unimodal  # noqa: F401
 from balancemm.methods.base import Method, Needs
 from balancemm.methods.context import RunContext
 from balancemm.models.classifier import MultimodalClassifier
-from balancemm.registry import METHODS
+from balancemm.registry import METHOD_GROUPS, METHODS
 
-GROUPS = ("reference", "data", "feed-forward", "objective", "optimization")
+GROUPS = METHOD_GROUPS
 
 __all__ = ["GROUPS", "METHODS", "Method", "Needs", "RunContext", "create_method", "list_methods"]
 

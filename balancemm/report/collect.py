@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from balancemm.errors import BalanceMMError
+from balancemm.registry import METHOD_GROUPS
 
 #: Table 2 order: the references first, then the taxonomy groups in the paper's section order.
-GROUP_ORDER = ("reference", "data", "feed-forward", "objective", "optimization")
+GROUP_ORDER = METHOD_GROUPS
 #: The config sections every method on a dataset must share (the dataset protocol + user overrides).
 PROTOCOL_SECTIONS = ("train", "data", "model")
 
