@@ -166,9 +166,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    args.spec, args.methods, args.datasets, args.trials = None, "all", args.dataset, 1
-    args.sets, args.probe, args.launcher, args.address = [], True, "local", None
-    code = _sweep(args)
+    raw = {"methods": "all", "datasets": args.dataset, "seeds": args.seeds, "trials": 1, "probe": True}
+    code = _run_sweep(raw, "bench", args, launcher="local", address=None)
     if code != 0 or args.dry_run:
         return code
     return _report(
@@ -177,8 +176,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from balancemm.sweep import SweepSpec, plan_jobs, run_sweep
-
     raw: dict[str, Any] = {}
     if args.spec is not None:
         from balancemm.config import load_yaml
@@ -190,16 +187,22 @@ def _sweep(args: argparse.Namespace) -> int:
     raw["sets"] = [*raw.get("sets", []), *args.sets]
     if args.probe:
         raw["probe"] = True
+    return _run_sweep(raw, args.spec or "sweep", args, launcher=args.launcher, address=args.address)
+
+
+def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launcher: str, address: str | None) -> int:
+    """Plan and run (or, with --dry-run, list) the sweep ``raw``; ``args`` gives root, jobs, quiet."""
+    from balancemm.sweep import SweepSpec, is_done, plan_jobs, run_sweep
+
     if args.jobs is not None and args.jobs < 1:
         raise BalanceMMError("--jobs must be at least 1")
-    jobs = plan_jobs(SweepSpec.from_mapping(raw, where=args.spec or "sweep"), args.root)
+    jobs = plan_jobs(SweepSpec.from_mapping(raw, where=where), args.root)
     if args.dry_run:
         for job in jobs:
-            state = "done" if (job.out / "done").is_file() else "todo"
-            print(f"{state:5s} {job.label:40s} {job.out}")
+            print(f"{'done' if is_done(job) else 'todo':5s} {job.label:40s} {job.out}")
         return 0
     outcome = run_sweep(
-        jobs, args.root, parallel=args.jobs, launcher=args.launcher, address=args.address, progress=not args.quiet
+        jobs, args.root, parallel=args.jobs, launcher=launcher, address=address, progress=not args.quiet
     )
     print(
         f"sweep: {len(outcome.finished)} trained, {outcome.skipped} already finished, "

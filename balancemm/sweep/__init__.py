@@ -13,10 +13,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from balancemm.sweep.launchers import Outcome, default_parallel, make_launcher, schedule, summary_line
+from balancemm.sweep.launchers import Outcome, default_parallel, is_done, make_launcher, schedule, summary_line
 from balancemm.sweep.spec import Job, SweepSpec, plan_jobs
 
-__all__ = ["Job", "Outcome", "SweepSpec", "default_parallel", "plan_jobs", "run_sweep"]
+__all__ = ["Job", "Outcome", "SweepSpec", "default_parallel", "is_done", "plan_jobs", "run_sweep"]
 
 
 def run_sweep(
@@ -37,7 +37,7 @@ def run_sweep(
     root = Path(root)
     runner = make_launcher(launcher, root, threads_per_job, address)
     parallel = parallel or (default_parallel(threads_per_job) if launcher == "local" else len(jobs) or 1)
-    todo = sum(1 for j in jobs if not (j.out / "done").is_file())
+    todo = sum(1 for j in jobs if not is_done(j))
     say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)
     say(f"sweep: {len(jobs)} jobs under {root}, {len(jobs) - todo} already finished, {parallel} at a time")
     bar = tqdm(total=todo, desc="sweep", unit="job", disable=not progress, file=sys.stderr, dynamic_ncols=True)
