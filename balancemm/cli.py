@@ -1,4 +1,4 @@
-"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``sweep``, ``probe``, ``report``.
+"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``sweep``, ``bench``, ``probe``, ``report``, ``data``.
 
 Any user error is printed as one line (``balancemm: error: …``) with a nonzero exit and no traceback.
 Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
@@ -87,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--oracle", action="store_true", help="also a test-selected Table 2, labelled as a diagnostic")
     rp.add_argument("--allow-unfair", action="store_true", help="report even if the protocol check fails (flagged)")
     rp.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    da = sub.add_parser("data", help="prepare real datasets from their raw release, check them, list audio profiles")
+    dsub = da.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dp = dsub.add_parser("prepare", help="raw release → model-ready arrays (restartable: rerun to resume)")
+    dp.add_argument("name", help="dataset, e.g. cremad, kinetics_sounds, vggsound, balanced_av")
+    dp.add_argument("--raw", required=True, help="the raw release folder (see the README's Datasets section)")
+    dp.add_argument("--out", required=True, help="where the prepared data goes (new or an unfinished prepare)")
+    dp.add_argument("--profile", default=None, help="audio profile (default: the dataset's; see `data profiles`)")
+    dp.add_argument("--frame-size", type=int, default=224, help="shorter side of the stored frames (default 224)")
+    dp.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per CPU core)")
+    dp.add_argument("--quiet", action="store_true", help="no progress bar")
+    dc = dsub.add_parser("check", help="missing or unreadable clips, and whether results stay comparable")
+    dc.add_argument("name")
+    dc.add_argument("--root", required=True, help="prepared folder or OGM-GE/BalanceMM layout")
+    dc.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE")
+    dc.add_argument("--quiet", action="store_true", help="no progress bar")
+    dsub.add_parser("profiles", help="the named audio preprocessing profiles and their parameters")
     return p
 
 
@@ -159,9 +175,11 @@ def _list(args: argparse.Namespace) -> int:
     else:
         from balancemm.data import DATASETS
 
-        print(f"{'dataset':14s}{'modalities':12s}description")
-        for e in DATASETS:
-            print(f"{e.name:14s}{e.meta.get('modality_count', '?')!s:12s}{e.meta.get('description', '')}")
+        print(f"{'dataset':17s}{'modalities':12s}{'data':22s}description")
+        # Datasets that run out of the box first; the others need `balancemm data prepare`.
+        for e in sorted(DATASETS, key=lambda e: bool(e.meta.get("needs_files"))):
+            data = "data prepare / files" if e.meta.get("needs_files") else "built in"
+            print(f"{e.name:17s}{e.meta.get('modality_count', '?')!s:12s}{data:22s}{e.meta.get('description', '')}")
     return 0
 
 
@@ -242,6 +260,48 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "profiles":
+        import json
+
+        from balancemm.data.profiles import AUDIO_PROFILES
+
+        for name, prof in AUDIO_PROFILES.items():
+            print(f"{name}: {prof.description}")
+            print(f"    {json.dumps(prof.params(), sort_keys=True)}")
+        return 0
+    if args.data_command == "check":
+        from balancemm.config import parse_sets
+        from balancemm.data.check import check, format_check
+
+        sets = parse_sets(args.sets)
+        if set(sets) - {"data"}:
+            raise BalanceMMError("data check takes only data.* keys, e.g. --set data.split=speaker")
+        report = check(args.name, args.root, sets.get("data", {}), progress=not args.quiet)
+        print(format_check(report))
+        return 0
+    from balancemm.data.prepare import prepare
+
+    if args.frame_size < 8 or (args.workers is not None and args.workers < 1):
+        raise BalanceMMError("--frame-size must be at least 8 and --workers at least 1")
+    manifest = prepare(
+        args.name,
+        args.raw,
+        args.out,
+        profile=args.profile,
+        frame_size=args.frame_size,
+        workers=args.workers or os.cpu_count() or 1,
+        progress=not args.quiet,
+    )
+    failed, unmatched = len(manifest["failed"]), len(manifest["unmatched"])
+    print(
+        f"prepared {len(manifest['clips']):,} clips of {manifest['dataset']} (audio profile "
+        f"{manifest['profile']['name']}) into {args.out}; {failed:,} failed, {unmatched:,} listed without media"
+        + (" (rerun the same command to retry the failed)" if failed else "")
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -253,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": _bench,
             "probe": _probe,
             "report": _report,
+            "data": _data,
         }
         return commands[args.command](args)
     except BalanceMMError as exc:

@@ -67,7 +67,12 @@ def test_list_shows_groups_and_papers() -> None:
     ("args", "message"),
     [
         (["--method", "nope"], "unknown method 'nope'; valid: "),
-        (["--method", "baseline", "--dataset", "nope"], "unknown dataset 'nope'; valid: embedded"),
+        (["--method", "baseline", "--dataset", "nope"], "unknown dataset 'nope'; valid: balanced_av, cremad, embedded"),
+        (
+            ["--method", "baseline", "--dataset", "cremad"],
+            "data.root is not set: prepare the data with `balancemm data",
+        ),
+        (["--method", "baseline", "--dataset", "ks", "--set", "data.root=MISSING"], "is not a directory"),
         (["--method", "unimodal"], "unimodal needs method.modality, one of audio, visual"),
         (
             ["--method", "baseline", "--set", "train.epoch=2"],

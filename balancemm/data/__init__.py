@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from balancemm.data import balanced_av as _balanced_av  # noqa: F401  (registers balanced_av)
+from balancemm.data import cremad as _cremad  # noqa: F401  (registers cremad)
 from balancemm.data import embedded as _embedded  # noqa: F401  (registers embedded, embedded3)
+from balancemm.data import kinetics_sounds as _kinetics_sounds  # noqa: F401  (registers kinetics_sounds)
+from balancemm.data import vggsound as _vggsound  # noqa: F401  (registers vggsound)
 from balancemm.data.base import SPLITS, InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches

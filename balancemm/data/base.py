@@ -20,16 +20,26 @@ SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
 
 class Split(Dataset[dict[str, Any]], ABC):
-    """One split of a dataset."""
+    """One split of a dataset.
+
+    A split with random training augmentation sets ``augments = True`` and implements :meth:`load`;
+    the batch iterator then hands it one seed per row, drawn from the run's generator, so augmented
+    epochs are reproducible whatever the number of loader workers.
+    """
 
     modalities: tuple[str, ...]
     labels: Tensor  # [N] class indices
+    augments: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @abstractmethod
     def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    def load(self, i: int, seed: int | None) -> dict[str, Any]:
+        """Row ``i``, augmented from ``seed`` (None: the deterministic evaluation view)."""
+        return self[i]
 
     def get_batch(self, index: Tensor) -> dict[str, Tensor] | None:
         """Inputs of the rows ``index`` as ``{modality: [B, ...]}``, or None (no fast path)."""

@@ -63,6 +63,10 @@ class Batches:
             perm = torch.randperm(rows.numel(), generator=generator)
             rows, present = rows[perm], present[perm]
         self.rows, self.present = rows, present
+        # Only augmenting splits consume a draw, so the shuffles of other datasets are unchanged.
+        self.aug_seed: int | None = None
+        if shuffle and split.augments:
+            self.aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         n = rows.numel()
         self._len = n // batch_size if drop_last else math.ceil(n / batch_size)
 
@@ -91,7 +95,7 @@ class Batches:
     def _collated(self) -> Iterator[Batch]:
         order = self.rows[: self._len * self.batch_size].tolist()  # drops the tail only if drop_last
         loader = DataLoader(
-            _Rows(self.split, order),
+            _Rows(self.split, order, self.aug_seed),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
@@ -104,14 +108,16 @@ class Batches:
 
 
 class _Rows(torch.utils.data.Dataset[dict[str, Any]]):
-    def __init__(self, split: Split, order: list[int]) -> None:
-        self.split, self.order = split, order
+    def __init__(self, split: Split, order: list[int], aug_seed: int | None) -> None:
+        self.split, self.order, self.aug_seed = split, order, aug_seed
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        return self.split[self.order[k]]
+        # Seed per position in the epoch: the same row drawn twice (a SamplePlan copy) is augmented twice.
+        seed = None if self.aug_seed is None else self.aug_seed + k
+        return self.split.load(self.order[k], seed)
 
 
 def _collate(samples: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:

@@ -1,0 +1,420 @@
+"""Audio-visual clip datasets: what CREMA-D, Kinetics-Sounds, VGGSound and BalancedAV share.
+
+A dataset root is one of two kinds:
+
+* **prepared** by ``balancemm data prepare`` (:mod:`balancemm.data.prepare`): ``manifest.json`` plus
+  ``clips/<id>.npz`` holding ``audio`` (the profile's array, float32) and ``frames`` (every 1-fps
+  frame, decoded, ``[T, H, W, 3]`` uint8 with the shorter side resized at prepare time). A sample costs
+  one file read and a resize: no media decoding per epoch.
+* a **layout users already have** from OGM-GE / BalanceMM: one audio file per clip (``.npy``, ``.pt``,
+  ``.pkl``, or ``.wav`` turned into the profile's array on the fly, as OGM-GE's CREMA-D loader does)
+  and one folder of frame images per clip (or BalancedAV's ``.hdf5`` of JPEG bytes). Frame files are
+  sorted by name, so the frames chosen never depend on the filesystem's listing order.
+
+Per sample the loader picks ``frames`` frames with the segment rule of
+:func:`balancemm.data.transforms.frame_indices` and applies the ImageNet-style transforms (random
+resized crop + flip in training, resize in evaluation); the audio array gets a leading channel axis,
+and profiles with a ``crop`` (VGGSound) take a time window (random in training, centred otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from balancemm.config import rng
+from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName, stratified_split
+from balancemm.errors import DataError
+
+MANIFEST = "manifest.json"
+PARAMS = "prepare.json"  # written when a prepare starts; alone, it marks an unfinished prepare
+CLIPS_DIR = "clips"
+MODALITIES = ("audio", "visual")
+AUDIO_EXTENSIONS = (".npy", ".pt", ".pkl", ".wav")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class AVOptions:
+    """Options every audio-visual dataset has; each dataset subclasses it to set its own defaults."""
+
+    root: str = ""  # a prepared folder (manifest.json) or an OGM-GE/BalanceMM layout
+    layout: Literal["auto", "prepared", "files"] = "auto"  # auto: prepared when root has manifest.json
+    # The audio recipe (balancemm.data.profiles). Part of the run's identity: prepared data made with
+    # another profile is refused, so two recipes never share a run id. In the files layout it names the
+    # recipe of the stored arrays and turns .wav files into arrays.
+    profile: str = "kaldi_fbank"
+    audio_dir: str = "audio"  # files layout: <root>/<audio_dir>/<id>.{npy,pt,pkl,wav}; {split} → train|test
+    visual_dir: str = "visual"  # files layout: <root>/<visual_dir>/<id>/*.jpg or <id>.hdf5
+    frames: int = field(default=3, metadata=rng(ge=1, le=16))  # frames sampled per clip
+    image_size: int = field(default=224, metadata=rng(ge=8))
+    val_fraction: float = field(default=0.1, metadata=rng(gt=0, lt=0.5))  # carved from train when no official val
+    seed: int = field(default=0, metadata=rng(ge=0))  # the validation carve-out (and seeded splits)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled clip of a split."""
+
+    id: str
+    label: int
+
+
+FrameChooser = Callable[[int], list[int]]  # number of stored frames → indices to load
+
+
+class ClipReader(ABC):
+    """Where the arrays of a clip come from (a prepared root or a user's layout)."""
+
+    @abstractmethod
+    def has(self, clip_id: str, split: SplitName) -> bool:
+        """Whether the clip's files exist (listing only; readability is checked when read)."""
+
+    @abstractmethod
+    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
+        """``(audio [F, T] float32, frames [k, H, W, 3] uint8)`` with the frames ``choose(n)`` picks."""
+
+
+class PreparedReader(ClipReader):
+    """Clips written by ``balancemm data prepare``: ``<root>/clips/<id>.npz``."""
+
+    def __init__(self, root: Path) -> None:
+        self.clips = root / CLIPS_DIR
+
+    def path(self, clip_id: str) -> Path:
+        return self.clips / f"{clip_id}.npz"
+
+    def has(self, clip_id: str, split: SplitName) -> bool:
+        return self.path(clip_id).is_file()
+
+    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
+        path = self.path(clip_id)
+        try:
+            with np.load(path) as npz:
+                audio, frames = npz["audio"], npz["frames"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: unreadable prepared clip ({exc}); rerun `balancemm data prepare`") from None
+        return audio.astype(np.float32, copy=False), frames[choose(frames.shape[0])]
+
+
+class LayoutReader(ClipReader):
+    """A user's OGM-GE / BalanceMM layout: ``audio_dir/<id>.<ext>`` and ``visual_dir/<id>/`` images
+    (or ``visual_dir/<id>.hdf5`` with a ``video`` dataset of encoded frames, BalancedAV's release).
+
+    ``{split}`` in a directory is replaced by ``train`` / ``test`` (VGGSound keeps them apart).
+    ``profile`` turns ``.wav`` audio into the model's array when read; other formats are loaded as stored.
+    """
+
+    def __init__(self, root: Path, audio_dir: str, visual_dir: str, profile: Any | None) -> None:
+        self.root, self.audio_dir, self.visual_dir, self.profile = root, audio_dir, visual_dir, profile
+        self._audio: dict[tuple[str, str], Path] = {}
+
+    def _dir(self, template: str, split: SplitName) -> Path:
+        # The validation split is carved from train, so its files live where train's do.
+        name = template.replace("{split}", "test" if split == "test" else "train")
+        return self.root / name
+
+    def audio_path(self, clip_id: str, split: SplitName) -> Path | None:
+        key = (clip_id, split)
+        if key not in self._audio:
+            base = self._dir(self.audio_dir, split)
+            found = next((base / f"{clip_id}{e}" for e in AUDIO_EXTENSIONS if (base / f"{clip_id}{e}").is_file()), None)
+            if found is None:
+                return None
+            self._audio[key] = found
+        return self._audio[key]
+
+    def frame_source(self, clip_id: str, split: SplitName) -> Path:
+        base = self._dir(self.visual_dir, split)
+        h5 = base / f"{clip_id}.hdf5"
+        return h5 if h5.is_file() else base / clip_id
+
+    def has(self, clip_id: str, split: SplitName) -> bool:
+        if self.audio_path(clip_id, split) is None:
+            return False
+        src = self.frame_source(clip_id, split)
+        return src.is_file() or (src.is_dir() and any(_images(src)))
+
+    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
+        from balancemm.data.media import decode_audio, decode_image
+
+        path = self.audio_path(clip_id, split)
+        if path is None:
+            raise DataError(f"{self._dir(self.audio_dir, split)}: no audio file for clip {clip_id}")
+        if path.suffix == ".wav":
+            if self.profile is None:
+                raise DataError(f"{path}: .wav audio needs an audio profile; set data.profile")
+            audio = self.profile(decode_audio(path, self.profile.sample_rate))
+        else:
+            audio = load_array(path)
+        src = self.frame_source(clip_id, split)
+        if src.suffix == ".hdf5":
+            import h5py
+
+            try:
+                with h5py.File(src, "r") as f:
+                    video = f["video"]
+                    frames = [decode_image(bytes(video[i]), name=str(src)) for i in choose(len(video))]
+            except (OSError, KeyError) as exc:
+                raise DataError(f"{src}: unreadable frames file ({exc})") from None
+        else:
+            files = _images(src)
+            if not files:
+                raise DataError(f"{src}: no frame images (.jpg/.png) for clip {clip_id}")
+            frames = [decode_image(files[i]) for i in choose(len(files))]
+        return audio, np.stack(frames)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A stored spectrogram as float32 ``[F, T]`` (a leading singleton axis is dropped)."""
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path)
+        elif path.suffix == ".pt":
+            arr = torch.load(path, map_location="cpu", weights_only=True).numpy()
+        else:  # .pkl: PMR's and BalancedAV's spectrograms; pickles only from the user's own data
+            with open(path, "rb") as f:
+                arr = np.asarray(pickle.load(f))
+    except Exception as exc:  # any failure to read a user's file is reported the same way
+        raise DataError(f"{path}: unreadable audio array ({type(exc).__name__}: {exc})") from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D spectrogram, got shape {arr.shape}")
+    return arr
+
+
+class AVSplit(Split):
+    """One split of clips read through a :class:`ClipReader`.
+
+    Samples: ``audio [1, F, T]`` float32 and ``visual [frames, 3, size, size]`` float32 (normalised).
+    """
+
+    modalities = MODALITIES
+
+    def __init__(
+        self,
+        clips: Sequence[Clip],
+        reader: ClipReader,
+        name: SplitName,
+        *,
+        frames: int,
+        image_size: int,
+        crop: int | None,
+    ) -> None:
+        self.clips = list(clips)
+        self.reader, self.name = reader, name
+        self.frames, self.image_size, self.crop = frames, image_size, crop
+        self.labels = torch.tensor([c.label for c in self.clips], dtype=torch.long)
+        self.augments = name == "train"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.load(i, None)
+
+    def load(self, i: int, seed: int | None) -> dict[str, Any]:
+        from balancemm.data.transforms import frame_indices, frames_to_tensor
+
+        rng = np.random.default_rng(seed) if seed is not None else None
+        clip = self.clips[i]
+        audio, frames = self.reader.read(clip.id, self.name, lambda n: frame_indices(n, self.frames, rng))
+        if self.crop is not None and audio.shape[-1] > self.crop:
+            spare = audio.shape[-1] - self.crop
+            start = int(rng.integers(0, spare + 1)) if rng is not None else spare // 2
+            audio = audio[..., start : start + self.crop]
+        return {
+            "inputs": {
+                "audio": torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0),
+                "visual": frames_to_tensor(frames, self.image_size, rng),
+            },
+            "label": clip.label,
+            "index": i,
+        }
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a dataset root holds: labelled clips per official split, before files are checked."""
+
+    splits: dict[str, list[Clip]]  # "train", "test" and optionally "val"
+    classes: tuple[str, ...]
+    source: str  # where the split comes from, in words (recorded in every run)
+    official: bool  # the split the literature reports on (not a seeded one of ours)
+
+
+class AVDataset(MultimodalDataset):
+    """Base of the audio-visual datasets. Subclasses give the published facts and the listing rules.
+
+    Options common to every subclass (each subclass declares its own frozen dataclass with them):
+    ``root``, ``layout`` (auto | prepared | files), ``profile``, ``audio_dir``, ``visual_dir``,
+    ``frames``, ``image_size``, ``val_fraction``, ``seed``.
+    """
+
+    PUBLISHED: ClassVar[dict[str, int]]  # split sizes of the comparison literature
+    PUBLISHED_SOURCE: ClassVar[str]
+
+    @classmethod
+    def modalities_for(cls, options: Any) -> tuple[str, ...]:
+        return MODALITIES
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        if not options.root:
+            raise DataError(
+                f"data.root is not set: prepare the data with `balancemm data prepare {self.name} --raw DIR "
+                f"--out DIR` and pass --set data.root=DIR (or point it at an OGM-GE/BalanceMM layout)"
+            )
+        self.root = Path(options.root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"data.root {self.root} is not a directory")
+        if (self.root / PARAMS).is_file() and not (self.root / MANIFEST).is_file():
+            raise DataError(
+                f"{self.root} is an unfinished prepare (no {MANIFEST}); rerun the same `balancemm data prepare` "
+                "command to finish it"
+            )
+        layout = options.layout
+        if layout == "auto":
+            layout = "prepared" if (self.root / MANIFEST).is_file() else "files"
+        self.layout = layout
+        self.manifest: dict[str, Any] = {}
+        if layout == "prepared":
+            self.manifest = read_manifest(self.root, self.name)
+            profile = self.manifest["profile"]
+            if options.profile != profile["name"]:
+                raise DataError(
+                    f"{self.root} was prepared with audio profile {profile['name']!r}, but data.profile is "
+                    f"{options.profile!r}; prepare again with --profile {options.profile} into another --out"
+                )
+            self.profile_params: dict[str, Any] = profile
+            crop = profile.get("crop")
+            reader: ClipReader = PreparedReader(self.root)
+        else:
+            reader, self.profile_params, crop = self._layout_reader()
+        listing = self.list_clips()
+        self.class_names = listing.classes
+        self.num_classes = len(listing.classes)
+        self.split_source, self.official_split = listing.source, listing.official
+        self.missing: dict[str, list[str]] = {}
+        self.listed = {name: len(clips) for name, clips in listing.splits.items()}
+        kept: dict[str, list[Clip]] = {}
+        for name, clips in listing.splits.items():
+            kept[name] = [c for c in clips if reader.has(c.id, _split_of(name))]
+            have = {c.id for c in kept[name]}
+            self.missing[name] = [c.id for c in clips if c.id not in have]
+        if "val" not in kept:  # a seeded carve-out of train, never of test
+            kept["train"], kept["val"] = self.carve_val(kept["train"])
+            self.missing["val"] = []
+        for name in SPLITS:
+            if not kept[name]:
+                raise DataError(
+                    f"{self.root}: no {name} clips found ({len(self.missing[name])} listed, none with their files); "
+                    f"run `balancemm data check {self.name} --root {self.root}`"
+                )
+        size = options.image_size
+        self._splits = {
+            name: AVSplit(kept[name], reader, name, frames=options.frames, image_size=size, crop=crop)
+            for name in SPLITS
+        }
+        first = self._splits["train"][0]["inputs"]
+        self.modalities = MODALITIES
+        self.input_shapes = {m: tuple(first[m].shape) for m in MODALITIES}
+
+    # -- what subclasses provide -------------------------------------------------------------
+
+    @abstractmethod
+    def list_clips(self) -> Listing:
+        """The labelled clips of each split (prepared: from the manifest; files: from the user's lists)."""
+
+    def _layout_reader(self) -> tuple[ClipReader, dict[str, Any], int | None]:
+        from balancemm.data.profiles import AUDIO_PROFILES
+
+        opts = self.options
+        profile = AUDIO_PROFILES.get(opts.profile)
+        reader = LayoutReader(self.root, opts.audio_dir, opts.visual_dir, profile)
+        params = profile.params() if profile is not None else {"name": opts.profile}
+        params["note"] = f"files layout: arrays as stored in {opts.audio_dir}; .wav files go through this recipe"
+        return reader, params, profile.crop if profile is not None else None
+
+    def carve_val(self, train: list[Clip]) -> tuple[list[Clip], list[Clip]]:
+        """Stratified, seeded ``val_fraction`` of train (``data.seed``)."""
+        labels = torch.tensor([c.label for c in train])
+        g = torch.Generator().manual_seed(self.options.seed)
+        keep, val = stratified_split(labels, (1 - self.options.val_fraction, self.options.val_fraction), g)
+        return [train[i] for i in keep.tolist()], [train[i] for i in val.tolist()]
+
+    # -- the dataset protocol ------------------------------------------------------------------
+
+    def split(self, name: SplitName) -> Split:
+        return self._splits[name]
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            root=str(self.root),
+            layout=self.layout,
+            split_source=self.split_source,
+            audio_profile=self.profile_params,
+            frames=self.options.frames,
+            missing={k: len(v) for k, v in self.missing.items()},
+        )
+        if self.manifest:
+            info["prepared_frames"] = self.manifest["frames"]
+        return info
+
+    def comparability(self) -> tuple[bool, str]:
+        """Whether results on this data can be set beside the literature's (``balancemm data check``)."""
+        problems = []
+        if not self.official_split:
+            problems.append(f"the split is not the published one ({self.split_source})")
+        elif any(self.listed.get(s) != n for s, n in self.PUBLISHED.items()):
+            sizes = ", ".join(f"{s} {self.listed.get(s)} vs {n:,}" for s, n in self.PUBLISHED.items())
+            problems.append(f"the split lists differ in size from the published ones ({sizes})")
+        miss_test = len(self.missing["test"])
+        if miss_test:
+            problems.append(f"{miss_test} test clips are missing; published numbers use all of them")
+        miss_train, listed_train = len(self.missing["train"]), self.listed["train"]
+        if miss_train > 0.01 * listed_train:
+            problems.append(f"{miss_train} of {listed_train} training clips are missing (over 1%)")
+        if problems:
+            return False, "; ".join(problems)
+        return True, f"split and sizes match {self.PUBLISHED_SOURCE}"
+
+
+def _split_of(name: str) -> SplitName:
+    return "test" if name == "test" else "train"
+
+
+def read_manifest(root: Path, dataset: str) -> dict[str, Any]:
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc}); prepare the data again") from None
+    if manifest.get("dataset") != dataset:
+        raise DataError(f"{root} holds prepared {manifest.get('dataset')!r} data, not {dataset!r}")
+    return manifest
+
+
+def manifest_listing(manifest: Mapping[str, Any]) -> Listing:
+    """The official splits a prepare recorded (``{split: [[id, label], ...]}``)."""
+    splits = {name: [Clip(str(i), int(y)) for i, y in rows] for name, rows in manifest["splits"].items()}
+    return Listing(splits, tuple(manifest["classes"]), manifest["split_source"], official=True)
+
+
+def resolve(root: Path, path: str) -> Path:
+    """A user path from the config: absolute, or relative to the dataset root."""
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else root / p

@@ -1,0 +1,85 @@
+"""``balancemm data check``: what a dataset root holds against its split lists, and whether results
+on it can be set beside published numbers."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from balancemm.data.base import SPLITS
+from balancemm.errors import BalanceMMError, DataError
+
+SHOWN = 5  # clip ids named per problem; the rest are counted
+
+
+def check(name: str, root: str, options: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build dataset ``name`` on ``root`` (plus data ``options``) and read every clip once.
+
+    Returns ``{"splits": {split: {"listed", "present", "missing", "unreadable"}}, "comparable": bool,
+    "why": str, "describe": {...}}``; ``missing`` / ``unreadable`` map clip ids to reasons.
+    """
+    from tqdm import tqdm
+
+    from balancemm.data import create_dataset
+    from balancemm.data.av import AVDataset, AVSplit
+
+    data = create_dataset(name, None, **{**(options or {}), "root": root})
+    if not isinstance(data, AVDataset):
+        raise DataError(f"dataset {name} has no files to check")
+    report: dict[str, Any] = {"splits": {}, "describe": {"name": data.name, **data.describe()}}
+    for split_name in SPLITS:
+        split = data.split(split_name)
+        assert isinstance(split, AVSplit)
+        unreadable: dict[str, str] = {}
+        for i in tqdm(range(len(split)), desc=f"check {split_name}", disable=not progress, file=sys.stderr):
+            try:
+                split.load(i, None)
+            except BalanceMMError as exc:
+                unreadable[split.clips[i].id] = str(exc)
+        missing = data.missing.get(split_name, [])
+        report["splits"][split_name] = {
+            "listed": data.listed.get(split_name, len(split)),
+            "carved": split_name not in data.listed,  # validation carved from train
+            "present": len(split) - len(unreadable),
+            "missing": missing,
+            "unreadable": unreadable,
+        }
+    comparable, why = data.comparability()
+    bad = sum(len(s["unreadable"]) for s in report["splits"].values())
+    if bad:
+        comparable, why = False, f"{bad} clips are unreadable; prepare them again" + ("" if comparable else f"; {why}")
+    report.update(comparable=comparable, why=why)
+    return report
+
+
+def format_check(report: Mapping[str, Any]) -> str:
+    """The lines ``balancemm data check`` prints."""
+    info = report["describe"]
+    lines = [
+        f"{info['name']} at {info['root']} ({info['layout']} layout, "
+        f"audio profile {info['audio_profile'].get('name')}, {info['num_classes']} classes)",
+        f"split: {info['split_source']}",
+    ]
+    splits = report["splits"]
+    for split, s in splits.items():
+        if s["carved"]:
+            where = "carved from train"
+        elif split == "train" and splits["val"]["carved"]:
+            where = f"of {s['listed']:,} listed, {splits['val']['listed']:,} of them carved into val"
+        else:
+            where = f"of {s['listed']:,} listed"
+        lines.append(
+            f"  {split:5s} {s['present']:>7,} usable ({where}), {len(s['missing']):,} missing, "
+            f"{len(s['unreadable']):,} unreadable"
+        )
+        for what in ("missing", "unreadable"):
+            items = list(s[what])
+            for clip in items[:SHOWN]:
+                reason = s[what][clip] if isinstance(s[what], Mapping) else "no files"
+                lines.append(f"        {what} {clip}: {reason}")
+            if len(items) > SHOWN:
+                lines.append(f"        … and {len(items) - SHOWN:,} more {what}")
+    verdict = "comparable with published numbers" if report["comparable"] else "NOT comparable with published numbers"
+    lines.append(f"{verdict}: {report['why']}")
+    return "\n".join(lines)

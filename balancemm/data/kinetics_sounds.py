@@ -1,0 +1,134 @@
+"""Kinetics-Sounds (Arandjelović & Zisserman, ICCV 2017): Kinetics-400 clips whose class is audible.
+
+What is still downloadable gives 31 classes in the GeWu-Lab lineage (specs/datasets.md §3.2). The
+split everyone uses is OGM-GE's ``my_train.txt`` / ``my_test.txt`` (14,799 / 2,597), lines
+``<clip>,<frames>,<label>`` where the clip id is ``<youtube_id>_<start>_<end>`` (train) or
+``<youtube_id>_<start>`` (test). Validation is a seeded carve-out of train (BML_TPAMI2024's
+1,320-clip validation list is not public).
+
+Raw layout for ``data prepare``: the two lists at the top of ``--raw`` and one video file per clip
+anywhere below it, named ``<clip>.mp4`` (or .mkv/.webm/.avi/.flv). When videos sit in per-class
+folders (the Kinetics downloaders' layout) those folder names become the class names; otherwise the
+classes are named by index. 10 s clips → about 10 frames at 1 fps, 3 sampled; audio is the Kaldi
+filterbank recipe of OGM-GE's KS script (``kaldi_fbank``, 1,024 × 128).
+
+Files layout (BalanceMM): ``<root>/my_train.txt`` etc. (or lines ``name … label``, space
+separated), ``<root>/audio/<clip>.npy`` and ``<root>/visual/<clip>/frame_*.jpg``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, manifest_listing, resolve
+from balancemm.data.prepare import Preparer, RawClip, RawRelease
+from balancemm.errors import DataError
+from balancemm.registry import DATASETS
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".flv")
+
+
+@dataclass(frozen=True)
+class KineticsSoundsOptions(AVOptions):
+    train_list: str = "my_train.txt"  # relative to root, or absolute (files layout)
+    test_list: str = "my_test.txt"
+
+
+def read_list(path: Path) -> list[Clip]:
+    """OGM-GE's ``<clip>,<frames>,<label>`` lines or BalanceMM's ``name … label`` (space separated)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such split list; Kinetics-Sounds needs OGM-GE's my_train.txt / my_test.txt")
+    clips = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(",") if "," in line else line.split()
+        try:
+            clips.append(Clip(parts[0].strip(), int(parts[-1])))
+        except (ValueError, IndexError):
+            raise DataError(f"{path}:{n}: expected '<clip>,<frames>,<label>', got {line!r}") from None
+    return clips
+
+
+def index_videos(raw: Path) -> dict[str, Path]:
+    """Every video file below ``raw`` by file stem (sorted walk, so duplicates resolve the same way)."""
+    found: dict[str, Path] = {}
+    for p in sorted(raw.rglob("*")):
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+            found.setdefault(p.stem, p)
+    return found
+
+
+def raw_release(
+    raw: Path, lists: dict[str, Path], videos: dict[str, Path], stem_of: dict[str, list[str]]
+) -> RawRelease:
+    """Match listed clips to video files (``stem_of``: clip id → candidate file stems)."""
+    labelled = {s: read_list(p) for s, p in lists.items()}
+    clips, unmatched, seen = [], {}, set()
+    for clip in (c for rows in labelled.values() for c in rows):
+        if clip.id in seen:
+            continue
+        seen.add(clip.id)
+        path = next((videos[s] for s in stem_of.get(clip.id, [clip.id]) if s in videos), None)
+        if path is None:
+            unmatched[clip.id] = f"{raw}: no video file for listed clip {clip.id}"
+        else:
+            clips.append(RawClip(clip.id, clip.label, str(path)))
+    n_classes = 1 + max(c.label for rows in labelled.values() for c in rows)
+    names = class_names(raw, clips, n_classes)
+    splits = {s: [(c.id, c.label) for c in rows] for s, rows in labelled.items()}
+    return RawRelease(clips, names, splits, "", unmatched)
+
+
+def class_names(raw: Path, clips: list[RawClip], n_classes: int) -> list[str]:
+    """Per-class folder names when the videos are filed by class, else ``class_<i>``."""
+    votes: dict[int, Counter[str]] = {}
+    for c in clips:
+        parent = Path(c.video).parent
+        if parent != raw:
+            votes.setdefault(c.label, Counter())[parent.name.replace("_", " ")] += 1
+    names = [votes[i].most_common(1)[0][0] if i in votes else f"class_{i}" for i in range(n_classes)]
+    return names if len(set(names)) == n_classes else [f"class_{i}" for i in range(n_classes)]
+
+
+class KineticsSoundsPreparer(Preparer):
+    dataset = "kinetics_sounds"
+    default_profile = "kaldi_fbank"
+    layout = "OGM-GE's my_train.txt / my_test.txt and one <clip>.mp4 per listed clip below --raw"
+
+    def scan(self, raw: Path) -> RawRelease:
+        lists = {"train": raw / "my_train.txt", "test": raw / "my_test.txt"}
+        release = raw_release(raw, lists, index_videos(raw), {})
+        release.split_source = "OGM-GE my_train.txt / my_test.txt"
+        return release
+
+
+@DATASETS.register(
+    "kinetics_sounds",
+    modality_count=2,
+    needs_files=True,
+    aliases=("ks",),
+    description="Kinetics-Sounds: audio + visual, 31 classes",
+)
+class KineticsSounds(AVDataset):
+    Options = KineticsSoundsOptions
+    name = "kinetics_sounds"
+    preparer = KineticsSoundsPreparer()
+    PUBLISHED: ClassVar[dict[str, int]] = {"train": 14799, "test": 2597}
+    PUBLISHED_SOURCE = "OGM-GE's my_train.txt / my_test.txt (14,799 / 2,597)"
+
+    def list_clips(self) -> Listing:
+        if self.manifest:
+            return manifest_listing(self.manifest)
+        opts = self.options
+        splits = {
+            "train": read_list(resolve(self.root, opts.train_list)),
+            "test": read_list(resolve(self.root, opts.test_list)),
+        }
+        n_classes = 1 + max(c.label for rows in splits.values() for c in rows)
+        classes = tuple(f"class_{i}" for i in range(n_classes))
+        return Listing(splits, classes, f"split lists {opts.train_list} / {opts.test_list}", official=True)
