@@ -141,8 +141,9 @@ class LayoutReader(ClipReader):
     def has(self, clip_id: str, split: SplitName) -> bool:
         if self.audio_path(clip_id, split) is None:
             return False
-        src = self.frame_source(clip_id, split)
-        return src.is_file() or (src.is_dir() and any(_images(src)))
+        # A directory test only: listing every clip's folder would make opening a 200k-clip
+        # layout slow; an empty folder is reported by name when the clip is read.
+        return self.frame_source(clip_id, split).exists()
 
     def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
         from balancemm.data.media import decode_audio, decode_image

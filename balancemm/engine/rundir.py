@@ -2,7 +2,7 @@
 
 Layout::
 
-    config.json          resolved config + its hash (written before training starts)
+    config.json          resolved config + its hash, the dataset's facts (written before training starts)
     results.jsonl        one self-describing JSON line per evaluation (val each epoch, test once)
     summary.json         the final numbers (see README "Run directory")
     checkpoints/last.pt  full training state after the latest epoch (resume point)

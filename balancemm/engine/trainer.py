@@ -238,7 +238,17 @@ class Trainer:
             self._say(f"{run.path} is already complete; not training again")
             return dict(read_json(run.summary))
         env = environment(self.device)
-        run.create({"config": cfg.to_dict(), "config_hash": cfg.digest(), "run_id": self.run_id, "environment": env})
+        # The dataset's facts sit beside the config: for prepared data, the audio profile with all its
+        # parameters, so a run records exactly which preprocessing it saw.
+        run.create(
+            {
+                "config": cfg.to_dict(),
+                "config_hash": cfg.digest(),
+                "run_id": self.run_id,
+                "environment": env,
+                "dataset": self.data.describe(),
+            }
+        )
         self._say(
             f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
             f"{env['device']} ({env['threads']} threads) | run {run.path}"

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+import balancemm
 from balancemm.cli import main
 from balancemm.data import Batches, create_dataset
 from balancemm.data.check import check
 from balancemm.data.prepare import prepare
 from balancemm.errors import DataError
+from balancemm.methods import METHODS
 from tests.fixtures import av_raw
 
 SMALL = [
@@ -76,6 +78,7 @@ def test_cremad_csv_split_check_and_one_epoch(cremad: tuple[Path, Path], tmp_pat
     assert info["sizes"]["test"] == 12 and info["frames"] == 2
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["config"]["data"]["profile"] == "ogmge_stft"
+    assert config["dataset"]["audio_profile"] == {**info["audio_profile"], "n_fft": 512, "hop_length": 353}
 
 
 def test_profile_mismatch_and_missing_csv_are_one_clear_error(cremad: tuple[Path, Path], tmp_path: Path) -> None:
@@ -221,11 +224,14 @@ def test_kinetics_sounds_balancemm_layout(tmp_path: Path) -> None:
 # -- VGGSound -----------------------------------------------------------------------------------------
 
 
-def test_vggsound_raw_to_run(tmp_path: Path) -> None:
+def test_vggsound_raw_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw, out = tmp_path / "raw", tmp_path / "prep"
     av_raw.make_vggsound_raw(raw)
     (raw / "video" / "v0t1_000011.mp4").unlink()  # a clip no longer on YouTube
-    manifest = prepare("vggsound", raw, out, frame_size=32, progress=False)
+    assert main(["data", "prepare", "vgg", "--raw", str(raw), "--out", str(out), "--frame-size", "32", "--quiet"]) == 0
+    assert main(["data", "check", "vgg", "--root", str(out), "--set", "data.val_fraction=0.25", "--quiet"]) == 0
+    assert "1 missing" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["classes"] == sorted(av_raw.VGG_CLASSES) and list(manifest["unmatched"]) == ["v0t1_11"]
     data = create_dataset("vggsound", root=str(out), image_size=32, **TINY)
     assert data.missing["test"] == ["v0t1_11"]
@@ -248,13 +254,18 @@ def test_vggsound_balancemm_layout_with_split_folders(tmp_path: Path) -> None:
 # -- BalancedAV ---------------------------------------------------------------------------------------
 
 
-def test_balanced_av_release_to_run(tmp_path: Path) -> None:
+def test_balanced_av_release_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw, out = tmp_path / "raw", tmp_path / "prep"
     av_raw.make_balanced_av_raw(raw)
     with pytest.raises(DataError, match="only --profile released"):
         prepare("balanced_av", raw, tmp_path / "x", profile="kaldi_fbank", progress=False)
     assert not (tmp_path / "x").exists()
-    manifest = prepare("balanced_av", raw, out, frame_size=32, workers=1, progress=False)
+    assert main(["data", "prepare", "balanced_av", "--raw", str(raw), "--out", str(out), "--frame-size", "32",
+                 "--workers", "1", "--quiet"]) == 0  # fmt: skip
+    assert main(["data", "check", "balanced_av", "--root", str(out), "--set", "data.val_fraction=0.25",
+                 "--quiet"]) == 0  # fmt: skip
+    assert "comparable with published numbers" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["profile"]["name"] == "released" and len(manifest["clips"]) == 18
     with np.load(out / "clips" / "piano_te1.npz") as npz:
         assert npz["audio"].shape == (257, 188) and npz["frames"].shape == (9, 32, 43, 3)
@@ -296,3 +307,15 @@ def test_reads_the_real_ogmge_split_files() -> None:
     assert counts.tolist() == [114, 123, 140, 133, 129, 105]
     ks = read_list(Path("../shared/data/splits/kinetics_sounds/my_train.txt"))
     assert len(ks) == 14799 and max(c.label for c in ks) == 30
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_every_method_trains_on_prepared_cremad(cremad: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+    """The real-data path (collated batches, augmentation seeds, ResNet-18 on frames) under every method."""
+    raw, out = cremad
+    for name in ("train.csv", "test.csv"):
+        (out / name).write_bytes((raw / name).read_bytes())
+    hp = {"modality": "audio"} if method == "unimodal" else {}
+    sets = [*SMALL, f"data.root={out}", "data.profile=ogmge_stft"]
+    summary = balancemm.train(method, "cremad", sets=sets, out=tmp_path / "run", progress=False, **hp)
+    assert summary["dataset"] == "cremad" and 0.0 <= summary["test"]["accuracy"] <= 1.0
