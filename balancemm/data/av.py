@@ -1,20 +1,23 @@
-"""Audio-visual clip datasets: what CREMA-D, Kinetics-Sounds, VGGSound and BalancedAV share.
+"""Datasets read clip by clip, and what the audio-visual ones (CREMA-D, Kinetics-Sounds, VGGSound,
+BalancedAV) share.
 
 A dataset root is one of two kinds:
 
 * **prepared** by ``balancemm data prepare`` (:mod:`balancemm.data.prepare`): ``manifest.json`` plus
-  ``clips/<id>.npz`` holding ``audio`` (the profile's array, float32) and ``frames`` (every 1-fps
-  frame, decoded, ``[T, H, W, 3]`` uint8 with the shorter side resized at prepare time). A sample costs
-  one file read and a resize: no media decoding per epoch.
-* a **layout users already have** from OGM-GE / BalanceMM: one audio file per clip (``.npy``, ``.pt``,
-  ``.pkl``, or ``.wav`` turned into the profile's array on the fly, as OGM-GE's CREMA-D loader does)
-  and one folder of frame images per clip (or BalancedAV's ``.hdf5`` of JPEG bytes). Frame files are
-  sorted by name, so the frames chosen never depend on the filesystem's listing order.
+  ``clips/<id>.npz`` holding the clip's arrays — for audio-visual data ``audio`` (the profile's array,
+  float32) and ``frames`` (every 1-fps frame, decoded, ``[T, H, W, 3]`` uint8 with the shorter side
+  resized at prepare time). A sample costs one file read and a resize: no media decoding per epoch.
+* a **layout users already have** (OGM-GE / BalanceMM): for audio-visual data one audio file per clip
+  (``.npy``, ``.pt``, ``.pkl``, or ``.wav`` turned into the profile's array on the fly, as OGM-GE's
+  CREMA-D loader does) and one folder of frame images per clip (or BalancedAV's ``.hdf5`` of JPEG
+  bytes). Frame files are sorted by name, so the frames chosen never depend on the filesystem's
+  listing order.
 
-Per sample the loader picks ``frames`` frames with the segment rule of
-:func:`balancemm.data.transforms.frame_indices` and applies the ImageNet-style transforms (random
-resized crop + flip in training, resize in evaluation); the audio array gets a leading channel axis,
-and profiles with a ``crop`` (VGGSound) take a time window (random in training, centred otherwise).
+:class:`ClipDataset` holds the layout logic for any modalities; :class:`AVDataset` adds the audio-visual
+sample: ``frames`` frames picked with the segment rule of
+:func:`balancemm.data.transforms.frame_indices`, ImageNet-style transforms (random resized crop + flip
+in training, resize in evaluation), the audio array with a leading channel axis, and for profiles with
+a ``crop`` (VGGSound) a time window (random in training, centred otherwise).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from balancemm.config import rng
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName, stratified_split
@@ -69,7 +73,8 @@ class Clip:
     label: int
 
 
-FrameChooser = Callable[[int], list[int]]  # number of stored frames → indices to load
+# (stored array name, its length along axis 0) → the rows to load, or None for the whole array
+Chooser = Callable[[str, int], "list[int] | None"]
 
 
 class ClipReader(ABC):
@@ -80,8 +85,8 @@ class ClipReader(ABC):
         """Whether the clip's files exist (listing only; readability is checked when read)."""
 
     @abstractmethod
-    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
-        """``(audio [F, T] float32, frames [k, H, W, 3] uint8)`` with the frames ``choose(n)`` picks."""
+    def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
+        """The clip's stored arrays by name (``audio``, ``frames``, …), frame-like ones cut to ``choose``."""
 
 
 class PreparedReader(ClipReader):
@@ -96,14 +101,18 @@ class PreparedReader(ClipReader):
     def has(self, clip_id: str, split: SplitName) -> bool:
         return self.path(clip_id).is_file()
 
-    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
         path = self.path(clip_id)
+        out = {}
         try:
             with np.load(path) as npz:
-                audio, frames = npz["audio"], npz["frames"]
+                for key in npz.files:
+                    arr = npz[key]
+                    rows = choose(key, arr.shape[0])
+                    out[key] = arr if rows is None else arr[rows]
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{path}: unreadable prepared clip ({exc}); rerun `balancemm data prepare`") from None
-        return audio.astype(np.float32, copy=False), frames[choose(frames.shape[0])]
+        return out
 
 
 class LayoutReader(ClipReader):
@@ -145,7 +154,7 @@ class LayoutReader(ClipReader):
         # layout slow; an empty folder is reported by name when the clip is read.
         return self.frame_source(clip_id, split).exists()
 
-    def read(self, clip_id: str, split: SplitName, choose: FrameChooser) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
         from balancemm.data.media import decode_audio, decode_image
 
         path = self.audio_path(clip_id, split)
@@ -164,15 +173,20 @@ class LayoutReader(ClipReader):
             try:
                 with h5py.File(src, "r") as f:
                     video = f["video"]
-                    frames = [decode_image(bytes(video[i]), name=str(src)) for i in choose(len(video))]
+                    frames = [decode_image(bytes(video[i]), name=str(src)) for i in _rows(choose, len(video))]
             except (OSError, KeyError) as exc:
                 raise DataError(f"{src}: unreadable frames file ({exc})") from None
         else:
             files = _images(src)
             if not files:
                 raise DataError(f"{src}: no frame images (.jpg/.png) for clip {clip_id}")
-            frames = [decode_image(files[i]) for i in choose(len(files))]
-        return audio, np.stack(frames)
+            frames = [decode_image(files[i]) for i in _rows(choose, len(files))]
+        return {"audio": audio, "frames": np.stack(frames)}
+
+
+def _rows(choose: Chooser, n: int) -> list[int]:
+    rows = choose("frames", n)
+    return list(range(n)) if rows is None else rows
 
 
 def _images(folder: Path) -> list[Path]:
@@ -199,27 +213,14 @@ def load_array(path: Path) -> np.ndarray:
     return arr
 
 
-class AVSplit(Split):
-    """One split of clips read through a :class:`ClipReader`.
+class ClipSplit(Split):
+    """One split of clips read through a :class:`ClipReader` and turned into model inputs by its dataset
+    (:meth:`ClipDataset.choose` picks frames, :meth:`ClipDataset.to_inputs` makes the tensors)."""
 
-    Samples: ``audio [1, F, T]`` float32 and ``visual [frames, 3, size, size]`` float32 (normalised).
-    """
-
-    modalities = MODALITIES
-
-    def __init__(
-        self,
-        clips: Sequence[Clip],
-        reader: ClipReader,
-        name: SplitName,
-        *,
-        frames: int,
-        image_size: int,
-        crop: int | None,
-    ) -> None:
+    def __init__(self, clips: Sequence[Clip], reader: ClipReader, name: SplitName, dataset: ClipDataset) -> None:
         self.clips = list(clips)
-        self.reader, self.name = reader, name
-        self.frames, self.image_size, self.crop = frames, image_size, crop
+        self.reader, self.name, self.dataset = reader, name, dataset
+        self.modalities = dataset.modalities
         self.labels = torch.tensor([c.label for c in self.clips], dtype=torch.long)
         self.augments = name == "train"
 
@@ -227,23 +228,10 @@ class AVSplit(Split):
         return self.load(i, None)
 
     def load(self, i: int, seed: int | None) -> dict[str, Any]:
-        from balancemm.data.transforms import frame_indices, frames_to_tensor
-
         rng = np.random.default_rng(seed) if seed is not None else None
         clip = self.clips[i]
-        audio, frames = self.reader.read(clip.id, self.name, lambda n: frame_indices(n, self.frames, rng))
-        if self.crop is not None and audio.shape[-1] > self.crop:
-            spare = audio.shape[-1] - self.crop
-            start = int(rng.integers(0, spare + 1)) if rng is not None else spare // 2
-            audio = audio[..., start : start + self.crop]
-        return {
-            "inputs": {
-                "audio": torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0),
-                "visual": frames_to_tensor(frames, self.image_size, rng),
-            },
-            "label": clip.label,
-            "index": i,
-        }
+        arrays = self.reader.read(clip.id, self.name, lambda key, n: self.dataset.choose(key, n, rng))
+        return {"inputs": self.dataset.to_inputs(arrays, rng), "label": clip.label, "index": i}
 
 
 @dataclass(frozen=True)
@@ -256,27 +244,33 @@ class Listing:
     official: bool  # the split the literature reports on (not a seeded one of ours)
 
 
-class AVDataset(MultimodalDataset):
-    """Base of the audio-visual datasets. Subclasses give the published facts and the listing rules.
+class ClipDataset(MultimodalDataset):
+    """Base of the datasets read clip by clip (audio-visual, RGB + flow, image + text).
 
-    Options common to every subclass (each subclass declares its own frozen dataclass with them):
-    ``root``, ``layout`` (auto | prepared | files), ``profile``, ``audio_dir``, ``visual_dir``,
-    ``frames``, ``image_size``, ``val_fraction``, ``seed``.
+    Subclasses declare ``MODALITIES``, the published split sizes, ``list_clips`` (the labelled clips of
+    each split), ``files_reader`` (the user-layout reader), ``to_inputs`` (stored arrays → tensors)
+    and, for frame-like arrays, ``choose``. This class does the rest: prepared or files layout,
+    profile check, missing-file accounting, the validation carve-out, ``describe`` and the
+    comparability verdict of ``balancemm data check``.
+
+    Options every subclass has: ``root``, ``layout``, ``profile``, ``val_fraction``, ``seed``.
     """
 
+    MODALITIES: ClassVar[tuple[str, ...]]
     PUBLISHED: ClassVar[dict[str, int]]  # split sizes of the comparison literature
     PUBLISHED_SOURCE: ClassVar[str]
+    PROFILE_KIND: ClassVar[str] = "audio profile"  # what ``data.profile`` names, for messages
 
     @classmethod
     def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return MODALITIES
+        return cls.MODALITIES
 
     def __init__(self, options: Any) -> None:
         self.options = options
         if not options.root:
             raise DataError(
                 f"data.root is not set: prepare the data with `balancemm data prepare {self.name} --raw DIR "
-                f"--out DIR` and pass --set data.root=DIR (or point it at an OGM-GE/BalanceMM layout)"
+                f"--out DIR` and pass --set data.root=DIR (or point it at the layout you already have)"
             )
         self.root = Path(options.root).expanduser()
         if not self.root.is_dir():
@@ -290,20 +284,20 @@ class AVDataset(MultimodalDataset):
         if layout == "auto":
             layout = "prepared" if (self.root / MANIFEST).is_file() else "files"
         self.layout = layout
+        self.modalities = self.MODALITIES
         self.manifest: dict[str, Any] = {}
         if layout == "prepared":
             self.manifest = read_manifest(self.root, self.name)
             profile = self.manifest["profile"]
             if options.profile != profile["name"]:
                 raise DataError(
-                    f"{self.root} was prepared with audio profile {profile['name']!r}, but data.profile is "
+                    f"{self.root} was prepared with {self.PROFILE_KIND} {profile['name']!r}, but data.profile is "
                     f"{options.profile!r}; prepare again with --profile {options.profile} into another --out"
                 )
             self.profile_params: dict[str, Any] = profile
-            crop = profile.get("crop")
             reader: ClipReader = PreparedReader(self.root)
         else:
-            reader, self.profile_params, crop = self._layout_reader()
+            reader, self.profile_params = self.files_reader()
         listing = self.list_clips()
         self.class_names = listing.classes
         self.num_classes = len(listing.classes)
@@ -324,14 +318,9 @@ class AVDataset(MultimodalDataset):
                     f"{self.root}: no {name} clips found ({len(self.missing[name])} listed, none with their files); "
                     f"run `balancemm data check {self.name} --root {self.root}`"
                 )
-        size = options.image_size
-        self._splits = {
-            name: AVSplit(kept[name], reader, name, frames=options.frames, image_size=size, crop=crop)
-            for name in SPLITS
-        }
+        self._splits = {name: ClipSplit(kept[name], reader, name, self) for name in SPLITS}
         first = self._splits["train"][0]["inputs"]
-        self.modalities = MODALITIES
-        self.input_shapes = {m: tuple(first[m].shape) for m in MODALITIES}
+        self.input_shapes = {m: tuple(first[m].shape) for m in self.modalities}
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -339,15 +328,17 @@ class AVDataset(MultimodalDataset):
     def list_clips(self) -> Listing:
         """The labelled clips of each split (prepared: from the manifest; files: from the user's lists)."""
 
-    def _layout_reader(self) -> tuple[ClipReader, dict[str, Any], int | None]:
-        from balancemm.data.profiles import AUDIO_PROFILES
+    @abstractmethod
+    def files_reader(self) -> tuple[ClipReader, dict[str, Any]]:
+        """The reader of the user's own layout and the profile facts to record for it."""
 
-        opts = self.options
-        profile = AUDIO_PROFILES.get(opts.profile)
-        reader = LayoutReader(self.root, opts.audio_dir, opts.visual_dir, profile)
-        params = profile.params() if profile is not None else {"name": opts.profile}
-        params["note"] = f"files layout: arrays as stored in {opts.audio_dir}; .wav files go through this recipe"
-        return reader, params, profile.crop if profile is not None else None
+    @abstractmethod
+    def to_inputs(self, arrays: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, Tensor]:
+        """A clip's stored arrays → ``{modality: tensor}``; ``rng`` None = evaluation (deterministic)."""
+
+    def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
+        """Rows of the stored array ``key`` (of length n) to load; None = all (not frame-like)."""
+        return None
 
     def carve_val(self, train: list[Clip]) -> tuple[list[Clip], list[Clip]]:
         """Stratified, seeded ``val_fraction`` of train (``data.seed``)."""
@@ -367,12 +358,11 @@ class AVDataset(MultimodalDataset):
             root=str(self.root),
             layout=self.layout,
             split_source=self.split_source,
-            audio_profile=self.profile_params,
-            frames=self.options.frames,
+            profile=self.profile_params,
             missing={k: len(v) for k, v in self.missing.items()},
         )
         if self.manifest:
-            info["prepared_frames"] = self.manifest["frames"]
+            info["prepared"] = {k: v for k, v in self.manifest.items() if k in ("frames", "created", "software")}
         return info
 
     def comparability(self) -> tuple[bool, str]:
@@ -392,6 +382,45 @@ class AVDataset(MultimodalDataset):
         if problems:
             return False, "; ".join(problems)
         return True, f"split and sizes match {self.PUBLISHED_SOURCE}"
+
+
+class AVDataset(ClipDataset):
+    """Audio + visual clips: ``audio [1, F, T]`` (a time window if the profile crops) and ``visual
+    [frames, 3, size, size]`` (segment-rule frames, augmented in training, ImageNet-normalised)."""
+
+    MODALITIES = MODALITIES
+
+    def files_reader(self) -> tuple[ClipReader, dict[str, Any]]:
+        from balancemm.data.profiles import AUDIO_PROFILES
+
+        opts = self.options
+        profile = AUDIO_PROFILES.get(opts.profile)
+        reader = LayoutReader(self.root, opts.audio_dir, opts.visual_dir, profile)
+        params = profile.params() if profile is not None else {"name": opts.profile}
+        params["note"] = f"files layout: arrays as stored in {opts.audio_dir}; .wav files go through this recipe"
+        return reader, params
+
+    def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
+        from balancemm.data.transforms import frame_indices
+
+        return frame_indices(n, self.options.frames, rng) if key == "frames" else None
+
+    def to_inputs(self, arrays: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, Tensor]:
+        from balancemm.data.transforms import frames_to_tensor
+
+        audio = arrays["audio"]
+        crop = self.profile_params.get("crop")
+        if crop is not None and audio.shape[-1] > crop:
+            spare = audio.shape[-1] - crop
+            start = int(rng.integers(0, spare + 1)) if rng is not None else spare // 2
+            audio = audio[..., start : start + crop]
+        return {
+            "audio": torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0),
+            "visual": frames_to_tensor(arrays["frames"], self.options.image_size, rng),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "frames": self.options.frames}
 
 
 def _split_of(name: str) -> SplitName:

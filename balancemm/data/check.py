@@ -22,15 +22,15 @@ def check(name: str, root: str, options: Mapping[str, Any] | None = None, progre
     from tqdm import tqdm
 
     from balancemm.data import create_dataset
-    from balancemm.data.av import AVDataset, AVSplit
+    from balancemm.data.av import ClipDataset, ClipSplit
 
     data = create_dataset(name, None, **{**(options or {}), "root": root})
-    if not isinstance(data, AVDataset):
+    if not isinstance(data, ClipDataset):
         raise DataError(f"dataset {name} has no files to check")
     report: dict[str, Any] = {"splits": {}, "describe": {"name": data.name, **data.describe()}}
     for split_name in SPLITS:
         split = data.split(split_name)
-        assert isinstance(split, AVSplit)
+        assert isinstance(split, ClipSplit)
         unreadable: dict[str, str] = {}
         for i in tqdm(range(len(split)), desc=f"check {split_name}", disable=not progress, file=sys.stderr):
             try:
@@ -58,7 +58,7 @@ def format_check(report: Mapping[str, Any]) -> str:
     info = report["describe"]
     lines = [
         f"{info['name']} at {info['root']} ({info['layout']} layout, "
-        f"audio profile {info['audio_profile'].get('name')}, {info['num_classes']} classes)",
+        f"profile {info['profile'].get('name')}, {info['num_classes']} classes)",
         f"split: {info['split_source']}",
     ]
     splits = report["splits"]

@@ -74,11 +74,11 @@ def test_cremad_csv_split_check_and_one_epoch(cremad: tuple[Path, Path], tmp_pat
     assert not report["comparable"] and "differ in size" in report["why"]  # 24 / 12, not 6,698 / 744
     summary = train_cli("cremad", out, tmp_path / "run", "data.profile=ogmge_stft")
     info = summary["dataset_info"]
-    assert info["audio_profile"]["name"] == "ogmge_stft" and info["layout"] == "prepared"
+    assert info["profile"]["name"] == "ogmge_stft" and info["layout"] == "prepared"
     assert info["sizes"]["test"] == 12 and info["frames"] == 2
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["config"]["data"]["profile"] == "ogmge_stft"
-    assert config["dataset"]["audio_profile"] == {**info["audio_profile"], "n_fft": 512, "hop_length": 353}
+    assert config["dataset"]["profile"] == {**info["profile"], "n_fft": 512, "hop_length": 353}
 
 
 def test_profile_mismatch_and_missing_csv_are_one_clear_error(cremad: tuple[Path, Path], tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_vggsound_raw_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert data.missing["test"] == ["v0t1_11"]
     assert data.split("test")[0]["inputs"]["audio"].shape == (1, 129, 626)  # 5 s of the stored 10 s
     summary = train_cli("vggsound", out, tmp_path / "run")
-    assert summary["dataset_info"]["audio_profile"]["name"] == "vggsound_stft"
+    assert summary["dataset_info"]["profile"]["name"] == "vggsound_stft"
     ok, why = data.comparability()
     assert not ok and "1 test clips are missing" in why
 
