@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--profile", default=None, help="audio profile (default: the dataset's; see `data profiles`)")
     dp.add_argument("--frame-size", type=int, default=224, help="shorter side of the stored frames (default 224)")
     dp.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per CPU core)")
+    dp.add_argument(
+        "--option", dest="options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="dataset-specific settings, e.g. --option tokenizer=DIR (food101)",
+    )  # fmt: skip
     dp.add_argument("--quiet", action="store_true", help="no progress bar")
     dc = dsub.add_parser("check", help="missing or unreadable clips, and whether results stay comparable")
     dc.add_argument("name")
@@ -284,6 +288,12 @@ def _data(args: argparse.Namespace) -> int:
 
     if args.frame_size < 8 or (args.workers is not None and args.workers < 1):
         raise BalanceMMError("--frame-size must be at least 8 and --workers at least 1")
+    options: dict[str, str] = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BalanceMMError(f"--option {item!r}: expected KEY=VALUE, e.g. --option tokenizer=/path/to/bert")
+        options[key] = value
     manifest = prepare(
         args.name,
         args.raw,
@@ -292,6 +302,7 @@ def _data(args: argparse.Namespace) -> int:
         frame_size=args.frame_size,
         workers=args.workers or os.cpu_count() or 1,
         progress=not args.quiet,
+        options=options,
     )
     failed, unmatched = len(manifest["failed"]), len(manifest["unmatched"])
     print(

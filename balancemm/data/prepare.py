@@ -69,6 +69,12 @@ class Preparer(ABC):
     def scan(self, raw: Path) -> RawRelease:
         """List the release's clips; a missing file or folder of the layout is a DataError."""
 
+    def configure(self, options: dict[str, str]) -> Preparer:
+        """A copy set up with ``--option KEY=VALUE`` pairs (e.g. a tokenizer folder); none by default."""
+        if options:
+            raise DataError(f"data prepare {self.dataset} takes no --option (got {', '.join(sorted(options))})")
+        return self
+
     def profile_params(self, name: str) -> dict[str, Any]:
         from balancemm.data.profiles import audio_profile
 
@@ -94,6 +100,7 @@ def prepare(
     frame_size: int = 224,
     workers: int = 1,
     progress: bool = True,
+    options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Prepare ``dataset`` from ``raw`` into ``out``; returns the manifest.
 
@@ -101,6 +108,7 @@ def prepare(
         profile: audio profile name (default: the dataset's).
         frame_size: shorter side, in pixels, of the stored frames (the models crop/resize from it).
         workers: processes decoding clips in parallel (1: in this process).
+        options: dataset-specific settings (``--option KEY=VALUE``), see :meth:`Preparer.configure`.
     """
     from balancemm.data import DATASETS
 
@@ -108,6 +116,7 @@ def prepare(
     preparer: Preparer | None = getattr(cls, "preparer", None)
     if preparer is None:
         raise DataError(f"dataset {dataset} has nothing to prepare (it needs no raw files)")
+    preparer = preparer.configure(dict(options or {}))
     raw, out = Path(raw).expanduser().resolve(), Path(out).expanduser().resolve()
     if not raw.is_dir():
         raise DataError(f"--raw {raw} is not a directory; expected {preparer.layout}")
