@@ -304,10 +304,14 @@ def _data(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         options=options,
     )
+    head = f"prepared {manifest['dataset']} (profile {manifest['profile']['name']}) into {args.out}: "
+    if "clips" not in manifest:  # prepared as whole arrays (CMU-MOSEI)
+        print(head + ", ".join(f"{s} {n:,}" for s, n in manifest["sizes"].items()))
+        return 0
     failed, unmatched = len(manifest["failed"]), len(manifest["unmatched"])
     print(
-        f"prepared {len(manifest['clips']):,} clips of {manifest['dataset']} (audio profile "
-        f"{manifest['profile']['name']}) into {args.out}; {failed:,} failed, {unmatched:,} listed without media"
+        head
+        + f"{len(manifest['clips']):,} clips; {failed:,} failed, {unmatched:,} listed without media"
         + (" (rerun the same command to retry the failed)" if failed else "")
     )
     return 0

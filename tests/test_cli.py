@@ -67,7 +67,10 @@ def test_list_shows_groups_and_papers() -> None:
     ("args", "message"),
     [
         (["--method", "nope"], "unknown method 'nope'; valid: "),
-        (["--method", "baseline", "--dataset", "nope"], "unknown dataset 'nope'; valid: balanced_av, cremad, embedded"),
+        (
+            ["--method", "baseline", "--dataset", "nope"],
+            "unknown dataset 'nope'; valid: balanced_av, cmu_mosei, cremad, embedded",
+        ),
         (
             ["--method", "baseline", "--dataset", "cremad"],
             "data.root is not set: prepare the data with `balancemm data",

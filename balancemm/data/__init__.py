@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from balancemm.data import balanced_av as _balanced_av  # noqa: F401  (registers balanced_av)
+from balancemm.data import cmu_mosei as _cmu_mosei  # noqa: F401  (registers cmu_mosei)
 from balancemm.data import cremad as _cremad  # noqa: F401  (registers cremad)
 from balancemm.data import embedded as _embedded  # noqa: F401  (registers embedded, embedded3)
 from balancemm.data import kinetics_sounds as _kinetics_sounds  # noqa: F401  (registers kinetics_sounds)

@@ -88,6 +88,11 @@ class MultimodalDataset(ABC):
     @abstractmethod
     def split(self, name: SplitName) -> Split: ...
 
+    def eval_subsets(self, split: SplitName) -> dict[str, Tensor]:
+        """Named row subsets of ``split`` also scored at test time (e.g. CMU-MOSEI's non-zero Acc-2):
+        ``{name: [K] row indices}``; none by default."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Facts recorded in every run's summary: sizes, modalities, classes."""
         return {

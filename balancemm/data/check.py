@@ -22,30 +22,30 @@ def check(name: str, root: str, options: Mapping[str, Any] | None = None, progre
     from tqdm import tqdm
 
     from balancemm.data import create_dataset
-    from balancemm.data.av import ClipDataset, ClipSplit
 
     data = create_dataset(name, None, **{**(options or {}), "root": root})
-    if not isinstance(data, ClipDataset):
+    comparability = getattr(data, "comparability", None)
+    if comparability is None:
         raise DataError(f"dataset {name} has no files to check")
+    listed: dict[str, int] = getattr(data, "listed", {})
     report: dict[str, Any] = {"splits": {}, "describe": {"name": data.name, **data.describe()}}
     for split_name in SPLITS:
         split = data.split(split_name)
-        assert isinstance(split, ClipSplit)
+        ids = [c.id for c in split.clips] if hasattr(split, "clips") else [str(i) for i in range(len(split))]
         unreadable: dict[str, str] = {}
         for i in tqdm(range(len(split)), desc=f"check {split_name}", disable=not progress, file=sys.stderr):
             try:
                 split.load(i, None)
             except BalanceMMError as exc:
-                unreadable[split.clips[i].id] = str(exc)
-        missing = data.missing.get(split_name, [])
+                unreadable[ids[i]] = str(exc)
         report["splits"][split_name] = {
-            "listed": data.listed.get(split_name, len(split)),
-            "carved": split_name not in data.listed,  # validation carved from train
+            "listed": listed.get(split_name, len(split)),
+            "carved": bool(listed) and split_name not in listed,  # validation carved from train
             "present": len(split) - len(unreadable),
-            "missing": missing,
+            "missing": getattr(data, "missing", {}).get(split_name, []),
             "unreadable": unreadable,
         }
-    comparable, why = data.comparability()
+    comparable, why = comparability()
     bad = sum(len(s["unreadable"]) for s in report["splits"].values())
     if bad:
         comparable, why = False, f"{bad} clips are unreadable; prepare them again" + ("" if comparable else f"; {why}")

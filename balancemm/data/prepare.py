@@ -58,22 +58,33 @@ class RawRelease:
     unmatched: dict[str, str] = field(default_factory=dict)  # listed clip → why it has no media
 
 
-class Preparer(ABC):
-    """How one dataset's raw release becomes arrays. Instances must be importable by workers."""
+class ReleasePreparer(ABC):
+    """How one dataset's raw release becomes model-ready data. Attached to the dataset class as
+    ``preparer``; instances travel to worker processes, so they hold only plain settings."""
 
     dataset: str
     default_profile: str
     layout: str  # the raw layout, in words, for error messages and the docs
 
-    @abstractmethod
-    def scan(self, raw: Path) -> RawRelease:
-        """List the release's clips; a missing file or folder of the layout is a DataError."""
-
-    def configure(self, options: dict[str, str]) -> Preparer:
+    def configure(self, options: dict[str, str]) -> ReleasePreparer:
         """A copy set up with ``--option KEY=VALUE`` pairs (e.g. a tokenizer folder); none by default."""
         if options:
             raise DataError(f"data prepare {self.dataset} takes no --option (got {', '.join(sorted(options))})")
         return self
+
+    @abstractmethod
+    def prepare_all(
+        self, raw: Path, out: Path, *, profile: str, frame_size: int, workers: int, progress: bool
+    ) -> dict[str, Any]:
+        """Write ``out`` (restartably, manifest last) and return the manifest."""
+
+
+class Preparer(ReleasePreparer):
+    """A release of clips, prepared clip by clip: ``scan`` lists them, ``process`` turns one into arrays."""
+
+    @abstractmethod
+    def scan(self, raw: Path) -> RawRelease:
+        """List the release's clips; a missing file or folder of the layout is a DataError."""
 
     def profile_params(self, name: str) -> dict[str, Any]:
         from balancemm.data.profiles import audio_profile
@@ -89,6 +100,42 @@ class Preparer(ABC):
         wave = decode_audio(clip.audio or clip.video, recipe.sample_rate)
         frames = decode_frames(clip.video, FRAME_RATE, short_side)
         return {"audio": recipe(wave).astype(np.float32), "frames": frames}
+
+    def prepare_all(
+        self, raw: Path, out: Path, *, profile: str, frame_size: int, workers: int, progress: bool
+    ) -> dict[str, Any]:
+        params = {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "profile": self.profile_params(profile),
+            "frames": {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"},
+            "audio_dtype": "float32",
+        }
+        release = self.scan(raw)  # before touching --out: a wrong --raw leaves nothing behind
+        if not release.clips:
+            raise DataError(f"{raw}: no clips found; expected {self.layout}")
+        claim(out, params)
+        clips_dir = out / CLIPS_DIR
+        for stale in clips_dir.glob("*.partial*"):  # left by a killed run
+            stale.unlink()
+        todo = [c for c in release.clips if not (clips_dir / f"{c.id}.npz").is_file()]
+        failed = _run(self, todo, profile, frame_size, clips_dir, workers, progress)
+        done = {c.id for c in release.clips if (clips_dir / f"{c.id}.npz").is_file()}
+        labels = {c.id: c.label for c in release.clips}
+        manifest = {
+            **params,
+            "raw": str(raw),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "software": versions(),
+            "classes": release.classes,
+            "clips": [[i, labels[i]] for i in sorted(done)],
+            "split_source": release.split_source,
+            "splits": {s: [list(row) for row in rows] for s, rows in release.splits.items()},
+            "failed": dict(sorted(failed.items())),
+            "unmatched": dict(sorted(release.unmatched.items())),
+        }
+        write_json(out / MANIFEST, manifest)
+        return manifest
 
 
 def prepare(
@@ -113,7 +160,7 @@ def prepare(
     from balancemm.data import DATASETS
 
     cls = DATASETS.get(dataset)
-    preparer: Preparer | None = getattr(cls, "preparer", None)
+    preparer: ReleasePreparer | None = getattr(cls, "preparer", None)
     if preparer is None:
         raise DataError(f"dataset {dataset} has nothing to prepare (it needs no raw files)")
     preparer = preparer.configure(dict(options or {}))
@@ -122,42 +169,12 @@ def prepare(
         raise DataError(f"--raw {raw} is not a directory; expected {preparer.layout}")
     if out == raw:
         raise DataError("--out must differ from --raw")
-    profile = profile or preparer.default_profile
-    params = {
-        "format": FORMAT,
-        "dataset": cls.name,
-        "profile": preparer.profile_params(profile),
-        "frames": {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"},
-        "audio_dtype": "float32",
-    }
-    release = preparer.scan(raw)  # before touching --out: a wrong --raw leaves nothing behind
-    if not release.clips:
-        raise DataError(f"{raw}: no clips found; expected {preparer.layout}")
-    _claim(out, params)
-    clips_dir = out / CLIPS_DIR
-    for stale in clips_dir.glob("*.partial*"):  # left by a killed run
-        stale.unlink()
-    todo = [c for c in release.clips if not (clips_dir / f"{c.id}.npz").is_file()]
-    failed = _run(preparer, todo, profile, frame_size, clips_dir, workers, progress)
-    done = {c.id for c in release.clips if (clips_dir / f"{c.id}.npz").is_file()}
-    labels = {c.id: c.label for c in release.clips}
-    manifest = {
-        **params,
-        "raw": str(raw),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": _versions(),
-        "classes": release.classes,
-        "clips": [[i, labels[i]] for i in sorted(done)],
-        "split_source": release.split_source,
-        "splits": {s: [list(row) for row in rows] for s, rows in release.splits.items()},
-        "failed": dict(sorted(failed.items())),
-        "unmatched": dict(sorted(release.unmatched.items())),
-    }
-    _write_json(out / MANIFEST, manifest)
-    return manifest
+    return preparer.prepare_all(
+        raw, out, profile=profile or preparer.default_profile, frame_size=frame_size, workers=workers, progress=progress
+    )
 
 
-def _claim(out: Path, params: dict[str, Any]) -> None:
+def claim(out: Path, params: dict[str, Any]) -> None:
     """Create ``out`` or check that it holds a prepare with the same parameters (a restart)."""
     pinned = out / PARAMS
     if pinned.is_file():
@@ -172,7 +189,7 @@ def _claim(out: Path, params: dict[str, Any]) -> None:
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no prepare; choose an empty or new folder")
     (out / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json(pinned, params)
+    write_json(pinned, params)
 
 
 def _run(
@@ -229,13 +246,13 @@ def prepare_clip(
     return clip.id, None
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import torch
 
     from balancemm import __version__

@@ -372,6 +372,11 @@ class Trainer:
         method.load_state_dict(best["method"])
         test = evaluate(method, self._eval_batches("test"), self.data.num_classes)
         run.append_record(self._record("test", self.best["epoch"], test))
+        subsets = {}
+        for name, rows in self.data.eval_subsets("test").items():
+            batches = Batches(self.data.split("test"), self.cfg.train.eval_batch_size, subset=rows, device=self.device)
+            scored = evaluate(method, batches, self.data.num_classes, shapley=False)
+            subsets[name] = {k: scored[k] for k in ("num_samples", "accuracy", "macro_f1")}
         peak, peak_kind = _peak_memory_mb(self.device)
         params = sum(p.numel() for p in method.parameters())
         summary = {
@@ -387,7 +392,10 @@ class Trainer:
             "selected_epoch": self.best["epoch"],
             "selection": {"split": "val", "metric": cfg.train.select_metric, "value": self.best["value"]},
             "used_validation_in_training": self.ctx.used_val,
-            "test": {k: test[k] for k in ("num_samples", "loss", "accuracy", "macro_f1", "per_modality")},
+            "test": {
+                **{k: test[k] for k in ("num_samples", "loss", "accuracy", "macro_f1", "per_modality")},
+                **({"subsets": subsets} if subsets else {}),
+            },
             "shapley": test["shapley"],
             "coalition_values": test["coalition_values"],
             "imbalance": test["imbalance"],

@@ -83,6 +83,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from balancemm.config import rng
 from balancemm.data.batch import Batch
@@ -139,7 +140,10 @@ def alpha_signal(model: MultimodalClassifier, batch: Batch, alpha_cls: float, al
     """
     params = [p for p in model.parameters() if p.requires_grad]
     first = next(p for p in model.modality_parameters(model.modalities[0]) if p.requires_grad)
-    ce, align = objective_terms(model(batch), batch.label, model.modalities, kind)
+    # A Hessian-vector product differentiates twice; the fused attention kernels (Transformer
+    # encoders) have no double backward, the reference attention does.
+    with sdpa_kernel(SDPBackend.MATH):
+        ce, align = objective_terms(model(batch), batch.label, model.modalities, kind)
     g = torch.autograd.grad(alpha_cls * ce + alpha_al * align, params, create_graph=True, allow_unused=True)
     g_c = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
     # A parameter whose gradient is constant (or absent) contributes nothing to ∇_θ⟨g, g_c⟩.

@@ -143,7 +143,11 @@ def test_corrupt_media_is_named_and_the_rest_prepared(tmp_path: Path, capsys: py
     assert code == 0
     captured = capsys.readouterr()
     assert f"skipped {bad_video}" in captured.err and f"{ids[1]}.wav" in captured.err
-    assert "prepared 21 clips of cremad" in captured.out and "2 failed, 1 listed without media" in captured.out
+    assert (
+        "prepared cremad (profile ogmge_stft)" in captured.out
+        and "21 clips" in captured.out
+        and "2 failed, 1 listed without media" in captured.out
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert set(manifest["failed"]) == {ids[0], ids[1]} and set(manifest["unmatched"]) == {ids[2]}
     # check names what the split lists but the prepared data lacks

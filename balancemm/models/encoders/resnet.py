@@ -7,16 +7,29 @@
   average pool), so frames are mean-pooled.
 
 Module names follow the usual ResNet layout (``conv1``, ``bn1``, ``layer1``…``layer4``) so that
-standard checkpoints map onto it.
+standard checkpoints map onto it: ``pretrained`` loads a local torchvision ResNet-18 state dict
+(``resnet18-f37072fd.pth``), without its ``fc``. Its RGB stem is adapted to other channel counts by
+TSN's cross-modality initialisation (Wang et al., "Temporal Segment Networks", ECCV 2016): the filters
+averaged over R, G, B and repeated once per input channel (1 for a spectrogram, 2 for optical flow).
+The weights expect ImageNet-normalised RGB; normalising the inputs is the dataset's job.
+
+Deviations from BalanceMM: BalanceMM loads its checkpoint with ``strict=False``, which silently skips
+missing or misnamed keys yet still fails on the 1-channel audio stem, and drops the flow stem (random
+init). Here every key must match except ``fc.*`` (one ConfigError naming the file and the key), and
+1- and 2-channel stems start from the RGB filters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from balancemm.config import rng
+from balancemm.errors import ConfigError
 from balancemm.models.encoders.base import Encoder
 from balancemm.registry import ENCODERS
 
@@ -24,6 +37,11 @@ from balancemm.registry import ENCODERS
 @dataclass(frozen=True)
 class ResNet18Options:
     width: int = field(default=64, metadata=rng(ge=1))  # stem width; 64 is ResNet-18, tests use less
+    pretrained: str = ""  # a local torchvision-format ResNet-18 state dict (.pth); "" = from scratch
+
+    def _validate(self, path: str) -> None:
+        if self.pretrained and self.width != 64:
+            raise ConfigError(f"{path}.pretrained needs {path}.width 64 (ResNet-18's), got {self.width}")
 
 
 class BasicBlock(nn.Module):
@@ -71,6 +89,10 @@ class ResNet18(Encoder):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if options.pretrained:
+            if w != 64:
+                raise ConfigError(f"resnet18.pretrained needs width 64 (ResNet-18's), got {w}")
+            self.load_state_dict(torchvision_state(options.pretrained, self.state_dict()))
 
     def enter(self, x: Tensor) -> Tensor:
         if self.frames:
@@ -83,3 +105,40 @@ class ResNet18(Encoder):
     def exit(self, h: Tensor, batch_size: int) -> Tensor:
         # Mean over (time ×) space: for frames, the [B·T, C, h, w] map is pooled per clip.
         return h.reshape(batch_size, -1, h.shape[1], h.shape[2] * h.shape[3]).mean(dim=(1, 3))
+
+
+def torchvision_state(path: str, own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A full state dict for our ResNet-18 (``own``: its current state) from a torchvision checkpoint.
+
+    Accepts a plain state dict or ``{"state_dict": ...}``, with or without DataParallel's ``module.``
+    prefix; drops ``fc.*``; keeps ``own``'s ``num_batches_tracked`` where the checkpoint predates them.
+    A 3-channel ``conv1`` is adapted to ``own``'s channel count C: the mean over RGB, repeated C times.
+    Anything else that does not match is a ConfigError naming the file and the key.
+    """
+    where = f"resnet18.pretrained {path!r}"
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"{where} is not a file (expected a torchvision ResNet-18 .pth state dict)")
+    try:
+        raw = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, not a checkpoint…: the types vary
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where} is not a readable PyTorch checkpoint: {reason}") from None
+    if isinstance(raw, Mapping) and "state_dict" in raw:
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise ConfigError(f"{where} is not a state dict of tensors")
+    state = {str(k).removeprefix("module."): v for k, v in raw.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ConfigError(f"{where}: unexpected key {unexpected[0]} (not a ResNet-18 state dict?)")
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]}")
+    stem, channels = state["conv1.weight"], own["conv1.weight"].shape[1]
+    if stem.dim() == 4 and stem.shape[1] == 3 and channels != 3:  # TSN: RGB mean, once per channel
+        state["conv1.weight"] = stem.mean(dim=1, keepdim=True).repeat(1, channels, 1, 1)
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ConfigError(f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    return {**own, **state}

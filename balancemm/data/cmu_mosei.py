@@ -1,0 +1,231 @@
+"""CMU-MOSEI (Zadeh et al., ACL 2018) sentiment, as the MulT pickles (Tsai et al., ACL 2019) ship it.
+
+``mosei_senti_data.pkl`` (word-aligned) and ``mosei_senti_data_noalign.pkl`` (unaligned) hold
+``{"train" | "valid" | "test": {"text": [N, Tt, 300] GloVe, "audio": [N, Ta, 74] COVAREP,
+"vision": [N, Tv, 35] FACET, "labels": [N, 1, 1] sentiment in [-3, 3], "id": ...}}``; the official
+split is train / valid / test (16,326 / 1,871 / 4,659). The first real three-modality dataset.
+
+**Labels.** Binary, as BalanceMM trains it. Two Acc-2 conventions are in use (specs/datasets.md §3.4):
+*non-negative* (score ≥ 0 is positive, every sample counts: BalanceMM's) and *non-zero* (samples
+scored exactly 0 are left out, positive = score > 0: MulT / MMSA papers). With ``data.zero:
+positive`` (default) the model trains on the non-negative labels and every run reports both: the
+usual accuracy is non-negative Acc-2 and ``test.subsets.nonzero`` is non-zero Acc-2 (on the samples
+with a non-zero score the two label rules agree, so it is the same predictions scored on fewer
+samples). ``data.zero: drop`` removes zero-scored samples from every split.
+
+**Features** are used as released, except that non-finite values (COVAREP has ``-inf``) become 0, as
+BalanceMM does. ``vision`` is renamed ``visual`` like every other dataset here.
+
+``balancemm data prepare cmu_mosei --raw DIR --out DIR [--profile unaligned|aligned]`` copies the
+pickle into one ``.npy`` per split and modality (memory-mapped when loading, so the 6 GB unaligned
+set does not have to fit in memory) plus a manifest. ``data.root`` may also point straight at the
+folder holding the pickle (loaded into memory).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from balancemm.config import rng
+from balancemm.data.av import MANIFEST, PARAMS, read_manifest
+from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName
+from balancemm.data.prepare import ReleasePreparer, claim, versions, write_json
+from balancemm.errors import DataError
+from balancemm.registry import DATASETS
+
+PICKLES = {"unaligned": "mosei_senti_data_noalign.pkl", "aligned": "mosei_senti_data.pkl"}
+MODALITY_KEYS = {"audio": "audio", "text": "text", "visual": "vision"}  # ours → the pickle's
+SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
+CLASSES = ("negative", "non-negative")
+
+
+@dataclass(frozen=True)
+class CmuMoseiOptions:
+    root: str = ""  # a prepared folder, or the folder holding the MulT pickle
+    # Which pickle: "unaligned" (BalanceMM's default) or "aligned" (word-aligned, 50 steps each).
+    profile: Literal["unaligned", "aligned"] = "unaligned"
+    zero: Literal["positive", "drop"] = "positive"  # samples scored 0: non-negative Acc-2, or left out
+    max_len: int = field(default=0, metadata=rng(ge=0))  # keep the last max_len steps (0 = all)
+
+
+class ArraySplit(Split):
+    """A split of stacked arrays (memory-mapped or in memory), sliced per batch."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], scores: np.ndarray, rows: np.ndarray, max_len: int) -> None:
+        self.modalities = tuple(sorted(arrays))
+        self.arrays, self.rows, self.max_len = arrays, rows, max_len
+        self.scores = torch.from_numpy(np.asarray(scores[rows], dtype=np.float32))
+        self.labels = (self.scores >= 0).long()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        inputs = self.get_batch(torch.tensor([i]))
+        return {"inputs": {m: x[0] for m, x in inputs.items()}, "label": int(self.labels[i]), "index": i}
+
+    def get_batch(self, index: Tensor) -> dict[str, Tensor]:
+        rows = self.rows[index.numpy()]
+        out = {}
+        for m, arr in self.arrays.items():
+            x = np.asarray(arr[rows], dtype=np.float32)
+            if self.max_len:
+                x = x[:, -self.max_len :]  # MulT pads at the front: the last steps carry the utterance
+            out[m] = torch.from_numpy(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+        return out
+
+
+def read_pickle(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; CMU-MOSEI needs MulT's {' or '.join(PICKLES.values())}")
+    try:
+        with open(path, "rb") as f:  # the user's own file; pickles run code, so only load trusted copies
+            data = pickle.load(f)
+        for split in SPLIT_KEYS.values():
+            for key in (*MODALITY_KEYS.values(), "labels"):
+                np.asarray(data[split][key])
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a MulT CMU-MOSEI pickle ({type(exc).__name__}: {exc})") from None
+    return dict(data)
+
+
+@DATASETS.register("cmu_mosei", modality_count=3, needs_files=True, aliases=("mosei",), description="CMU-MOSEI")
+class CmuMosei(MultimodalDataset):
+    """Text, audio and visual feature sequences ``[T, D]``; binary sentiment."""
+
+    Options = CmuMoseiOptions
+    name = "cmu_mosei"
+    class_names = CLASSES
+    num_classes = 2
+    preparer: ClassVar[ReleasePreparer]  # set below: one pickle, not clips
+    PUBLISHED: ClassVar[dict[str, int]] = {"train": 16326, "val": 1871, "test": 4659}
+
+    @classmethod
+    def modalities_for(cls, options: Any) -> tuple[str, ...]:
+        return tuple(sorted(MODALITY_KEYS))
+
+    def __init__(self, options: CmuMoseiOptions) -> None:
+        self.options = options
+        if not options.root:
+            raise DataError(
+                "data.root is not set: point it at the folder holding MulT's mosei_senti_data(_noalign).pkl, "
+                "or at the output of `balancemm data prepare cmu_mosei`"
+            )
+        root = Path(options.root).expanduser()
+        if (root / PARAMS).is_file() and not (root / MANIFEST).is_file():
+            raise DataError(f"{root} is an unfinished prepare; rerun the same `balancemm data prepare` command")
+        self.root, self.modalities = root, self.modalities_for(options)
+        if (root / MANIFEST).is_file():
+            self.layout, self.manifest = "prepared", read_manifest(root, self.name)
+            if self.manifest["profile"]["name"] != options.profile:
+                raise DataError(
+                    f"{root} was prepared from the {self.manifest['profile']['name']} pickle, but data.profile is "
+                    f"{options.profile!r}; prepare the other pickle into another --out"
+                )
+            arrays = {
+                s: {m: np.load(root / f"{s}_{m}.npy", mmap_mode="r") for m in (*self.modalities, "scores")}
+                for s in SPLITS
+            }
+        else:
+            self.layout, self.manifest = "files", {}
+            data = read_pickle(root / PICKLES[options.profile])
+            arrays = {
+                s: {
+                    **{m: np.asarray(data[SPLIT_KEYS[s]][k]) for m, k in MODALITY_KEYS.items()},
+                    "scores": np.asarray(data[SPLIT_KEYS[s]]["labels"], dtype=np.float32).reshape(-1),
+                }
+                for s in SPLITS
+            }
+        self._splits: dict[str, ArraySplit] = {}
+        self.dropped: dict[str, int] = {}
+        for s in SPLITS:
+            scores = np.asarray(arrays[s]["scores"]).reshape(-1)
+            keep = np.flatnonzero(scores != 0) if options.zero == "drop" else np.arange(scores.shape[0])
+            self.dropped[s] = int(scores.shape[0] - keep.shape[0])
+            feats = {m: arrays[s][m] for m in self.modalities}
+            self._splits[s] = ArraySplit(feats, scores, keep, options.max_len)
+        first = self._splits["train"][0]["inputs"]
+        self.input_shapes = {m: tuple(first[m].shape) for m in self.modalities}
+
+    def split(self, name: SplitName) -> Split:
+        return self._splits[name]
+
+    def eval_subsets(self, split: SplitName) -> dict[str, Tensor]:
+        if self.options.zero == "drop":
+            return {}
+        return {"nonzero": torch.nonzero(self._splits[split].scores != 0).flatten()}
+
+    def comparability(self) -> tuple[bool, str]:
+        """Published numbers use the full official splits (``balancemm data check``)."""
+        sizes = {s: len(self._splits[s]) + self.dropped[s] for s in SPLITS}
+        if sizes != self.PUBLISHED:
+            return False, f"split sizes {sizes} differ from the official {self.PUBLISHED}"
+        if self.options.zero == "drop":
+            return True, "official splits; zero-scored samples dropped: compare with non-zero Acc-2 only"
+        return True, "official splits: compare accuracy with non-negative Acc-2, test.subsets.nonzero with non-zero"
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            root=str(self.root),
+            layout=self.layout,
+            profile={"name": self.options.profile, "pickle": PICKLES[self.options.profile]},
+            split_source="official MulT train / valid / test",
+            acc2={
+                "accuracy": "non-negative Acc-2 (score >= 0 is positive, zeros counted)"
+                if self.options.zero == "positive"
+                else "non-zero Acc-2 (zero-scored samples dropped from every split)",
+                "subsets.nonzero": "non-zero Acc-2 (zero-scored test samples left out)",
+            },
+            zero_scored_dropped=self.dropped,
+        )
+        return info
+
+
+class CmuMoseiPreparer(ReleasePreparer):
+    """``data prepare cmu_mosei``: the pickle → ``<split>_<modality>.npy`` float32 + ``manifest.json``."""
+
+    dataset = "cmu_mosei"
+    default_profile = "unaligned"
+    layout = "MulT's mosei_senti_data_noalign.pkl (or mosei_senti_data.pkl for --profile aligned)"
+
+    def prepare_all(
+        self, raw: Path, out: Path, *, profile: str, frame_size: int, workers: int, progress: bool
+    ) -> dict[str, Any]:
+        if profile not in PICKLES:
+            raise DataError(f"unknown CMU-MOSEI profile {profile!r}; choose {' or '.join(PICKLES)}")
+        data = read_pickle(raw / PICKLES[profile])  # before touching --out
+        params = {"dataset": self.dataset, "profile": {"name": profile, "pickle": PICKLES[profile], "version": 1}}
+        claim(out, params)
+        sizes = {}
+        for s, key in SPLIT_KEYS.items():
+            named = {m: data[key][k] for m, k in MODALITY_KEYS.items()}
+            named["scores"] = np.asarray(data[key]["labels"], dtype=np.float32).reshape(-1)
+            for m, arr in named.items():
+                partial = out / f"{s}_{m}.npy.partial"
+                with open(partial, "wb") as f:  # a file object, so numpy does not append its own suffix
+                    np.save(f, np.asarray(arr, dtype=np.float32))
+                os.replace(partial, out / f"{s}_{m}.npy")
+            sizes[s] = int(named["scores"].shape[0])
+            if progress:
+                print(f"prepare cmu_mosei: {s} written ({sizes[s]:,} samples)", file=sys.stderr)
+        manifest = {
+            **params,
+            "raw": str(raw),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "software": versions(),
+            "sizes": sizes,
+            "shapes": {m: list(np.asarray(data["train"][k]).shape[1:]) for m, k in MODALITY_KEYS.items()},
+        }
+        write_json(out / MANIFEST, manifest)
+        return manifest
+
+
+CmuMosei.preparer = CmuMoseiPreparer()
