@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--dataset", default="embedded", help="registry name (default: embedded)")
     be.add_argument("--seeds", type=int, default=3)
+    be.add_argument(
+        "--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="config keys for every job, e.g. --set data.root=data/cremad",
+    )  # fmt: skip
     be.add_argument("--root", default="runs/bench", help="where the job directories go (default: runs/bench)")
     be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
     be.add_argument("--report", default="reports/bench", help="where the report goes (default: reports/bench)")
@@ -188,7 +192,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    raw = {"methods": "all", "datasets": args.dataset, "seeds": args.seeds, "trials": 1, "probe": True}
+    raw = {
+        "methods": "all",
+        "datasets": args.dataset,
+        "seeds": args.seeds,
+        "trials": 1,
+        "probe": True,
+        "sets": args.sets,
+    }
     code = _run_sweep(raw, "bench", args, launcher="local", address=None)
     if code != 0 or args.dry_run:
         return code

@@ -144,7 +144,7 @@ def _trials(method: str, spec: SweepSpec) -> list[dict[str, Any]]:
 def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
     """Every job of the sweep, resolved and validated, in a stable order; duplicates removed."""
     from balancemm.api import default_out
-    from balancemm.data import create_dataset
+    from balancemm.data import DATASETS
     from balancemm.methods import METHODS
 
     methods = [m for m in METHODS.names() if m != "unimodal"] + ["unimodal"] if "all" in spec.methods else spec.methods
@@ -159,7 +159,9 @@ def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
             else:
                 settings = list(enumerate(_trials(method, spec)))
             if method == "unimodal":
-                settings = [(0, {"modality": m}) for m in create_dataset(dataset).modalities]
+                # Known from the options alone: planning must not load a real dataset.
+                data = resolve_config("baseline", dataset, sets=spec.sets).data
+                settings = [(0, {"modality": m}) for m in DATASETS.get(dataset).modalities_for(data)]
             for trial, hp in settings:
                 for seed in spec.seeds:
                     cfg = resolve_config(method, dataset, sets=spec.sets, overrides={"method": hp}, seed=seed)
