@@ -279,11 +279,20 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "profiles":
         import json
 
+        from balancemm.data.flow import FLOW_PROFILES
+        from balancemm.data.food101 import CLEANING, TEXT_PROFILES
         from balancemm.data.profiles import AUDIO_PROFILES
 
+        print("audio (cremad, kinetics_sounds, vggsound; balanced_av ships its own: released)")
         for name, prof in AUDIO_PROFILES.items():
-            print(f"{name}: {prof.description}")
-            print(f"    {json.dumps(prof.params(), sort_keys=True)}")
+            print(f"  {name}: {prof.description}\n      {json.dumps(prof.params(), sort_keys=True)}")
+        print("optical flow (ucf101)")
+        for name, flow in FLOW_PROFILES.items():
+            print(f"  {name}: {flow.description}\n      {json.dumps(flow.params(), sort_keys=True)}")
+        print("text (food101; the tokenizer folder comes from --option tokenizer=DIR)")
+        for name, length in TEXT_PROFILES.items():
+            print(f"  {name}: a BERT tokenizer, {length} tokens; {CLEANING}")
+        print("features (cmu_mosei): unaligned, aligned (which MulT pickle)")
         return 0
     if args.data_command == "check":
         from balancemm.config import parse_sets

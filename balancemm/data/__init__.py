@@ -8,7 +8,9 @@ from balancemm.data import balanced_av as _balanced_av  # noqa: F401  (registers
 from balancemm.data import cmu_mosei as _cmu_mosei  # noqa: F401  (registers cmu_mosei)
 from balancemm.data import cremad as _cremad  # noqa: F401  (registers cremad)
 from balancemm.data import embedded as _embedded  # noqa: F401  (registers embedded, embedded3)
+from balancemm.data import food101 as _food101  # noqa: F401  (registers food101)
 from balancemm.data import kinetics_sounds as _kinetics_sounds  # noqa: F401  (registers kinetics_sounds)
+from balancemm.data import ucf101 as _ucf101  # noqa: F401  (registers ucf101)
 from balancemm.data import vggsound as _vggsound  # noqa: F401  (registers vggsound)
 from balancemm.data.base import SPLITS, InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan

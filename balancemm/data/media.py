@@ -167,16 +167,40 @@ def decode_frames(path: str | Path, fps: float = 1.0, short_side: int | None = N
         MediaError: missing file, no video stream, no frame, corrupt or truncated data (also when some
         frames were decoded before the error).
     """
+    kept, _ = _decode_frames(Path(path), fps, short_side, successors=False)
+    return kept
+
+
+def decode_frame_pairs(
+    path: str | Path, fps: float = 1.0, short_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frames :func:`decode_frames` keeps, and the decoded frame right after each (optical flow).
+
+    Returns:
+        ``(frames, successors)``, both ``[T, H, W, 3]`` uint8 RGB; a kept frame that is the video's last
+        has no successor and is left out.
+    Raises:
+        MediaError: as :func:`decode_frames`, and for a video of a single frame.
+    """
+    kept, after = _decode_frames(Path(path), fps, short_side, successors=True)
+    assert after is not None
+    return kept, after
+
+
+def _decode_frames(
+    path: Path, fps: float, short_side: int | None, successors: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     if fps <= 0:
         raise ValueError(f"decode_frames: fps must be positive, got {fps}")
-    path = Path(path)
     kept: list[np.ndarray] = []
+    after: list[np.ndarray] = []
     with _opened(path, "video") as container:
         if not container.streams.video:
             raise MediaError(f"{path}: no video stream")
         stream = container.streams.video[0]
         first = last = None
         next_k = 0
+        waiting = False  # the previous frame was kept and waits for its successor
         for index, frame in enumerate(container.decode(stream)):
             # A frame without a timestamp (raw elementary streams) falls back on its index at the declared
             # rate, or at 25 fps, FFmpeg's own assumption for such streams.
@@ -185,20 +209,30 @@ def decode_frames(path: str | Path, fps: float = 1.0, short_side: int | None = N
             last = t
             elapsed = t - first
             # 1e-6 s of slack: millisecond time bases put the 25 fps frame at 1 s on exactly 1.000.
-            if elapsed * fps >= next_k - 1e-6:
-                image = frame.to_image()
-                if short_side is not None:
-                    image = _resize_short_side(image, short_side)
-                kept.append(np.asarray(image, dtype=np.uint8))
+            keep = elapsed * fps >= next_k - 1e-6
+            if not (keep or waiting):
+                continue
+            image = frame.to_image()
+            if short_side is not None:
+                image = _resize_short_side(image, short_side)
+            pixels = np.asarray(image, dtype=np.uint8)
+            if waiting:
+                after.append(pixels)
+            if keep:
+                kept.append(pixels)
                 next_k = int(np.floor(elapsed * fps + 1e-6)) + 1
+            waiting = keep and successors
+        if waiting:
+            kept.pop()
         if not kept or first is None or last is None:
-            raise MediaError(f"{path}: no video frame")
+            what = "fewer than two video frames (optical flow needs a frame pair)" if successors else "no video frame"
+            raise MediaError(f"{path}: {what}")
         period = 1 / float(stream.average_rate) if stream.average_rate else 0.0
         _check_complete(path, container, stream, last - first + period, "video")
-    if len({f.shape for f in kept}) > 1:
-        sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in kept})
+    if len({f.shape for f in kept + after}) > 1:
+        sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in kept + after})
         raise MediaError(f"{path}: the frame size changes within the video ({', '.join(sizes)})")
-    return np.stack(kept)
+    return np.stack(kept), np.stack(after) if successors else None
 
 
 def decode_image(data: bytes | str | Path, short_side: int | None = None, *, name: str | None = None) -> np.ndarray:

@@ -91,6 +91,13 @@ class Preparer(ReleasePreparer):
 
         return audio_profile(name).params()
 
+    def storage(self, frame_size: int) -> dict[str, Any]:
+        """What each stored array holds, for the manifest (audio-visual clips by default)."""
+        return {
+            "frames": {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"},
+            "audio": {"dtype": "float32", "layout": "the profile's output_shape"},
+        }
+
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
         """``{"audio": [F, T] float32, "frames": [T, H, W, 3] uint8}`` for one clip."""
         from balancemm.data.media import decode_audio, decode_frames
@@ -108,8 +115,7 @@ class Preparer(ReleasePreparer):
             "format": FORMAT,
             "dataset": self.dataset,
             "profile": self.profile_params(profile),
-            "frames": {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"},
-            "audio_dtype": "float32",
+            **self.storage(frame_size),
         }
         release = self.scan(raw)  # before touching --out: a wrong --raw leaves nothing behind
         if not release.clips:
@@ -228,6 +234,12 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # the parallelism is across clips
+    try:  # OpenCV (optical flow) has its own thread pool
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
 
 
 def prepare_clip(
@@ -240,8 +252,9 @@ def prepare_clip(
         return clip.id, str(exc)
     final = clips_dir / f"{clip.id}.npz"
     partial = clips_dir / f"{clip.id}.npz.partial{os.getpid()}"
+    named: dict[str, Any] = dict(arrays)  # the arrays' names become the npz keys
     with open(partial, "wb") as f:  # a file object, so numpy does not append its own suffix
-        np.savez(f, audio=arrays["audio"], frames=arrays["frames"])
+        np.savez(f, **named)
     os.replace(partial, final)
     return clip.id, None
 

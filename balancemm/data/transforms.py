@@ -46,7 +46,7 @@ def frame_indices(n: int, k: int, rng: np.random.Generator | None) -> list[int]:
     return [i * seg + int(o) for i, o in enumerate(offsets)]
 
 
-def _crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of a crop covering a random
     8–100 % of the area with a log-uniform aspect ratio in [3/4, 4/3]; after 10 failed draws, the largest
     central crop whose ratio is within bounds."""
@@ -91,7 +91,7 @@ def frames_to_tensor(frames: np.ndarray, size: int, rng: np.random.Generator | N
         height, width = frames.shape[1:3]
         crops = []
         for frame in x:
-            top, left, h, w = _crop_box(height, width, rng)
+            top, left, h, w = crop_box(height, width, rng)
             crop = _resize(frame[None, :, top : top + h, left : left + w], size)
             crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
         out = torch.cat(crops)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from balancemm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _crop_box, frame_indices, frames_to_tensor
+from balancemm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box, frame_indices, frames_to_tensor
 from tests.fixtures.media import color_frames
 
 
@@ -87,15 +87,15 @@ def test_training_flips_about_half_the_frames() -> None:
     assert 70 < flipped < 130
 
 
-def test_crop_box_follows_torchvision() -> None:
+def testcrop_box_follows_torchvision() -> None:
     rng = np.random.default_rng(0)
     for _ in range(300):
-        top, left, h, w = _crop_box(48, 64, rng)
+        top, left, h, w = crop_box(48, 64, rng)
         assert 0 <= top <= 48 - h and 0 <= left <= 64 - w
         assert 0.08 * 48 * 64 * 0.8 <= h * w <= 48 * 64  # rounding of h and w can undershoot the area slightly
         assert 3 / 4 - 0.1 < w / h < 4 / 3 + 0.1
     # A 10×1000 strip: no random box fits in 10 attempts (an area ≥ 800 px needs h ≥ 24), so the fallback:
     # the full height and w = round(10 · 4/3) = 13, centred at left = (1000 − 13) // 2 = 493.
-    assert _crop_box(10, 1000, np.random.default_rng(0)) == (0, 493, 10, 13)
+    assert crop_box(10, 1000, np.random.default_rng(0)) == (0, 493, 10, 13)
     # A 1000×10 column: the full width and h = round(10 / (3/4)) = 13, centred at top = (1000 − 13) // 2 = 493.
-    assert _crop_box(1000, 10, np.random.default_rng(0)) == (493, 0, 13, 10)
+    assert crop_box(1000, 10, np.random.default_rng(0)) == (493, 0, 13, 10)
