@@ -32,3 +32,10 @@ class SweepFailed(BalanceMMError):
     """Some jobs of a sweep failed; the others finished, and rerunning the sweep retries the failed."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): third-party errors often
+    carry pages of detail, and a user error is one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -173,23 +173,27 @@ class LayoutReader(ClipReader):
             try:
                 with h5py.File(src, "r") as f:
                     video = f["video"]
-                    frames = [decode_image(bytes(video[i]), name=str(src)) for i in _rows(choose, len(video))]
+                    frames = [
+                        decode_image(bytes(video[i]), name=str(src)) for i in rows_of(choose, "frames", len(video))
+                    ]
             except (OSError, KeyError) as exc:
                 raise DataError(f"{src}: unreadable frames file ({exc})") from None
         else:
-            files = _images(src)
+            files = image_files(src)
             if not files:
                 raise DataError(f"{src}: no frame images (.jpg/.png) for clip {clip_id}")
-            frames = [decode_image(files[i]) for i in _rows(choose, len(files))]
+            frames = [decode_image(files[i]) for i in rows_of(choose, "frames", len(files))]
         return {"audio": audio, "frames": np.stack(frames)}
 
 
-def _rows(choose: Chooser, n: int) -> list[int]:
-    rows = choose("frames", n)
+def rows_of(choose: Chooser, key: str, n: int) -> list[int]:
+    """The rows of the stored array ``key`` (length n) that ``choose`` picks; every row when it picks none."""
+    rows = choose(key, n)
     return list(range(n)) if rows is None else rows
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """A clip's frame images, sorted by name (never in the filesystem's listing order)."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 

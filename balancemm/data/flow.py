@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.data.transforms import crop_box
+from balancemm.data.transforms import crop_resize_flip
 from balancemm.errors import DataError
 
 FLOW_BOUND = 20.0  # pixels; dense_flow's default bound
@@ -164,26 +163,10 @@ def dequantise(stored: np.ndarray) -> np.ndarray:
 def flow_to_tensor(flow: np.ndarray, size: int, rng: np.random.Generator | None) -> Tensor:
     """``[T, H, W, 2]`` uint8 stored flow → ``[T, 2, size, size]`` float32 flow / bound.
 
-    Evaluation (``rng=None``): resize to size × size. Training: per frame an independent random resized
-    crop (:func:`balancemm.data.transforms.crop_box`, torchvision's RandomResizedCrop parameters) and,
-    with probability 0.5, a horizontal flip that mirrors both maps and negates u.
+    Evaluation (``rng=None``): resize to size × size. Training: the RGB frames' geometric augmentation
+    (:func:`balancemm.data.transforms.crop_resize_flip`), whose flip mirrors both maps and negates u.
     """
     if flow.ndim != 4 or flow.shape[-1] != 2:
         raise ValueError(f"flow_to_tensor: expected [T, H, W, 2] flow, got shape {flow.shape}")
     x = torch.from_numpy(dequantise(flow)).permute(0, 3, 1, 2)
-    if rng is None:
-        return _resize(x, size)
-    height, width = flow.shape[1:3]
-    out = []
-    for one in x:
-        top, left, h, w = crop_box(height, width, rng)
-        crop = _resize(one[None, :, top : top + h, left : left + w], size)
-        if rng.random() < 0.5:
-            crop = crop.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
-        out.append(crop)
-    return torch.cat(out)
-
-
-def _resize(x: Tensor, size: int) -> Tensor:
-    # Bilinear with antialiasing, as the RGB frames (transforms._resize).
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return crop_resize_flip(x, size, rng, flip_sign=(-1.0, 1.0))

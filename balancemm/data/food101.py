@@ -69,8 +69,8 @@ from balancemm.data.av import (
 )
 from balancemm.data.base import SplitName
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
-from balancemm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from balancemm.errors import DataError
+from balancemm.data.transforms import normalise, resize
+from balancemm.errors import DataError, first_line
 from balancemm.registry import DATASETS
 
 TEXT_PROFILES = {"bert_40": 40}  # name → max_length (BalanceMM's and MLA's 40 tokens)
@@ -118,8 +118,7 @@ def load_tokenizer(folder: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # missing vocabulary, bad JSON…: the exception types vary by version
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{where} cannot be loaded as a tokenizer: {reason}") from None
+        raise DataError(f"{where} cannot be loaded as a tokenizer: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         raise DataError(f"{where}: the tokenizer has no padding token, so titles cannot be padded to a fixed length")
     return tokenizer
@@ -303,12 +302,10 @@ def image_to_tensor(image: np.ndarray, size: int, rng: np.random.Generator | Non
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]  # a copy: decoded images are read-only
     if rng is not None:
         x = rotate(x, float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)))
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    x = resize(x, size)[0]
     if rng is not None and rng.random() < 0.5:
         x = x.flip(-1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x / 255 - mean) / std
+    return normalise(x)
 
 
 @dataclass(frozen=True)

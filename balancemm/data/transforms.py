@@ -69,9 +69,40 @@ def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, in
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
-    """``[T, 3, H, W]`` → ``[T, 3, size, size]``: bilinear with antialiasing, as torchvision's Resize."""
+def resize(x: Tensor, size: int) -> Tensor:
+    """``[N, C, H, W]`` → ``[N, C, size, size]``: bilinear with antialiasing, as torchvision's Resize."""
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def normalise(x: Tensor) -> Tensor:
+    """``[..., 3, H, W]`` RGB values in 0‥255 → /255, then ImageNet mean and std per channel."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x / 255 - mean) / std
+
+
+def crop_resize_flip(
+    x: Tensor, size: int, rng: np.random.Generator | None, flip_sign: tuple[float, ...] | None = None
+) -> Tensor:
+    """``[T, C, H, W]`` float frames → ``[T, C, size, size]``.
+
+    Evaluation (``rng=None``): resize to size × size. Training: per frame an independent
+    RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) and a horizontal flip with probability
+    0.5; a flipped frame's channels are multiplied by ``flip_sign`` when given (optical flow: u changes
+    sign when the image is mirrored).
+    """
+    if rng is None:
+        return resize(x, size)
+    height, width = x.shape[-2:]
+    sign = None if flip_sign is None else torch.tensor(flip_sign).view(1, -1, 1, 1)
+    crops = []
+    for frame in x:
+        top, left, h, w = crop_box(height, width, rng)
+        crop = resize(frame[None, :, top : top + h, left : left + w], size)
+        if rng.random() < 0.5:
+            crop = crop.flip(-1) if sign is None else crop.flip(-1) * sign
+        crops.append(crop)
+    return torch.cat(crops)
 
 
 def frames_to_tensor(frames: np.ndarray, size: int, rng: np.random.Generator | None) -> Tensor:
@@ -79,22 +110,10 @@ def frames_to_tensor(frames: np.ndarray, size: int, rng: np.random.Generator | N
 
     Evaluation (``rng=None``): resize to size × size (``Resize((size, size))``). Training: per frame an
     independent RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) and a horizontal flip with
-    probability 0.5. Resizing works on floats, so values differ from torchvision on PIL images (which
-    rounds the resized image to uint8) by at most half a grey level.
+    probability 0.5 (:func:`crop_resize_flip`). Resizing works on floats, so values differ from
+    torchvision on PIL images (which rounds the resized image to uint8) by at most half a grey level.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames_to_tensor: expected [T, H, W, 3] frames, got shape {frames.shape}")
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if rng is None:
-        out = _resize(x, size)
-    else:
-        height, width = frames.shape[1:3]
-        crops = []
-        for frame in x:
-            top, left, h, w = crop_box(height, width, rng)
-            crop = _resize(frame[None, :, top : top + h, left : left + w], size)
-            crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
-        out = torch.cat(crops)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (out / 255 - mean) / std
+    return normalise(crop_resize_flip(x, size, rng))

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from balancemm.config import rng
-from balancemm.data.av import IMAGE_EXTENSIONS, Chooser, Clip, ClipDataset, ClipReader, Listing, resolve
+from balancemm.data.av import Chooser, Clip, ClipDataset, ClipReader, Listing, image_files, resolve, rows_of
 from balancemm.data.base import SplitName
 from balancemm.data.flow import FLOW_BOUND
 from balancemm.data.kinetics_sounds import index_videos
@@ -216,12 +216,12 @@ class FrameFolderReader(ClipReader):
     def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
         from balancemm.data.media import decode_image
 
-        rgb, u, v = (_images(d / clip_id) for d in (self.visual, self.flow_u, self.flow_v))
+        rgb, u, v = (image_files(d / clip_id) for d in (self.visual, self.flow_u, self.flow_v))
         if not rgb or not u:
             raise DataError(f"{(self.visual if not rgb else self.flow_u) / clip_id}: no images for clip {clip_id}")
         if len(u) != len(v):
             raise DataError(f"{self.flow_u / clip_id}: {len(u)} u images but {len(v)} in {self.flow_v / clip_id}")
-        rows = {key: choose(key, n) or list(range(n)) for key, n in (("frames", len(rgb)), ("flow", len(u)))}
+        rows = {key: rows_of(choose, key, n) for key, n in (("frames", len(rgb)), ("flow", len(u)))}
         try:
             frames = np.stack([decode_image(rgb[i]) for i in rows["frames"]])
             # The jpgs are greyscale: decode_image's RGB copy has three equal channels.
@@ -231,10 +231,6 @@ class FrameFolderReader(ClipReader):
         except ValueError as exc:  # np.stack of images of different sizes
             raise DataError(f"{self.visual / clip_id}: images of different sizes ({exc})") from None
         return {"frames": frames, "flow": flow}
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)

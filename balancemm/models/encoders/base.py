@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from balancemm.errors import ConfigError
+from balancemm.errors import ConfigError, first_line
 from balancemm.registry import ENCODERS
 
 
@@ -76,6 +76,5 @@ def load_local_pretrained(model_cls: Any, path: str, encoder: str, **kwargs: Any
     try:
         model = model_cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
     except Exception as exc:  # missing weights, bad JSON, corrupt safetensors…: the types vary by version
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where} cannot be loaded: {first_line}") from None
+        raise ConfigError(f"{where} cannot be loaded: {first_line(exc)}") from None
     return model.float()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from balancemm.config import rng
-from balancemm.errors import ConfigError
+from balancemm.errors import ConfigError, first_line
 from balancemm.models.encoders.base import Encoder
 from balancemm.registry import ENCODERS
 
@@ -121,8 +121,7 @@ def torchvision_state(path: str, own: Mapping[str, Tensor]) -> dict[str, Tensor]
     try:
         raw = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, not a checkpoint…: the types vary
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where} is not a readable PyTorch checkpoint: {reason}") from None
+        raise ConfigError(f"{where} is not a readable PyTorch checkpoint: {first_line(exc)}") from None
     if isinstance(raw, Mapping) and "state_dict" in raw:
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
