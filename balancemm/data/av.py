@@ -271,19 +271,11 @@ class ClipDataset(MultimodalDataset):
 
     def __init__(self, options: Any) -> None:
         self.options = options
-        if not options.root:
-            raise DataError(
-                f"data.root is not set: prepare the data with `balancemm data prepare {self.name} --raw DIR "
-                f"--out DIR` and pass --set data.root=DIR (or point it at the layout you already have)"
-            )
-        self.root = Path(options.root).expanduser()
-        if not self.root.is_dir():
-            raise DataError(f"data.root {self.root} is not a directory")
-        if (self.root / PARAMS).is_file() and not (self.root / MANIFEST).is_file():
-            raise DataError(
-                f"{self.root} is an unfinished prepare (no {MANIFEST}); rerun the same `balancemm data prepare` "
-                "command to finish it"
-            )
+        self.root = open_root(
+            options.root,
+            f"prepare the data with `balancemm data prepare {self.name} --raw DIR --out DIR` and pass "
+            "--set data.root=DIR (or point it at the layout you already have)",
+        )
         layout = options.layout
         if layout == "auto":
             layout = "prepared" if (self.root / MANIFEST).is_file() else "files"
@@ -431,6 +423,21 @@ class AVDataset(ClipDataset):
 
 def _split_of(name: str) -> SplitName:
     return "test" if name == "test" else "train"
+
+
+def open_root(root: str, hint: str) -> Path:
+    """``data.root`` as a path, checked: set (else ``hint`` says how), a directory, not an unfinished prepare."""
+    if not root:
+        raise DataError(f"data.root is not set: {hint}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.root {path} is not a directory")
+    if (path / PARAMS).is_file() and not (path / MANIFEST).is_file():
+        raise DataError(
+            f"{path} is an unfinished prepare (no {MANIFEST}); rerun the same `balancemm data prepare` "
+            "command to finish it"
+        )
+    return path
 
 
 def read_manifest(root: Path, dataset: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from balancemm.config import rng
-from balancemm.data.av import MANIFEST, PARAMS, read_manifest
+from balancemm.data.av import MANIFEST, open_root, read_manifest
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName
 from balancemm.data.prepare import ReleasePreparer, claim, versions, write_json
 from balancemm.errors import DataError
@@ -113,14 +113,11 @@ class CmuMosei(MultimodalDataset):
 
     def __init__(self, options: CmuMoseiOptions) -> None:
         self.options = options
-        if not options.root:
-            raise DataError(
-                "data.root is not set: point it at the folder holding MulT's mosei_senti_data(_noalign).pkl, "
-                "or at the output of `balancemm data prepare cmu_mosei`"
-            )
-        root = Path(options.root).expanduser()
-        if (root / PARAMS).is_file() and not (root / MANIFEST).is_file():
-            raise DataError(f"{root} is an unfinished prepare; rerun the same `balancemm data prepare` command")
+        root = open_root(
+            options.root,
+            "point it at the folder holding MulT's mosei_senti_data(_noalign).pkl, "
+            "or at the output of `balancemm data prepare cmu_mosei`",
+        )
         self.root, self.modalities = root, self.modalities_for(options)
         if (root / MANIFEST).is_file():
             self.layout, self.manifest = "prepared", read_manifest(root, self.name)
