@@ -24,7 +24,6 @@ folder holding the pickle (loaded into memory).
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 import time
@@ -39,7 +38,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.av import MANIFEST, open_root, read_manifest
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName
-from balancemm.data.prepare import ReleasePreparer, claim, versions, write_json
+from balancemm.data.prepare import ReleasePreparer, atomic, claim, versions, write_json
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
 
@@ -206,10 +205,8 @@ class CmuMoseiPreparer(ReleasePreparer):
             named = {m: data[key][k] for m, k in MODALITY_KEYS.items()}
             named["scores"] = np.asarray(data[key]["labels"], dtype=np.float32).reshape(-1)
             for m, arr in named.items():
-                partial = out / f"{s}_{m}.npy.partial"
-                with open(partial, "wb") as f:  # a file object, so numpy does not append its own suffix
+                with atomic(out / f"{s}_{m}.npy") as f:
                     np.save(f, np.asarray(arr, dtype=np.float32))
-                os.replace(partial, out / f"{s}_{m}.npy")
             sizes[s] = int(named["scores"].shape[0])
             if progress:
                 print(f"prepare cmu_mosei: {s} written ({sizes[s]:,} samples)", file=sys.stderr)

@@ -22,11 +22,13 @@ import platform
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -250,19 +252,26 @@ def prepare_clip(
         arrays = preparer.process(clip, profile, frame_size)
     except DataError as exc:
         return clip.id, str(exc)
-    final = clips_dir / f"{clip.id}.npz"
-    partial = clips_dir / f"{clip.id}.npz.partial{os.getpid()}"
     named: dict[str, Any] = dict(arrays)  # the arrays' names become the npz keys
-    with open(partial, "wb") as f:  # a file object, so numpy does not append its own suffix
+    with atomic(clips_dir / f"{clip.id}.npz") as f:
         np.savez(f, **named)
-    os.replace(partial, final)
     return clip.id, None
 
 
+@contextmanager
+def atomic(path: Path) -> Iterator[BinaryIO]:
+    """A binary file written under ``<name>.partial<pid>`` and renamed to ``path`` once complete, so a
+    killed prepare never leaves a half-written file under the final name. A file object also keeps
+    numpy from appending its own suffix."""
+    partial = path.with_name(f"{path.name}.partial{os.getpid()}")
+    with open(partial, "wb") as f:
+        yield f
+    os.replace(partial, path)
+
+
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic(path) as f:
+        f.write((json.dumps(data, indent=1) + "\n").encode())
 
 
 def versions() -> dict[str, str]:
