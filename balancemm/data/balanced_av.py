@@ -84,14 +84,13 @@ class BalancedAVPreparer(Preparer):
         splits, classes = read_release_json(find_json(raw, ""))
         pkls = {p.stem: p for p in sorted(raw.rglob("*.pkl"))}
         h5s = {p.stem: p for p in sorted(raw.rglob("*.hdf5"))}
-        clips, unmatched = [], {}
-        for clip in (c for rows in splits.values() for c in rows):
+
+        def locate(clip: Clip) -> RawClip | str:
             if clip.id not in pkls or clip.id not in h5s:
-                unmatched[clip.id] = f"{raw}: no {clip.id}.{'pkl' if clip.id not in pkls else 'hdf5'} for listed clip"
-            else:
-                clips.append(RawClip(clip.id, clip.label, str(h5s[clip.id]), str(pkls[clip.id])))
-        rows = {s: [(c.id, c.label) for c in clips_of] for s, clips_of in splits.items()}
-        return RawRelease(clips, classes, rows, "official BalancedAV training/testing subsets", unmatched)
+                return f"{raw}: no {clip.id}.{'pkl' if clip.id not in pkls else 'hdf5'} for listed clip"
+            return RawClip(clip.id, clip.label, str(h5s[clip.id]), str(pkls[clip.id]))
+
+        return RawRelease.from_listing(splits, classes, "official BalancedAV training/testing subsets", locate)
 
     def profile_params(self, name: str) -> dict[str, Any]:
         if name != "released":

@@ -232,15 +232,11 @@ class Food101Preparer(Preparer):
 
     def scan(self, raw: Path) -> RawRelease:
         classes, splits = read_release(raw)
-        clips: list[RawClip] = []
-        unmatched = {}
-        for clip in (c for rows in splits.values() for c in rows):
-            if Path(clip.video).is_file():
-                clips.append(clip)
-            else:
-                unmatched[clip.id] = f"{clip.video}: no such image for a listed title"
-        rows = {s: [(c.id, c.label) for c in clips_of] for s, clips_of in splits.items()}
-        return RawRelease(clips, classes, rows, SPLIT_SOURCE, unmatched)
+
+        def locate(clip: FoodClip) -> RawClip | str:
+            return clip if Path(clip.video).is_file() else f"{clip.video}: no such image for a listed title"
+
+        return RawRelease.from_listing(splits, classes, SPLIT_SOURCE, locate)
 
     def profile_params(self, name: str) -> dict[str, Any]:
         return text_profile_params(name, self.tokenizer)

@@ -63,27 +63,6 @@ def index_videos(raw: Path) -> dict[str, Path]:
     return found
 
 
-def raw_release(
-    raw: Path, lists: dict[str, Path], videos: dict[str, Path], stem_of: dict[str, list[str]]
-) -> RawRelease:
-    """Match listed clips to video files (``stem_of``: clip id → candidate file stems)."""
-    labelled = {s: read_list(p) for s, p in lists.items()}
-    clips, unmatched, seen = [], {}, set()
-    for clip in (c for rows in labelled.values() for c in rows):
-        if clip.id in seen:
-            continue
-        seen.add(clip.id)
-        path = next((videos[s] for s in stem_of.get(clip.id, [clip.id]) if s in videos), None)
-        if path is None:
-            unmatched[clip.id] = f"{raw}: no video file for listed clip {clip.id}"
-        else:
-            clips.append(RawClip(clip.id, clip.label, str(path)))
-    n_classes = 1 + max(c.label for rows in labelled.values() for c in rows)
-    names = class_names(raw, clips, n_classes)
-    splits = {s: [(c.id, c.label) for c in rows] for s, rows in labelled.items()}
-    return RawRelease(clips, names, splits, "", unmatched)
-
-
 def class_names(raw: Path, clips: list[RawClip], n_classes: int) -> list[str]:
     """Per-class folder names when the videos are filed by class, else ``class_<i>``."""
     votes: dict[int, Counter[str]] = {}
@@ -101,9 +80,20 @@ class KineticsSoundsPreparer(Preparer):
     layout = "OGM-GE's my_train.txt / my_test.txt and one <clip>.mp4 per listed clip below --raw"
 
     def scan(self, raw: Path) -> RawRelease:
-        lists = {"train": raw / "my_train.txt", "test": raw / "my_test.txt"}
-        release = raw_release(raw, lists, index_videos(raw), {})
-        release.split_source = "OGM-GE my_train.txt / my_test.txt"
+        listed = {"train": read_list(raw / "my_train.txt"), "test": read_list(raw / "my_test.txt")}
+        videos = index_videos(raw)
+
+        def locate(clip: Clip) -> RawClip | str:
+            path = videos.get(clip.id)
+            return (
+                f"{raw}: no video file for listed clip {clip.id}"
+                if path is None
+                else RawClip(clip.id, clip.label, str(path))
+            )
+
+        release = RawRelease.from_listing(listed, [], "OGM-GE my_train.txt / my_test.txt", locate)
+        n_classes = 1 + max(c.label for rows in listed.values() for c in rows)
+        release.classes = class_names(raw, release.clips, n_classes)  # from where the matched videos are filed
         return release
 
 

@@ -22,13 +22,13 @@ import platform
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
@@ -49,6 +49,19 @@ class RawClip:
     audio: str = ""  # a separate audio file (CREMA-D's AudioWAV/*.wav)
 
 
+class Labelled(Protocol):
+    """A listed clip: its id and label (``Clip``, or a ``RawClip`` a listing already located)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def label(self) -> int: ...
+
+
+L = TypeVar("L", bound=Labelled)
+
+
 @dataclass
 class RawRelease:
     """What :meth:`Preparer.scan` found in a raw release."""
@@ -58,6 +71,29 @@ class RawRelease:
     splits: dict[str, list[tuple[str, int]]]  # official split → (clip id, label), listed clips without media too
     split_source: str
     unmatched: dict[str, str] = field(default_factory=dict)  # listed clip → why it has no media
+
+    @classmethod
+    def from_listing(
+        cls,
+        listed: Mapping[str, Sequence[L]],
+        classes: list[str],
+        split_source: str,
+        locate: Callable[[L], RawClip | str],
+    ) -> RawRelease:
+        """The release of the official lists ``listed`` (split → clips): each clip once (the first
+        listing wins), as ``locate`` finds its media, or under ``unmatched`` with the reason it gives."""
+        clips, unmatched, seen = [], {}, set()
+        for clip in (c for rows in listed.values() for c in rows):
+            if clip.id in seen:
+                continue
+            seen.add(clip.id)
+            found = locate(clip)
+            if isinstance(found, str):
+                unmatched[clip.id] = found
+            else:
+                clips.append(found)
+        splits = {s: [(c.id, c.label) for c in rows] for s, rows in listed.items()}
+        return cls(clips, classes, splits, split_source, unmatched)
 
 
 class ReleasePreparer(ABC):

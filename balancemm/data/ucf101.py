@@ -164,22 +164,15 @@ class Ucf101Preparer(Preparer):
         classes, splits = read_lists(raw / LISTS_DIR)
         videos = index_videos(videos_dir)
         folded = {stem.lower(): p for stem, p in videos.items()}
-        clips, unmatched, seen = [], {}, set()
-        for clip in (c for lists in splits.values() for rows in lists.values() for c in rows):
-            if clip.id in seen:
-                continue
-            seen.add(clip.id)
+
+        def locate(clip: Clip) -> RawClip | str:
             video = videos.get(clip.id, folded.get(clip.id.lower()))
             if video is None:
-                unmatched[clip.id] = f"{videos_dir}: no video file for listed clip {clip.id}"
-            else:
-                clips.append(RawClip(clip.id, clip.label, str(video)))
-        rows = {
-            list_key(s, n): [(c.id, c.label) for c in lists[s]]
-            for n, lists in splits.items()
-            for s in ("train", "test")
-        }
-        return RawRelease(clips, classes, rows, "official UCF-101 split lists", unmatched)
+                return f"{videos_dir}: no video file for listed clip {clip.id}"
+            return RawClip(clip.id, clip.label, str(video))
+
+        listed = {list_key(s, n): lists[s] for n, lists in splits.items() for s in ("train", "test")}
+        return RawRelease.from_listing(listed, classes, "official UCF-101 split lists", locate)
 
     def profile_params(self, name: str) -> dict[str, Any]:
         from balancemm.data.flow import flow_profile

@@ -65,17 +65,19 @@ class VGGSoundPreparer(Preparer):
     def scan(self, raw: Path) -> RawRelease:
         rows, classes, starts = read_csv(raw / "vggsound.csv")
         videos = index_videos(raw)
-        clips, unmatched = [], {}
-        for clip_id, label in (r for split in rows.values() for r in split):
-            ytid = clip_id[: -len(starts[clip_id]) - 1]
-            stems = (clip_id, f"{ytid}_{int(starts[clip_id]):06d}")
+
+        def locate(clip: Clip) -> RawClip | str:
+            ytid = clip.id[: -len(starts[clip.id]) - 1]
+            stems = (clip.id, f"{ytid}_{int(starts[clip.id]):06d}")
             path = next((videos[s] for s in stems if s in videos), None)
-            if path is None:
-                unmatched[clip_id] = f"{raw}: no video file for listed clip {clip_id}"
-            else:
-                clips.append(RawClip(clip_id, classes.index(label), str(path)))
-        splits = {s: [(i, classes.index(y)) for i, y in r] for s, r in rows.items()}
-        return RawRelease(clips, classes, splits, "official vggsound.csv train/test", unmatched)
+            return (
+                f"{raw}: no video file for listed clip {clip.id}"
+                if path is None
+                else RawClip(clip.id, clip.label, str(path))
+            )
+
+        listed = {s: [Clip(i, classes.index(y)) for i, y in r] for s, r in rows.items()}
+        return RawRelease.from_listing(listed, classes, "official vggsound.csv train/test", locate)
 
 
 @DATASETS.register(
