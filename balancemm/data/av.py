@@ -37,6 +37,9 @@ from torch import Tensor
 
 from balancemm.config import rng
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName, stratified_split
+from balancemm.data.media import decode_audio, decode_image
+from balancemm.data.profiles import AUDIO_PROFILES
+from balancemm.data.transforms import frame_indices, frames_to_tensor
 from balancemm.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -155,8 +158,6 @@ class LayoutReader(ClipReader):
         return self.frame_source(clip_id, split).exists()
 
     def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
-        from balancemm.data.media import decode_audio, decode_image
-
         path = self.audio_path(clip_id, split)
         if path is None:
             raise DataError(f"{self._dir(self.audio_dir, split)}: no audio file for clip {clip_id}")
@@ -389,8 +390,6 @@ class AVDataset(ClipDataset):
     MODALITIES = MODALITIES
 
     def files_reader(self) -> tuple[ClipReader, dict[str, Any]]:
-        from balancemm.data.profiles import AUDIO_PROFILES
-
         opts = self.options
         profile = AUDIO_PROFILES.get(opts.profile)
         reader = LayoutReader(self.root, opts.audio_dir, opts.visual_dir, profile)
@@ -399,13 +398,9 @@ class AVDataset(ClipDataset):
         return reader, params
 
     def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
-        from balancemm.data.transforms import frame_indices
-
         return frame_indices(n, self.options.frames, rng) if key == "frames" else None
 
     def to_inputs(self, arrays: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, Tensor]:
-        from balancemm.data.transforms import frames_to_tensor
-
         audio = arrays["audio"]
         crop = self.profile_params.get("crop")
         if crop is not None and audio.shape[-1] > crop:

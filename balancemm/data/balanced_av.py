@@ -27,6 +27,7 @@ import numpy as np
 
 from balancemm.config import rng
 from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, load_array, manifest_listing, resolve
+from balancemm.data.media import decode_image
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
@@ -99,8 +100,6 @@ class BalancedAVPreparer(Preparer):
 
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
         import h5py
-
-        from balancemm.data.media import decode_image
 
         audio = load_array(Path(clip.audio))
         try:

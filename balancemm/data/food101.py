@@ -68,6 +68,7 @@ from balancemm.data.av import (
     manifest_listing,
 )
 from balancemm.data.base import SplitName
+from balancemm.data.media import decode_image
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.data.transforms import normalise, resize
 from balancemm.errors import DataError, first_line
@@ -249,8 +250,6 @@ class Food101Preparer(Preparer):
 
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
         """``{"image": [H, W, 3] uint8, "text": [max_length] int64}``."""
-        from balancemm.data.media import decode_image
-
         assert isinstance(clip, FoodClip)  # scan made it
         ids = tokenize(load_tokenizer(self.tokenizer), clip.title, TEXT_PROFILES[profile])
         return {"image": decode_image(clip.video, short_side), "text": ids}
@@ -266,8 +265,6 @@ class ReleaseReader(ClipReader):
         return Path(self.clips[clip_id].video).is_file()
 
     def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
-        from balancemm.data.media import decode_image
-
         clip = self.clips[clip_id]
         ids = tokenize(load_tokenizer(self.tokenizer), clip.title, self.max_length)
         return {"image": decode_image(clip.video), "text": ids}

@@ -33,6 +33,8 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 import numpy as np
 
 from balancemm.data.av import CLIPS_DIR, MANIFEST, PARAMS
+from balancemm.data.media import decode_audio, decode_frames
+from balancemm.data.profiles import audio_profile
 from balancemm.errors import DataError
 
 FORMAT = "balancemm-prepared/1"
@@ -125,8 +127,6 @@ class Preparer(ReleasePreparer):
         """List the release's clips; a missing file or folder of the layout is a DataError."""
 
     def profile_params(self, name: str) -> dict[str, Any]:
-        from balancemm.data.profiles import audio_profile
-
         return audio_profile(name).params()
 
     def storage(self, frame_size: int) -> dict[str, Any]:
@@ -138,9 +138,6 @@ class Preparer(ReleasePreparer):
 
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
         """``{"audio": [F, T] float32, "frames": [T, H, W, 3] uint8}`` for one clip."""
-        from balancemm.data.media import decode_audio, decode_frames
-        from balancemm.data.profiles import audio_profile
-
         recipe = audio_profile(profile)
         wave = decode_audio(clip.audio or clip.video, recipe.sample_rate)
         frames = decode_frames(clip.video, FRAME_RATE, short_side)

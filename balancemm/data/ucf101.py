@@ -65,9 +65,11 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.av import Chooser, Clip, ClipDataset, ClipReader, Listing, image_files, resolve, rows_of
 from balancemm.data.base import SplitName
-from balancemm.data.flow import FLOW_BOUND
+from balancemm.data.flow import FLOW_BOUND, flow_profile, flow_to_tensor, frame_flow
 from balancemm.data.kinetics_sounds import index_videos
+from balancemm.data.media import decode_frame_pairs, decode_image
 from balancemm.data.prepare import FRAME_RATE, Preparer, RawClip, RawRelease
+from balancemm.data.transforms import frame_indices, frames_to_tensor
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
 
@@ -175,8 +177,6 @@ class Ucf101Preparer(Preparer):
         return RawRelease.from_listing(listed, classes, "official UCF-101 split lists", locate)
 
     def profile_params(self, name: str) -> dict[str, Any]:
-        from balancemm.data.flow import flow_profile
-
         return flow_profile(name).params()
 
     def storage(self, frame_size: int) -> dict[str, Any]:
@@ -186,9 +186,6 @@ class Ucf101Preparer(Preparer):
 
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
         """``{"frames": [T, H, W, 3] uint8, "flow": [T, H, W, 2] uint8}`` (flow from frame t to its successor)."""
-        from balancemm.data.flow import flow_profile, frame_flow
-        from balancemm.data.media import decode_frame_pairs
-
         recipe = flow_profile(profile)
         frames, successors = decode_frame_pairs(clip.video, FRAME_RATE, short_side)
         flow = np.stack([frame_flow(a, b, recipe) for a, b in zip(frames, successors, strict=True)])
@@ -207,8 +204,6 @@ class FrameFolderReader(ClipReader):
         return all((d / clip_id).is_dir() for d in (self.visual, self.flow_u, self.flow_v))
 
     def read(self, clip_id: str, split: SplitName, choose: Chooser) -> dict[str, np.ndarray]:
-        from balancemm.data.media import decode_image
-
         rgb, u, v = (image_files(d / clip_id) for d in (self.visual, self.flow_u, self.flow_v))
         if not rgb or not u:
             raise DataError(f"{(self.visual if not rgb else self.flow_u) / clip_id}: no images for clip {clip_id}")
@@ -308,15 +303,10 @@ class Ucf101(ClipDataset):
         return [c for c in train if group_of(c.id) not in held], [c for c in train if group_of(c.id) in held]
 
     def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
-        from balancemm.data.transforms import frame_indices
-
         counts = {"frames": self.options.frames, "flow": self.options.flow_frames}
         return frame_indices(n, counts[key], rng) if key in counts else None
 
     def to_inputs(self, arrays: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, Tensor]:
-        from balancemm.data.flow import flow_to_tensor
-        from balancemm.data.transforms import frames_to_tensor
-
         size = self.options.image_size
         return {
             "flow": flow_to_tensor(arrays["flow"], size, rng),
