@@ -38,8 +38,9 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.av import MANIFEST, open_root, read_manifest
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName
-from balancemm.data.prepare import ReleasePreparer, atomic, claim, versions, write_json
+from balancemm.data.prepare import ReleasePreparer, claim, versions, write_json
 from balancemm.errors import DataError
+from balancemm.files import atomic_file
 from balancemm.registry import DATASETS
 
 PICKLES = {"unaligned": "mosei_senti_data_noalign.pkl", "aligned": "mosei_senti_data.pkl"}
@@ -205,7 +206,7 @@ class CmuMoseiPreparer(ReleasePreparer):
             named = {m: data[key][k] for m, k in MODALITY_KEYS.items()}
             named["scores"] = np.asarray(data[key]["labels"], dtype=np.float32).reshape(-1)
             for m, arr in named.items():
-                with atomic(out / f"{s}_{m}.npy") as f:
+                with atomic_file(out / f"{s}_{m}.npy") as f:
                     np.save(f, np.asarray(arr, dtype=np.float32))
             sizes[s] = int(named["scores"].shape[0])
             if progress:

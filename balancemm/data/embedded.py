@@ -42,6 +42,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName, stratified_split
 from balancemm.errors import DataError
+from balancemm.files import atomic_file
 from balancemm.registry import DATASETS
 
 _SAMPLE_RATE = 4000  # Hz
@@ -154,11 +155,10 @@ def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dic
         mean, std = x[train].mean(), x[train].std()
         inputs[m] = ((x - mean) / std).float()
     built = {"inputs": inputs, "labels": labels, "splits": {"train": train, "val": val, "test": test}}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(built, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a half-written cache
+        with atomic_file(path) as fh:  # a concurrent or killed build never leaves a half-written cache
+            torch.save(built, fh)
     except OSError as exc:
         raise DataError(
             f"cannot write the dataset cache in {path.parent} ({exc.strerror or exc}); "

@@ -17,18 +17,16 @@ official split) and turns one clip into arrays. This module runs it over every c
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,6 +34,7 @@ from balancemm.data.av import CLIPS_DIR, MANIFEST, PARAMS
 from balancemm.data.media import decode_audio, decode_frames
 from balancemm.data.profiles import audio_profile
 from balancemm.errors import DataError
+from balancemm.files import PARTIAL, atomic_file, write_atomic
 
 FORMAT = "balancemm-prepared/1"
 FRAME_RATE = 1.0  # frames per second kept from each video, the field's convention (specs/datasets.md §3)
@@ -157,7 +156,7 @@ class Preparer(ReleasePreparer):
             raise DataError(f"{raw}: no clips found; expected {self.layout}")
         claim(out, params)
         clips_dir = out / CLIPS_DIR
-        for stale in clips_dir.glob("*.partial*"):  # left by a killed run
+        for stale in clips_dir.glob(f"*{PARTIAL}*"):  # left by a killed run
             stale.unlink()
         todo = [c for c in release.clips if not (clips_dir / f"{c.id}.npz").is_file()]
         failed = _run(self, todo, profile, frame_size, clips_dir, workers, progress)
@@ -286,25 +285,13 @@ def prepare_clip(
     except DataError as exc:
         return clip.id, str(exc)
     named: dict[str, Any] = dict(arrays)  # the arrays' names become the npz keys
-    with atomic(clips_dir / f"{clip.id}.npz") as f:
+    with atomic_file(clips_dir / f"{clip.id}.npz") as f:
         np.savez(f, **named)
     return clip.id, None
 
 
-@contextmanager
-def atomic(path: Path) -> Iterator[BinaryIO]:
-    """A binary file written under ``<name>.partial<pid>`` and renamed to ``path`` once complete, so a
-    killed prepare never leaves a half-written file under the final name. A file object also keeps
-    numpy from appending its own suffix."""
-    partial = path.with_name(f"{path.name}.partial{os.getpid()}")
-    with open(partial, "wb") as f:
-        yield f
-    os.replace(partial, path)
-
-
 def write_json(path: Path, data: Any) -> None:
-    with atomic(path) as f:
-        f.write((json.dumps(data, indent=1) + "\n").encode())
+    write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def versions() -> dict[str, str]:

@@ -24,15 +24,7 @@ from typing import Any
 import torch
 
 from balancemm.errors import ConfigError
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from balancemm.files import atomic_file, write_atomic
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -97,9 +89,8 @@ class RunDir:
         write_atomic(self.results, "".join(k + "\n" for k in keep).encode())
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as fh:
+            torch.save(state, fh)
 
     def load(self, path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
