@@ -26,7 +26,7 @@ def train(
     sets: Iterable[str] = (),
     overrides: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
     **hparams: Any,
 ) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def train(
         s = balancemm.train("ogm_ge", seed=1, alpha=0.3, overrides={"train": {"epochs": 10}})
         s["test"]["accuracy"], s["shapley"], s["imbalance"], s["flops"]["total"]
 
+    ``device`` is ``auto`` (a GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     ``hparams`` are the method's hyper-parameters (``method.*`` keys); ``overrides`` is a nested
     mapping with the same sections as a config file; ``sets`` takes ``"a.b=v"`` strings like ``--set``.
     The run directory defaults to ``runs/<method>-<dataset>-seed<N>-<hash8>``; calling again with the

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-seed<N>-<hash>)")
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ls = sub.add_parser("list", help="list registered methods or datasets")
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
     pr.add_argument("run_dir")
     pr.add_argument("--modality", default=None)
+    pr.add_argument("--device", default="auto", help="where features are extracted: auto, cpu, cuda or cuda:N")
 
     rp = sub.add_parser("report", help="tables and figures from finished run directories (no torch needed)")
     rp.add_argument("runs_dir", help="directory searched recursively for run directories")
@@ -250,7 +251,7 @@ def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launch
 def _probe(args: argparse.Namespace) -> int:
     from balancemm.engine.probe import probe_run
 
-    for m, r in probe_run(args.run_dir, args.modality).items():
+    for m, r in probe_run(args.run_dir, args.modality, device=args.device).items():
         test, val = 100 * r["test_accuracy"], 100 * r["val_accuracy"]
         print(f"{m:12s} linear-probe test accuracy {test:.2f}  (val {val:.2f}, C={r['C']})")
     return 0

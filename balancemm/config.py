@@ -268,6 +268,14 @@ class TrainConfig:
     flops: Literal["exact", "sampled", "off"] = "sampled"
     flops_sample_steps: int = field(default=3, metadata=rng(ge=1))
     num_workers: int = field(default=0, metadata=rng(ge=0))
+    # Mixed precision (balancemm/precision.py): auto = bf16 on a GPU that computes in bf16, fp32
+    # elsewhere; fp16 adds loss scaling. The precision actually used is in every summary.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # true: deterministic algorithms, no cuDNN autotuning, no TF32 (bitwise reruns on one machine);
+    # false: cuDNN autotuning and TF32 matrix products on a GPU, for speed.
+    deterministic: bool = True
+    channels_last: bool = False  # 2-D convolution encoders in channels-last memory format (tensor cores)
+    compile: bool = False  # torch.compile each encoder's forward
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,80 @@
-"""Batches from a split: shuffling from a seeded generator, SamplePlan rows, device transfer."""
+"""Batches from a split: shuffling from a seeded generator, SamplePlan rows, device transfer.
+
+What keeps a GPU busy, without changing a single number (every path yields the same batches):
+
+* splits with a fast path (stacked tensors) that fit are copied to the device once and sliced there
+  (:func:`resident`), so training on them makes no host-to-device copy at all;
+* other splits are read by DataLoader workers that persist across epochs (``persistent=True``; the
+  run closes them with :func:`close_loaders`): one pool per split, fed each epoch's batches through a
+  batch sampler, with the default prefetch of two batches per worker and pinned memory on a GPU;
+* on a GPU the next batch is copied on a side stream while the current one is computed.
+"""
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from balancemm.data.base import Split
 from balancemm.data.batch import Batch, SamplePlan
+
+# A split is kept on a device while all resident splits together take at most this share of its memory.
+RESIDENT_SHARE = 0.25
+_resident: weakref.WeakKeyDictionary[Split, dict[torch.device, tuple[dict[str, Tensor], Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+_pools: weakref.WeakKeyDictionary[Split, list[_Pooled]] = weakref.WeakKeyDictionary()
+
+
+def _device_budget(device: torch.device) -> int:
+    """Bytes that resident splits may take on ``device``."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    used = sum(
+        x.numel() * x.element_size()
+        for per_device in _resident.values()
+        for d, (inputs, _) in per_device.items()
+        if d == device
+        for x in inputs.values()
+    )
+    return int(RESIDENT_SHARE * total) - used
+
+
+def resident(split: Split, device: torch.device, budget: int | None = None) -> tuple[dict[str, Tensor], Tensor] | None:
+    """The inputs ``{m: [N, ...]}`` and labels ``[N]`` of a whole split on ``device``, or None.
+
+    None when the split has no fast path (per-sample loading) or when it does not fit in ``budget``
+    bytes (default on a GPU: :data:`RESIDENT_SHARE` of its memory, less what other resident splits
+    hold; no limit elsewhere). The copy is made once and kept for as long as the split lives.
+    """
+    cached = _resident.get(split, {}).get(device)
+    if cached is not None:
+        return cached
+    one = split.get_batch(torch.arange(min(len(split), 1)))
+    if one is None:
+        return None
+    if budget is None and device.type == "cuda":
+        budget = _device_budget(device)
+    size = len(split) * sum(x[:1].numel() * x.element_size() for x in one.values())
+    if budget is not None and size > budget:
+        return None
+    inputs = split.get_batch(torch.arange(len(split)))
+    assert inputs is not None
+    held = ({m: x.to(device) for m, x in inputs.items()}, split.labels.to(device))
+    _resident.setdefault(split, {})[device] = held
+    return held
+
+
+def close_loaders(splits: list[Split]) -> None:
+    """Stop the persistent loader workers of ``splits`` (the trainer calls it when a run ends)."""
+    for split in splits:
+        _pools.pop(split, None)
 
 
 class Batches:
@@ -29,6 +92,7 @@ class Batches:
         device: where batches are moved.
         num_workers: worker processes for splits without an in-memory fast path.
         subset: ``[K]`` split indices to draw from instead of the whole split.
+        persistent: keep the worker processes for the next epoch (a run's loaders; see the module).
     """
 
     def __init__(
@@ -43,8 +107,10 @@ class Batches:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
         subset: Tensor | None = None,
+        persistent: bool = False,
     ) -> None:
         self.split = split
+        self.persistent = persistent
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.num_workers = num_workers
@@ -76,13 +142,24 @@ class Batches:
     def __iter__(self) -> Iterator[Batch]:
         # An empty probe tells whether the split can slice stacked tensors (no per-sample collation).
         if self.split.get_batch(self.rows[:0]) is not None:
-            yield from self._in_memory()
+            held = resident(self.split, self.device) if self.device.type != "cpu" else None
+            if held is not None:
+                yield from self._resident(*held)
+                return
+            source = self._in_memory()
         else:
-            yield from self._collated()
+            source = self._collated()
+        yield from self._to_device(source)
 
-    def _make(self, inputs: dict[str, Tensor], label: Tensor, rows: Tensor, present: Tensor) -> Batch:
-        batch = Batch(inputs, label, rows, present, self.split.modalities)
-        return batch if self.device.type == "cpu" else batch.to(self.device)
+    def _resident(self, inputs: dict[str, Tensor], labels: Tensor) -> Iterator[Batch]:
+        # One small copy per epoch (the order and the mask); every batch is then sliced on the device.
+        rows, present = self.rows.to(self.device), self.present.to(self.device)
+        for k in range(self._len):
+            sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            index = rows[sl]
+            yield Batch(
+                {m: x[index] for m, x in inputs.items()}, labels[index], index, present[sl], self.split.modalities
+            )
 
     def _in_memory(self) -> Iterator[Batch]:
         for k in range(self._len):
@@ -90,34 +167,112 @@ class Batches:
             rows = self.rows[sl]
             inputs = self.split.get_batch(rows)
             assert inputs is not None
-            yield self._make(inputs, self.split.labels[rows], rows, self.present[sl])
+            yield Batch(inputs, self.split.labels[rows], rows, self.present[sl], self.split.modalities)
 
     def _collated(self) -> Iterator[Batch]:
         order = self.rows[: self._len * self.batch_size].tolist()  # drops the tail only if drop_last
-        loader = DataLoader(
-            _Rows(self.split, order, self.aug_seed),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-        )
-        for k, (inputs, label, rows) in enumerate(loader):
-            present = self.present[k * self.batch_size : k * self.batch_size + label.shape[0]]
-            yield self._make(inputs, label, rows, present)
+        # Seed per position in the epoch: the same row drawn twice (a SamplePlan copy) is augmented twice.
+        keys = [(row, None if self.aug_seed is None else self.aug_seed + k) for k, row in enumerate(order)]
+        pooled = self._loader()
+        pooled.feed.batches = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        try:
+            for k, (inputs, label, rows) in enumerate(pooled.loader):
+                present = self.present[k * self.batch_size : k * self.batch_size + label.shape[0]]
+                yield Batch(inputs, label, rows, present, self.split.modalities)
+        finally:
+            pooled.busy = False
+
+    def _loader(self) -> _Pooled:
+        """A loader for this split: a free one of its persistent pool, or a new one."""
+        pin = self.device.type == "cuda"
+        if not (self.persistent and self.num_workers > 0):
+            return _Pooled.new(self.split, self.num_workers, pin, persistent=False)
+        pool = _pools.setdefault(self.split, [])
+        # A method may read a split while an epoch of it is being read (a loader serves one reader).
+        pooled = next((p for p in pool if not p.busy and p.key == (self.num_workers, pin)), None)
+        if pooled is None:
+            pooled = _Pooled.new(self.split, self.num_workers, pin, persistent=True)
+            pool.append(pooled)
+        pooled.busy = True
+        return pooled
+
+    def _to_device(self, source: Iterator[Batch]) -> Iterator[Batch]:
+        if self.device.type == "cpu":
+            yield from source
+        elif self.device.type != "cuda":
+            yield from (b.to(self.device) for b in source)
+        else:
+            yield from _prefetched(source, self.device)
 
 
-class _Rows(torch.utils.data.Dataset[dict[str, Any]]):
-    def __init__(self, split: Split, order: list[int], aug_seed: int | None) -> None:
-        self.split, self.order, self.aug_seed = split, order, aug_seed
+def _prefetched(source: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """Batches on a GPU, each copied on a side stream while the previous one is being computed."""
+    stream = torch.cuda.Stream(device)
+    pending: tuple[Batch, torch.cuda.Event] | None = None
+    for batch in source:
+        with torch.cuda.stream(stream):
+            copied = (batch.to(device), stream.record_event())
+        if pending is not None:
+            yield _ready(*pending, device)
+        pending = copied
+    if pending is not None:
+        yield _ready(*pending, device)
+
+
+def _ready(batch: Batch, copied: torch.cuda.Event, device: torch.device) -> Batch:
+    current = torch.cuda.current_stream(device)
+    current.wait_event(copied)
+    # The tensors were allocated on the side stream; tell the allocator the compute stream uses them.
+    for t in (*batch.inputs.values(), batch.label, batch.index, batch.present):
+        t.record_stream(current)
+    return batch
+
+
+class _Feed(Sampler[list[tuple[int, int | None]]]):
+    """The batch sampler of a pooled loader: the batches of the epoch being read, as (row, seed) keys."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.batches)
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        # Seed per position in the epoch: the same row drawn twice (a SamplePlan copy) is augmented twice.
-        seed = None if self.aug_seed is None else self.aug_seed + k
-        return self.split.load(self.order[k], seed)
+
+class _Keyed(torch.utils.data.Dataset[dict[str, Any]]):
+    """A split read by (row, augmentation seed) keys."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> dict[str, Any]:
+        return self.split.load(*key)
+
+
+@dataclass
+class _Pooled:
+    loader: DataLoader[dict[str, Any]]
+    feed: _Feed
+    key: tuple[int, bool]  # (workers, pinned)
+    busy: bool = field(default=False)
+
+    @classmethod
+    def new(cls, split: Split, workers: int, pin: bool, *, persistent: bool) -> _Pooled:
+        feed = _Feed()
+        loader = DataLoader(
+            _Keyed(split),
+            batch_sampler=feed,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=pin,
+            persistent_workers=persistent,
+        )
+        return cls(loader, feed, (workers, pin))
 
 
 def _collate(samples: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:

@@ -35,14 +35,15 @@ def evaluate(method: Method, batches: Iterable[Batch], num_classes: int, *, shap
     uni_cm = {m: torch.zeros_like(fused_cm) for m in modalities}
     coal_correct = torch.zeros(len(coals), dtype=torch.long)
     loss_sum, n = 0.0, 0
-    with eval_mode(method):
+    # Evaluation computes in the run's precision too (the coalition passes included), as it trained.
+    with eval_mode(method), method.ctx.autocast():
         for batch in batches:
             if shapley:
                 out, coal_logits = method.predict_coalitions(batch, coals)
                 coal_correct += (coal_logits.argmax(-1) == batch.label).sum(1).cpu()
             else:
                 out = method.predict(batch)
-            loss_sum += float(F.cross_entropy(out.logits, batch.label, reduction="sum"))
+            loss_sum += float(F.cross_entropy(out.logits.float(), batch.label, reduction="sum"))
             n += len(batch)
             fused_cm += confusion_matrix(out.logits.argmax(1), batch.label, num_classes)
             for m in modalities:

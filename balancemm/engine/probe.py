@@ -14,18 +14,21 @@ import numpy as np
 import torch
 
 from balancemm.data import Batches, MultimodalDataset, create_dataset
+from balancemm.device import resolve_device
 from balancemm.models import MultimodalClassifier
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def features(model: MultimodalClassifier, data: MultimodalDataset, split: str, modality: str) -> np.ndarray:
-    """Pooled features ``[N, d]`` of one modality's encoder on a split, in eval mode."""
+    """Pooled features ``[N, d]`` of one modality's encoder on a split, in eval mode, on the model's
+    device and in fp32 (the probe is a measurement, not a training run: no autocast)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for batch in Batches(data.split(split), 512):  # type: ignore[arg-type]
-            out.append(model.encode(batch, only=[modality])[modality])
+        for batch in Batches(data.split(split), 512, device=device):  # type: ignore[arg-type]
+            out.append(model.encode(batch, only=[modality])[modality].float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -53,7 +56,7 @@ def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality:
     }
 
 
-def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[str, Any]]:
+def probe_run(path: str | Path, modality: str | None = None, device: str = "auto") -> dict[str, dict[str, Any]]:
     """Probe every modality (or one) of the selected checkpoint of a finished run directory.
 
     The results are also merged into ``<run>/probe.json``, where reports read them without torch.
@@ -61,7 +64,9 @@ def probe_run(path: str | Path, modality: str | None = None) -> dict[str, dict[s
     from balancemm.engine.artifacts import load_run
     from balancemm.engine.rundir import read_json, write_json
 
+    where = resolve_device(device)
     cfg, method = load_run(path)
+    method.to(where)
     data = create_dataset(cfg.run.dataset, cfg.data)
     wanted = [modality] if modality else list(method.model.modalities)
     results = {m: linear_probe(method.model, data, m) for m in wanted}

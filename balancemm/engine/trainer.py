@@ -8,8 +8,11 @@ Everything a user can get wrong (names, config values, data paths, modality coun
 the run directory is created, so bad input never leaves one behind. A run killed at any point and
 started again with the same config resumes from ``checkpoints/last.pt`` and ends with the same numbers
 as an uninterrupted run: the checkpoint holds the model, the method's state, optimiser, scheduler, RNG
-states, FLOP counts and the selection state; the data order of each epoch is derived from
-(seed, epoch), not from a generator that advances across epochs.
+states (the host's, the device's and the method's generators), the fp16 loss scale, FLOP counts and
+the selection state; the data order of each epoch is derived from (seed, epoch), not from a
+generator that advances across epochs.
+
+Every method hook runs inside the run's autocast (``train.precision``); see ``balancemm/precision.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import platform
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,9 @@ from tqdm.auto import tqdm
 
 from balancemm import __version__
 from balancemm.config import OptimizerConfig, RunConfig, SchedulerConfig
-from balancemm.data import Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
+from balancemm.data import SPLITS, Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
+from balancemm.data.loader import close_loaders
+from balancemm.device import deterministic_setup, device_environment, resolve_device, resolve_precision
 from balancemm.engine.artifacts import Artifacts
 from balancemm.engine.evaluate import evaluate
 from balancemm.engine.rundir import RunDir, read_json, write_json
@@ -35,7 +41,8 @@ from balancemm.errors import BalanceMMError, ConfigError, NonFiniteLossError
 from balancemm.methods import METHODS, Method, RunContext
 from balancemm.methods.context import derive_seed
 from balancemm.metrics.flops import FlopMeter
-from balancemm.models import ModelSpec, build_model
+from balancemm.models import ModelSpec, MultimodalClassifier, build_model
+from balancemm.precision import Precision
 
 SCHEMA = 1
 
@@ -54,36 +61,46 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer) -> t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda")
-    return torch.device(device)
-
-
-def environment(device: torch.device) -> dict[str, str]:
+def environment(device: torch.device, precision: str) -> dict[str, str]:
     return {
         "balancemm": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": str(device),
+        **device_environment(device),
+        "precision": precision,
         "threads": str(torch.get_num_threads()),
         "platform": sys.platform,
     }
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
+def speed_up(model: MultimodalClassifier, *, channels_last: bool, compile: bool) -> None:
+    """``train.channels_last`` and ``train.compile``, applied to the encoders in place.
+
+    Channels-last converts only encoders with 2-D convolutions (their 4-D kernels; activations follow
+    the kernels' layout). Compiling replaces each encoder's ``forward`` on the instance, so parameter
+    names, checkpoints and resume are unchanged; FLOP counting still sees every operator (the counts
+    equal the uncompiled ones, ``tests/engine/test_gpu_paths.py``).
+    """
+    for encoder in model.encoders.values():
+        if channels_last and any(isinstance(m, torch.nn.Conv2d) for m in encoder.modules()):
+            encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if compile:
+            encoder.forward = torch.compile(encoder.forward)
+
+
+def _rng_state(device: torch.device, ctx: RunContext) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+        state["method_device"] = ctx.device_generator.get_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device, ctx: RunContext) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+        ctx.device_generator.set_state(state["method_device"])
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
@@ -114,25 +131,44 @@ class Trainer:
         cfg: RunConfig,
         out: str | Path,
         *,
-        device: str = "cpu",
+        device: str = "auto",
         progress: bool = True,
         dataset: MultimodalDataset | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.progress = progress
         self.run = RunDir(out)
         self.run_id = cfg.digest()[:12]
-        method_cls = METHODS.get(cfg.run.method)
         self.method_entry = METHODS.entry(cfg.run.method)
+        self._refuse_another_config()
+        # Everything below may fail on user input; nothing is written to disk until fit().
+        self.data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
+        spec = self._model_spec()
+        self.method = self._build_method(spec)
+        self.optimizer = build_optimizer(cfg.train.optimizer, self.method.trainable_parameters())
+        self.ctx.attach_optimizer(self.optimizer, self.method)
+        self.scheduler = build_scheduler(cfg.train.scheduler, self.optimizer)
+        self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf")}  # selection state
+        self.train_time = 0.0  # seconds in training epochs, summed over resumed segments
+        self._wall_before = 0.0  # wall seconds of earlier segments of a resumed run
+        self._started = time.perf_counter()
+
+    # -- building --------------------------------------------------------------------------------
+
+    def _refuse_another_config(self) -> None:
         existing = self.run.config_hash()
-        if existing is not None and existing != cfg.digest():
+        if existing is not None and existing != self.cfg.digest():
             raise ConfigError(
                 f"{self.run.path} holds a run with a different config (hash {existing[:12]}); "
                 "choose another --out or delete that directory"
             )
-        # Everything below may fail on user input; nothing is written to disk until fit().
-        self.data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
+
+    def _model_spec(self) -> ModelSpec:
+        """The model the method asks for, after checking it supports the dataset's modality count."""
+        cfg = self.cfg
+        method_cls = METHODS.get(cfg.run.method)
         needs, n_mod = method_cls.needs_for(cfg.method), len(self.data.modalities)
         if n_mod < needs.min_modalities or (needs.max_modalities is not None and n_mod > needs.max_modalities):
             most = needs.max_modalities if needs.max_modalities is not None else "any number of"
@@ -141,20 +177,24 @@ class Trainer:
                 f"but dataset {cfg.run.dataset} has {n_mod}"
             )
         spec = ModelSpec.from_config(cfg.model, self.data.input_shapes, self.data.num_classes)
-        spec = method_cls.model_spec(spec, cfg.method)
-        torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
+        return method_cls.model_spec(spec, cfg.method)
+
+    def _build_method(self, spec: ModelSpec) -> Method:
+        """Model (seeded), context and method on the device, with the speed switches applied."""
+        cfg, train = self.cfg, self.cfg.train
+        method_cls = METHODS.get(cfg.run.method)
+        deterministic_setup(self.device, train.deterministic)
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
-        self.artifacts = Artifacts(cfg, self.run.path.parent, spec.modalities, self.data, self.device, progress)
-        self.meter = FlopMeter(cfg.train.flops, cfg.train.flops_sample_steps)
-        train = cfg.train
+        self.artifacts = Artifacts(cfg, self.run.path.parent, spec.modalities, self.data, self.device, self.progress)
+        self.meter = FlopMeter(train.flops, train.flops_sample_steps)
         self.ctx = RunContext(
             spec.modalities,
             seed=cfg.run.seed,
             num_epochs=train.epochs,
             device=self.device,
             dataset=self.data,
-            needs=needs,
+            needs=method_cls.needs_for(cfg.method),
             batch_size=train.batch_size,
             eval_batch_size=train.eval_batch_size,
             optimizer_factory=lambda ps: build_optimizer(train.optimizer, ps),
@@ -162,34 +202,29 @@ class Trainer:
             meter=self.meter,
             num_workers=train.num_workers,
             artifact_loader=self.artifacts.load,
+            precision=Precision(self.precision, self.device.type),
         )
-        self.method: Method = method_cls(model, self.ctx, cfg.method).to(self.device)
-        self.optimizer = build_optimizer(train.optimizer, self.method.trainable_parameters())
-        self.ctx.attach_optimizer(self.optimizer)
-        self.scheduler = build_scheduler(train.scheduler, self.optimizer)
-        self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf")}  # selection state
-        self.train_time = 0.0  # seconds in training epochs, summed over resumed segments
-        self._wall_before = 0.0  # wall seconds of earlier segments of a resumed run
-        self._started = time.perf_counter()
+        method: Method = method_cls(model, self.ctx, cfg.method).to(self.device)
+        speed_up(model, channels_last=train.channels_last, compile=train.compile)
+        return method
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _eval_batches(self, split: SplitName) -> Batches:
+    def _batches(self, split: SplitName, epoch: int | None = None, plan: SamplePlan | None = None) -> Batches:
+        """A split's batches: shuffled for training, with the order derived from (seed, epoch), so a
+        resumed epoch sees exactly the same batches; in split order for evaluation."""
         train = self.cfg.train
-        return Batches(self.data.split(split), train.eval_batch_size, device=self.device, num_workers=train.num_workers)
-
-    def _train_batches(self, epoch: int, plan: SamplePlan | None) -> Batches:
-        # The order is derived from (seed, epoch), so a resumed epoch sees exactly the same batches.
-        train = self.cfg.train
-        order = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch))
+        shuffled = epoch is not None
+        order = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch)) if shuffled else None
         return Batches(
-            self.data.split("train"),
-            train.batch_size,
-            shuffle=True,
+            self.data.split(split),
+            train.batch_size if shuffled else train.eval_batch_size,
+            shuffle=shuffled,
             generator=order,
             plan=plan,
             device=self.device,
             num_workers=train.num_workers,
+            persistent=True,
         )
 
     def _say(self, text: str) -> None:
@@ -202,8 +237,9 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": _rng_state(self.device, self.ctx),
             "generator": self.ctx.generator.get_state(),
+            "precision": self.ctx.precision.state_dict(),
             "step": self.ctx.step,
             "best": self.best,
             "flops": self.meter.state_dict(),
@@ -216,11 +252,18 @@ class Trainer:
         return self._wall_before + time.perf_counter() - self._started
 
     def _restore(self, state: dict[str, Any]) -> int:
+        saved = state["precision"]["name"]
+        if saved != self.precision:
+            raise ConfigError(
+                f"{self.run.path} was trained in {saved} and this device runs {self.precision}; resume it "
+                f"with --set train.precision={saved} on a device that supports it, or choose another --out"
+            )
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], self.device)
+        _set_rng_state(state["rng"], self.device, self.ctx)
         self.ctx.generator.set_state(state["generator"])
+        self.ctx.precision.load_state_dict(state["precision"])
         self.ctx.step = state["step"]
         self.best = state["best"]
         self.meter.load_state_dict(state["flops"])
@@ -229,38 +272,28 @@ class Trainer:
         self.ctx.used_val = state["used_val"]
         return int(state["epoch"]) + 1
 
+    @contextmanager
+    def _hook(self, name: str, *, counted: bool = True) -> Iterator[None]:
+        """Around a method hook: the run's autocast, its FLOP phase, and counting unless told not to."""
+        with self.meter.counting() if counted else nullcontext(), self.ctx.hook_phase(name), self.ctx.autocast():
+            yield
+
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         """Train, select on validation, test once, write the run directory; return the summary."""
-        run, cfg, method, ctx = self.run, self.cfg, self.method, self.ctx
+        run, cfg = self.run, self.cfg
         if run.done.is_file() and run.summary.is_file():
             self._say(f"{run.path} is already complete; not training again")
             return dict(read_json(run.summary))
-        env = environment(self.device)
-        # The dataset's facts sit beside the config: for prepared data, the audio profile with all its
-        # parameters, so a run records exactly which preprocessing it saw.
-        run.create(
-            {
-                "config": cfg.to_dict(),
-                "config_hash": cfg.digest(),
-                "run_id": self.run_id,
-                "environment": env,
-                "dataset": self.data.describe(),
-            }
-        )
-        self._say(
-            f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
-            f"{env['device']} ({env['threads']} threads) | run {run.path}"
-        )
-        self._started = time.perf_counter()
+        self._open_run()
         try:
             # Artifacts (e.g. teachers) are whole runs of their own: prepared outside the FLOP meter
             # and reported separately in the summary.
             self.artifacts.prepare(self.ctx.needs.artifacts)
             torch.manual_seed(derive_seed(cfg.run.seed, "train"))
-            with self.meter.counting(), ctx.hook_phase("on_fit_start"):
-                method.on_fit_start()
+            with self._hook("on_fit_start"):
+                self.method.on_fit_start()
             start = 0
             if run.last.is_file():
                 start = self._restore(run.load(run.last))
@@ -276,12 +309,33 @@ class Trainer:
         except Exception as exc:
             run.mark_failed(f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            close_loaders([self.data.split(s) for s in SPLITS])
+
+    def _open_run(self) -> None:
+        """Create (or reopen) the run directory with the config, the environment and the dataset's facts."""
+        env = environment(self.device, self.precision)
+        # For prepared data the dataset's facts include the audio profile with all its parameters, so
+        # a run records exactly which preprocessing it saw.
+        self.run.create(
+            {
+                "config": self.cfg.to_dict(),
+                "config_hash": self.cfg.digest(),
+                "run_id": self.run_id,
+                "environment": env,
+                "dataset": self.data.describe(),
+            }
+        )
+        gpu = f" {env['gpu']}," if "gpu" in env else ""
+        self._say(
+            f"balancemm {env['balancemm']} | torch {env['torch']} | python {env['python']} | "
+            f"{env['device']}{gpu} {env['precision']} ({env['threads']} threads) | run {self.run.path}"
+        )
+        self._started = time.perf_counter()
 
     def _train_epochs(self, start: int) -> None:
-        cfg, method, ctx, run = self.cfg, self.method, self.ctx, self.run
-        epochs = cfg.train.epochs
-        writer = _tensorboard(run.tensorboard, start)
-        hatch = _hatch(method)
+        epochs = self.cfg.train.epochs
+        writer = _tensorboard(self.run.tensorboard, start)
         bar = tqdm(
             range(start, epochs),
             desc="epochs",
@@ -292,61 +346,69 @@ class Trainer:
             dynamic_ncols=True,
         )
         for epoch in bar:
-            ctx.epoch = epoch
-            method.train()
-            t0 = time.perf_counter()
-            meter = self.meter
-            with meter.counting(), ctx.hook_phase("on_epoch_start"):
-                plan = method.on_epoch_start(epoch)
-            batches = self._train_batches(epoch, plan)
-            inner = tqdm(
-                batches,
-                desc=f"epoch {epoch}",
-                leave=False,
-                disable=not self.progress,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            )
-            # Each step decides whether it is counted (sampled mode), also in a method that owns the epoch;
-            # in exact mode such a method is counted whole, including any work between its steps.
-            whole = hatch == "train_epoch" and meter.mode == "exact"
-            with meter.counting() if whole else nullcontext(), ctx.hook_phase(hatch or "other"):
-                method.train_epoch(epoch, inner)
-            with meter.counting(), ctx.hook_phase("on_epoch_end"):
-                method.on_epoch_end(epoch)
-            meter.end_epoch()
-            with warnings.catch_warnings():
-                # The schedule is a per-epoch clock; a method that trains with its own optimisers at
-                # ctx.lr (ReconBoost's stages) never steps the run's, and torch would warn about that.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                self.scheduler.step()
-            self.train_time += time.perf_counter() - t0
-            val = evaluate(method, self._eval_batches("val"), self.data.num_classes)
-            logs = ctx.pop_logs()
-            record = self._record("val", epoch, val)
-            record["train"] = logs
-            record["lr"] = self.optimizer.param_groups[0]["lr"]
-            run.append_record(record)
-            if writer is not None:
-                for key, value in [
-                    ("val/accuracy", val["accuracy"]),
-                    ("val/macro_f1", val["macro_f1"]),
-                    ("val/loss", val["loss"]),
-                ] + [(f"train/{k}", v) for k, v in logs.items()]:
-                    writer.add_scalar(key, value, epoch)
-                if val.get("imbalance") is not None:
-                    writer.add_scalar("val/imbalance", val["imbalance"], epoch)
-                writer.flush()
-            score = val[cfg.train.select_metric]
-            if score > self.best["value"]:
-                self.best = {"epoch": epoch, "value": score}
-                run.save(run.best, {"epoch": epoch, "method": method.state_dict()})
-            run.save(run.last, self._state(epoch))
-            bar.set_postfix_str(
-                f"loss {logs.get('loss/ce', next(iter(logs.values()), 0.0)):.3f} val acc {100 * val['accuracy']:.1f}"
-            )
+            logs = self._train_epoch(epoch)
+            val = evaluate(self.method, self._batches("val"), self.data.num_classes)
+            self._write_epoch(epoch, val, logs, writer)
+            self._select(epoch, val)
+            self.run.save(self.run.last, self._state(epoch))
+            loss = logs.get("loss/ce", next(iter(logs.values()), 0.0))
+            bar.set_postfix_str(f"loss {loss:.3f} val acc {100 * val['accuracy']:.1f}")
         if writer is not None:
             writer.close()
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch of the method's hooks; returns the means of what was logged during it."""
+        method, ctx, meter = self.method, self.ctx, self.meter
+        ctx.epoch = epoch
+        method.train()
+        t0 = time.perf_counter()
+        with self._hook("on_epoch_start"):
+            plan = method.on_epoch_start(epoch)
+        inner = tqdm(
+            self._batches("train", epoch, plan),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        # Each step decides whether it is counted (sampled mode), also in a method that owns the epoch;
+        # in exact mode such a method is counted whole, including any work between its steps.
+        hatch = _hatch(method)
+        with self._hook(hatch or "other", counted=hatch == "train_epoch" and meter.mode == "exact"):
+            method.train_epoch(epoch, inner)
+        with self._hook("on_epoch_end"):
+            method.on_epoch_end(epoch)
+        meter.end_epoch()
+        with warnings.catch_warnings():
+            # The schedule is a per-epoch clock; a method that trains with its own optimisers at
+            # ctx.lr (ReconBoost's stages) never steps the run's, and torch would warn about that.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        self.train_time += time.perf_counter() - t0
+        return ctx.pop_logs()
+
+    def _write_epoch(self, epoch: int, val: dict[str, Any], logs: dict[str, float], writer: Any) -> None:
+        """The epoch's line in results.jsonl and its TensorBoard scalars."""
+        record = self._record("val", epoch, val)
+        record["train"] = logs
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.run.append_record(record)
+        if writer is None:
+            return
+        scalars = [("val/accuracy", val["accuracy"]), ("val/macro_f1", val["macro_f1"]), ("val/loss", val["loss"])]
+        if val.get("imbalance") is not None:
+            scalars.append(("val/imbalance", val["imbalance"]))
+        for key, value in scalars + [(f"train/{k}", v) for k, v in logs.items()]:
+            writer.add_scalar(key, value, epoch)
+        writer.flush()
+
+    def _select(self, epoch: int, val: dict[str, Any]) -> None:
+        """Keep the weights of the best epoch on validation (the first one on a tie)."""
+        score = val[self.cfg.train.select_metric]
+        if score > self.best["value"]:
+            self.best = {"epoch": epoch, "value": score}
+            self.run.save(self.run.best, {"epoch": epoch, "method": self.method.state_dict()})
 
     def _record(self, split: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -364,22 +426,37 @@ class Trainer:
             "flops_cumulative": self.meter.total if self.meter.enabled else None,
         }
 
+    # -- the end ---------------------------------------------------------------------------------
+
     def _finish(self) -> dict[str, Any]:
-        run, cfg, method = self.run, self.cfg, self.method
+        """Test the selected epoch once, then write the summary and the done marker."""
+        test, subsets = self._test()
+        summary = self._summary(test, subsets)
+        write_json(self.run.summary, summary)
+        self.run.mark_done()
+        return summary
+
+    def _test(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load the selected epoch's weights; score the test split, and its named subsets (no Shapley)."""
+        run, method = self.run, self.method
         best = run.load(run.best)
         if best["epoch"] != self.best["epoch"]:
             raise RuntimeError(f"{run.best} holds epoch {best['epoch']}, expected {self.best['epoch']}")
         method.load_state_dict(best["method"])
-        test = evaluate(method, self._eval_batches("test"), self.data.num_classes)
+        test = evaluate(method, self._batches("test"), self.data.num_classes)
         run.append_record(self._record("test", self.best["epoch"], test))
         subsets = {}
         for name, rows in self.data.eval_subsets("test").items():
             batches = Batches(self.data.split("test"), self.cfg.train.eval_batch_size, subset=rows, device=self.device)
             scored = evaluate(method, batches, self.data.num_classes, shapley=False)
             subsets[name] = {k: scored[k] for k in ("num_samples", "accuracy", "macro_f1")}
+        return test, subsets
+
+    def _summary(self, test: dict[str, Any], subsets: dict[str, Any]) -> dict[str, Any]:
+        cfg, method = self.cfg, self.method
         peak, peak_kind = _peak_memory_mb(self.device)
-        params = sum(p.numel() for p in method.parameters())
-        summary = {
+        precision = self.ctx.precision
+        return {
             "schema": SCHEMA,
             "status": "complete",
             "run_id": self.run_id,
@@ -399,16 +476,12 @@ class Trainer:
             "shapley": test["shapley"],
             "coalition_values": test["coalition_values"],
             "imbalance": test["imbalance"],
-            "flops": {
-                "counting": cfg.train.flops,
-                "sample_steps": cfg.train.flops_sample_steps if cfg.train.flops == "sampled" else None,
-                "total": self.meter.total if self.meter.enabled else None,
-                "extrapolated": self.meter.extrapolated if self.meter.enabled else None,
-                "by_phase": dict(sorted(self.meter.by_phase.items())) if self.meter.enabled else {},
-                "artifacts": {k: a["flops"] for k, a in self.artifacts.runs.items()},
-                "total_with_artifacts": (self.meter.total + sum(a["flops"] or 0 for a in self.artifacts.runs.values()))
-                if self.meter.enabled
-                else None,
+            "flops": self._flops(),
+            "precision": {
+                "name": precision.name,
+                "requested": cfg.train.precision,
+                "loss_scale": precision.scale if precision.scaled else None,
+                "skipped_steps": precision.skipped if precision.scaled else None,
             },
             "artifacts": self.artifacts.runs,
             "train_time_s": self.train_time,
@@ -416,17 +489,28 @@ class Trainer:
             "peak_memory_mb": peak,
             "peak_memory_kind": peak_kind,
             "params": {
-                "total": params,
+                "total": sum(p.numel() for p in method.parameters()),
                 "per_modality": {
                     m: sum(p.numel() for p in method.model.modality_parameters(m)) for m in method.model.modalities
                 },
             },
             "dataset_info": self.data.describe(),
-            "environment": environment(self.device),
+            "environment": environment(self.device, self.precision),
         }
-        write_json(run.summary, summary)
-        run.mark_done()
-        return summary
+
+    def _flops(self) -> dict[str, Any]:
+        cfg, meter = self.cfg, self.meter
+        artifacts = {k: a["flops"] for k, a in self.artifacts.runs.items()}
+        on = meter.enabled
+        return {
+            "counting": cfg.train.flops,
+            "sample_steps": cfg.train.flops_sample_steps if cfg.train.flops == "sampled" else None,
+            "total": meter.total if on else None,
+            "extrapolated": meter.extrapolated if on else None,
+            "by_phase": dict(sorted(meter.by_phase.items())) if on else {},
+            "artifacts": artifacts,
+            "total_with_artifacts": meter.total + sum(f or 0 for f in artifacts.values()) if on else None,
+        }
 
 
 def _tensorboard(path: Path, purge_step: int) -> Any:

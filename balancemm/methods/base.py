@@ -20,7 +20,8 @@ hook                                  default             when / guarantees
                                                           checked for NaN/inf
 ``backward(losses)``                  sum, backward       each step; the only place per-loss gradients
                                                           are taken
-``after_backward(out, batch)``        no-op               each step; grads are unclipped, not stepped
+``after_backward(out, batch)``        no-op               each step; grads are true (unscaled under
+                                                          fp16), unclipped, not stepped
 ``on_epoch_end(epoch)``               no-op               after each epoch, before validation; may
                                                           change weights
 ``predict(batch) → ModelOutput``      ``model(batch)``    validation / test / Shapley; run in eval mode
@@ -32,7 +33,15 @@ hook                                  default             when / guarantees
 The template step::
 
     out = forward(batch); losses = losses(out, batch); ctx.check_finite(losses)
-    backward(losses); after_backward(out, batch); ctx.optimizer_step()
+    backward(losses)
+    if ctx.overflowed(): ctx.skip_step()        # fp16 only: a gradient overflowed
+    else: after_backward(out, batch); ctx.optimizer_step()
+
+The trainer runs every hook inside ``ctx.autocast()`` (``train.precision``). Gradients are taken
+only through ``ctx.backward(loss)`` and ``ctx.grad(outputs, inputs)``: they leave autocast for the
+backward pass and, under fp16 loss scaling, return true gradients, so no method ever reads, combines
+or rewrites a scaled gradient. A method that steps an optimiser itself calls ``ctx.optimizer_step``,
+which skips a step whose gradients overflowed.
 
 A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses)`` on its losses
 (the default loop does), so NaN detection and loss logging keep working, and must wrap each step in
@@ -56,8 +65,9 @@ Where the 17 methods plug in (DESIGN.md §3.6; the method specs give the details
 * hatches: MLA owns ``training_step``, ReconBoost owns ``train_epoch``.
 
 Rules: no loops over batches inside methods (use ``ctx.batches`` or the ``train_epoch`` hatch);
-randomness only from ``ctx.generator``; parameters by structure (``model.modality_parameters(m)``);
-the test split is unreachable and validation only with ``needs.val``.
+randomness only from ``ctx.generator`` (``ctx.device_generator`` for tensors drawn on the model's
+device); gradients only through ``ctx.backward`` / ``ctx.grad``; parameters by structure
+(``model.modality_parameters(m)``); the test split is unreachable and validation only with ``needs.val``.
 """
 
 from __future__ import annotations
@@ -118,7 +128,7 @@ class Method(nn.Module):
         return {"ce": F.cross_entropy(out.logits, batch.label)}
 
     def backward(self, losses: dict[str, Tensor]) -> None:
-        torch.stack(list(losses.values())).sum().backward()
+        self.ctx.backward(torch.stack(list(losses.values())).sum())
 
     def after_backward(self, out: ModelOutput, batch: Batch) -> None:
         pass
@@ -140,6 +150,10 @@ class Method(nn.Module):
         ctx.check_finite(losses)
         with ctx.hook_phase("backward"):
             self.backward(losses)
+        if ctx.overflowed():
+            # fp16: the loss scale was too large for this batch; the method never sees the overflow.
+            ctx.skip_step()
+            return out, losses
         with ctx.hook_phase("after_backward"):
             self.after_backward(out, batch)
         with ctx.hook_phase("optimizer_step"):

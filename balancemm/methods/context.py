@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
+from balancemm.precision import Precision
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -82,7 +85,11 @@ class RunContext:
         epoch, step, num_epochs: progress (0-based epoch; ``step`` counts optimiser steps).
         modalities: the model's sorted modality names.
         generator: seeded per run; the only source of method randomness (GE noise, sampling).
+        device_generator: the same for randomness drawn where the model lives (OGM-GE's gradient
+            noise), so no step copies random numbers from the host; it is ``generator`` itself on a CPU.
         device: where the model lives.
+        precision: autocast and loss scaling (``train.precision``); methods take gradients through
+            :meth:`backward` and :meth:`grad`, which always leave true (unscaled) gradients.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class RunContext:
         meter: FlopMeter | None = None,
         num_workers: int = 0,
         artifact_loader: Callable[[str, str], nn.Module] | None = None,
+        precision: Precision | None = None,
     ) -> None:
         self.modalities = modalities
         self.seed = seed
@@ -109,7 +117,15 @@ class RunContext:
         self.epoch = 0
         self.step = 0
         self.generator = torch.Generator().manual_seed(derive_seed(seed, "method"))
+        self._device_generator = (
+            None
+            if self.device.type == "cpu"
+            else torch.Generator(device=self.device).manual_seed(derive_seed(seed, "method", "device"))
+        )
+        self.precision = precision or Precision("fp32", self.device.type)
         self.optimizer: torch.optim.Optimizer | None = None
+        self._module: nn.Module | None = None
+        self._checked = False  # the current step's gradients were found finite (fp16)
         self._dataset = dataset
         self._needs = needs or Needs()
         self._batch_size = batch_size
@@ -138,11 +154,17 @@ class RunContext:
             grad_clip=self._grad_clip,
             meter=self.meter,
             num_workers=self._num_workers,
+            precision=self.precision,
         )
         child.generator = self.generator
+        child._device_generator = self._device_generator
         child.epoch = self.epoch
         child.attach_optimizer(optimizer)
         return child
+
+    @property
+    def device_generator(self) -> torch.Generator:
+        return self.generator if self._device_generator is None else self._device_generator
 
     @property
     def needs(self) -> Needs:
@@ -156,12 +178,74 @@ class RunContext:
 
     # -- optimisation ----------------------------------------------------------------------------
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called by the trainer: the protocol's optimiser over every trainable parameter."""
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, module: nn.Module | None = None) -> None:
+        """Called by the trainer: the protocol's optimiser over every trainable parameter, and the
+        method itself, whose parameters loss scaling must reach."""
         self.optimizer = optimizer
+        if module is not None:
+            self._module = module
+
+    def _grad_params(self) -> list[nn.Parameter]:
+        """Every parameter a backward pass can give a gradient: the method's and the optimiser's."""
+        found: dict[int, nn.Parameter] = {}
+        sources = [self._module.parameters()] if self._module is not None else []
+        if self.optimizer is not None:
+            sources.append(p for g in self.optimizer.param_groups for p in g["params"])
+        for source in sources:
+            for p in source:
+                if p.requires_grad:
+                    found.setdefault(id(p), p)
+        return list(found.values())
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """The run's autocast (``train.precision``); the trainer opens it around every hook."""
+        return typing.cast(AbstractContextManager[None], self.precision.autocast())
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)`` under the run's precision: outside autocast, loss-scaled in fp16,
+        and the gradients it leaves in ``.grad`` are true ones, whatever was accumulated before."""
+        params = self._grad_params() if self.precision.scaled else []
+        self.precision.backward(loss, params, **kwargs)
+
+    def grad(
+        self, outputs: Tensor | Sequence[Tensor], inputs: Sequence[Tensor], **kwargs: Any
+    ) -> tuple[Tensor | None, ...]:
+        """``torch.autograd.grad`` under the run's precision: true gradients, also in fp16."""
+        return self.precision.grad(outputs, inputs, **kwargs)
+
+    def overflowed(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Whether a gradient of this step overflowed under fp16 loss scaling (the step must then be
+        skipped with :meth:`skip_step`); always false in fp32 and bf16, at no cost."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise RuntimeError("no optimiser attached to this context")
+        if not self.precision.scaled:
+            self._checked = True
+            return False
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._checked = self.precision.finite(params)
+        return not self._checked
+
+    def skip_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Drop this step's gradients after an fp16 overflow: no update, a smaller loss scale."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise RuntimeError("no optimiser attached to this context")
+        optimizer.zero_grad(set_to_none=True)
+        self._end_step(overflow=True)
+
+    def _end_step(self, overflow: bool) -> None:
+        self.precision.update(overflow)
+        if self.precision.scaled:
+            self.log(**{"amp/skipped_steps": float(overflow), "amp/loss_scale": self.precision.scale})
+        self._checked = False
+        self.step += 1
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Clip (if the protocol says so), step, zero the gradients, count the step.
+
+        Under fp16 a step whose gradients overflowed is skipped instead (and still counted: ``step``
+        counts the loop's steps, so schedules keyed on it do not shift).
 
         ``optimizer`` defaults to the run's; a method that trains in stages with its own optimisers
         (ReconBoost) passes one from :meth:`new_optimizer`, so clipping and step counting still apply.
@@ -169,12 +253,16 @@ class RunContext:
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             raise RuntimeError("no optimiser attached to this context")
-        if self._grad_clip > 0:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self._grad_clip)
-        optimizer.step()
+        if not self._checked and self.overflowed(optimizer):
+            self.skip_step(optimizer)
+            return
+        with self.precision.full_precision():
+            if self._grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self._grad_clip)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self._end_step(overflow=False)
 
     @property
     def lr(self) -> float:

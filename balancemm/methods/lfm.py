@@ -75,7 +75,7 @@ Deviations from BalanceMM (``LFM_trainer.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Any, Literal
@@ -131,12 +131,20 @@ def objective_terms(out: ModelOutput, label: Tensor, modalities: Sequence[str], 
     return F.cross_entropy(out.logits, label), alignment([out.unimodal_logits[m] for m in modalities], kind)
 
 
-def alpha_signal(model: MultimodalClassifier, batch: Batch, alpha_cls: float, alpha_al: float, kind: str) -> float:
+def alpha_signal(
+    model: MultimodalClassifier,
+    batch: Batch,
+    alpha_cls: float,
+    alpha_al: float,
+    kind: str,
+    grad: Callable[..., tuple[Tensor | None, ...]] = torch.autograd.grad,
+) -> float:
     """The learned rule's scalar a: the mean of H_tot·g_c over the first parameter tensor.
 
     H_tot is the Hessian of L_tot = α_cls CE + α_al A over all trainable parameters θ and
     g_c = ∇_θ CE; only the block of the first parameter of the first modality's encoder is formed.
-    Runs in the model's current train/eval mode, with gradients.
+    Runs in the model's current train/eval mode, with gradients. ``grad`` takes the gradients
+    (``ctx.grad`` in a run, so fp16 loss scaling applies to both differentiations).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     first = next(p for p in model.modality_parameters(model.modalities[0]) if p.requires_grad)
@@ -144,12 +152,12 @@ def alpha_signal(model: MultimodalClassifier, batch: Batch, alpha_cls: float, al
     # encoders) have no double backward, the reference attention does.
     with sdpa_kernel(SDPBackend.MATH):
         ce, align = objective_terms(model(batch), batch.label, model.modalities, kind)
-    g = torch.autograd.grad(alpha_cls * ce + alpha_al * align, params, create_graph=True, allow_unused=True)
-    g_c = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    g = grad(alpha_cls * ce + alpha_al * align, params, create_graph=True, allow_unused=True)
+    g_c = grad(ce, params, retain_graph=True, allow_unused=True)
     # A parameter whose gradient is constant (or absent) contributes nothing to ∇_θ⟨g, g_c⟩.
     live = [(gi, ci) for gi, ci in zip(g, g_c, strict=True) if gi is not None and gi.requires_grad]
     vector = [ci if ci is not None else torch.zeros_like(gi) for gi, ci in live]
-    (hvp,) = torch.autograd.grad([gi for gi, _ in live], first, grad_outputs=vector, allow_unused=True)
+    (hvp,) = grad([gi for gi, _ in live], first, grad_outputs=vector, allow_unused=True)
     return 0.0 if hvp is None else float(hvp.mean())
 
 
@@ -221,7 +229,9 @@ class LFM(Method):
         # Eval mode with gradients: BatchNorm uses its running statistics and does not absorb the
         # validation rows.
         with self.ctx.eval_mode(self.model, grad=True):
-            return alpha_signal(self.model, batch, float(self.alpha_cls), float(self.alpha_al), self.hp.alignment)
+            return alpha_signal(
+                self.model, batch, float(self.alpha_cls), float(self.alpha_al), self.hp.alignment, self.ctx.grad
+            )
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         ce, align = objective_terms(out, batch.label, self.model.modalities, self.hp.alignment)

@@ -234,7 +234,7 @@ class MLA(Method):
                 loss = F.cross_entropy(z, batch.label)
             ctx.check_finite({f"uni_{m}": loss})
             with ctx.hook_phase("backward"):
-                loss.backward()
+                ctx.backward(loss)
             with ctx.phase("mla/gs"):
                 self._gradient_step(features[m].detach(), alpha)
             with ctx.hook_phase("optimizer_step"):

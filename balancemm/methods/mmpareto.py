@@ -105,8 +105,8 @@ class MMPareto(Method):
         rest = [p for p in self.trainable_parameters() if id(p) not in owned]
         params = [p for m in modalities for p in encoder[m]] + rest
         unimodal = torch.stack([losses[f"uni_{m}"] for m in modalities]).sum()
-        g_mm = torch.autograd.grad(losses["fused"], params, retain_graph=True, allow_unused=True)
-        g_u = torch.autograd.grad(unimodal, params, allow_unused=True)
+        g_mm = self.ctx.grad(losses["fused"], params, retain_graph=True, allow_unused=True)
+        g_u = self.ctx.grad(unimodal, params, allow_unused=True)
         grads = {id(p): (_dense(a, p), _dense(b, p)) for p, a, b in zip(params, g_mm, g_u, strict=True)}
         for m in modalities:
             combined, (a1, _) = pareto_combine(

@@ -134,7 +134,8 @@ class OGMGE(Method):
                         continue
                     if hp.ge:
                         sigma = p.grad.std() + 1e-8
-                        noise = torch.randn(p.grad.shape, generator=ctx.generator).to(p.grad.device)
+                        # Drawn where the gradient lives: no host-to-device copy per step.
+                        noise = torch.randn(p.grad.shape, generator=ctx.device_generator, device=p.grad.device)
                         p.grad.mul_(coeff).add_(noise * sigma)
                     else:
                         p.grad.mul_(coeff)

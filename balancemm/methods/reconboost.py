@@ -163,7 +163,7 @@ class ReconBoost(Method):
                 if partner is not None:
                     terms["ga"] = ga_term(logits, fixed[partner], hp.ga_weight)
                 ctx.check_finite(terms)
-                terms["boost"].backward()  # the GA term has no gradient (both sides detached)
+                ctx.backward(terms["boost"])  # the GA term has no gradient (both sides detached)
                 ctx.optimizer_step(optimizer)
 
     def _rectify(self) -> None:
@@ -177,7 +177,7 @@ class ReconBoost(Method):
                 logits = self.boost_rate * torch.stack([parts[m] for m in members]).sum(0)
                 terms = {"ce": F.cross_entropy(logits, batch.label)}
                 ctx.check_finite(terms)
-                terms["ce"].backward()
+                ctx.backward(terms["ce"])
                 ctx.optimizer_step(optimizer)
             ctx.log(train_accuracy=(logits.argmax(1) == batch.label).float().mean())
 

@@ -109,17 +109,17 @@ def test_method_state_survives_an_interrupt_between_epochs(
 ) -> None:
     sets = ["train.epochs=3"]
     whole = balancemm.train(name, out=tmp_path / "whole", sets=sets, progress=False, **STATEFUL[name])
-    real = Trainer._train_batches
+    real = Trainer._batches
 
-    def crashing(self: Trainer, epoch: int, plan: Any) -> Any:  # after epoch 2's on_epoch_start
-        if epoch == 2:
+    def crashing(self: Trainer, split: str, epoch: int | None = None, plan: Any = None) -> Any:
+        if split == "train" and epoch == 2:  # after epoch 2's on_epoch_start
             raise KeyboardInterrupt
-        return real(self, epoch, plan)
+        return real(self, split, epoch, plan)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Trainer, "_train_batches", crashing)
+    monkeypatch.setattr(Trainer, "_batches", crashing)
     with pytest.raises(KeyboardInterrupt):
         balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
-    monkeypatch.setattr(Trainer, "_train_batches", real)
+    monkeypatch.setattr(Trainer, "_batches", real)
     resumed = balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
     for key in SAME:
         assert resumed[key] == whole[key], key
