@@ -16,6 +16,7 @@ from balancemm.data.batch import Batch
 from balancemm.methods import METHODS, Method, RunContext
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.models.encoders.cnn import CompactCNNOptions
+from balancemm.precision import Precision
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,9 +82,12 @@ def first_batch(data: TinyDataset, n: int = 8) -> Batch:
     return Batch(inputs, split.labels[rows], rows, present, data.modalities)
 
 
-def build_method(name: str, data: TinyDataset, *, lr: float = 0.05, **hparams: Any) -> Method:
+def build_method(
+    name: str, data: TinyDataset, *, lr: float = 0.05, precision: Precision | None = None, **hparams: Any
+) -> Method:
     """A registered method on a tiny model, with the data, an SGD recipe (attached as the run's
-    optimiser) and untrained stand-ins for the unimodal runs a method may declare as artifacts."""
+    optimiser), untrained stand-ins for the unimodal runs a method may declare as artifacts, and
+    ``precision`` (fp32 by default)."""
     cls = METHODS.get(name)
     hp = parse(cls.HParams, hparams, "method")
     torch.manual_seed(0)
@@ -106,9 +110,10 @@ def build_method(name: str, data: TinyDataset, *, lr: float = 0.05, **hparams: A
         batch_size=8,
         optimizer_factory=recipe,
         artifact_loader=unimodal,
+        precision=precision,
     )
     method = cls(model, ctx, hp)
-    ctx.attach_optimizer(recipe(method.trainable_parameters()))
+    ctx.attach_optimizer(recipe(method.trainable_parameters()), method)
     return method
 
 
