@@ -25,7 +25,8 @@ def _grads_seen(name: str, data: TinyDataset, scale: float, steps: int = 2) -> t
     """The gradients a method finds at ``after_backward`` and at each optimiser step of its first
     ``steps`` steps, trained in fp16 with loss scale ``scale`` (1 = no scaling)."""
     method = build_method(name, data, precision=Precision("fp16", "cpu", init_scale=scale), **HPARAMS.get(name, {}))
-    ctx, seen = method.ctx, []
+    ctx = method.ctx
+    seen: Snapshots = []
 
     def snapshot(where: str) -> None:
         if sum(w == "step" for w, _ in seen) < steps:
@@ -81,6 +82,7 @@ def test_loss_scaling_is_exact_across_accumulated_backward_passes() -> None:
             ctx.backward(layer(x).square().mean())
             ctx.backward(layer(x).sum())  # accumulates onto the first pass's gradients
             (g,) = ctx.grad(layer(x).mean(), [layer.weight])
+        assert layer.weight.grad is not None and g is not None
         results.append((layer.weight.grad.clone(), g))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
@@ -89,7 +91,7 @@ def test_loss_scaling_is_exact_across_accumulated_backward_passes() -> None:
 def test_an_overflowing_step_is_skipped_not_a_failure() -> None:
     method = build_method("ogm_ge", TinyDataset(2), precision=Precision("fp16", "cpu", init_scale=2.0**120))
     ctx, called = method.ctx, []
-    method.after_backward = lambda out, batch: called.append(1)  # type: ignore[method-assign,assignment,return-value]
+    method.after_backward = lambda out, batch: called.append(1)  # type: ignore[method-assign]
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     batch = next(iter(ctx.batches("train", shuffle=True)))
     with ctx.autocast():
