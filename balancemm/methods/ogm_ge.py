@@ -31,6 +31,9 @@ Deviations from the paper/official code:
     the official ``ndim == 4`` test, so 1-D convolutions (spectrograms read over time, sequences)
     are modulated too; with 2-D CNNs both rules pick the same tensors.
   * Scores are clamped at 1e-12 before dividing, so an underflowed score cannot produce NaN.
+  * The noise is drawn on the gradient's device from ``ctx.device_generator`` (the official code
+    draws it on the GPU from the global generator), so it is seeded, checkpointed and never copied
+    from the host; on a CPU that generator is the run's own, as in earlier releases.
 Deviations from BalanceMM (``OGM_trainer.py``), all available as settings where they matter:
   * BalanceMM shrinks a modality only if its own ρ > 1 (no shrink on a tie); we follow the code.
   * BalanceMM modulates every non-1-D encoder weight (``params=weights``) and starts at epoch 10
