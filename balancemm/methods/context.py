@@ -314,6 +314,7 @@ class RunContext:
             subset=subset,
             device=self.device,
             num_workers=self._num_workers,
+            persistent=True,  # the run's loader pool: no worker start-up per call (the trainer closes it)
         )
 
     def split_size(self, split: SplitName) -> int:
@@ -328,6 +329,7 @@ class RunContext:
             subset=index,
             device=self.device,
             num_workers=self._num_workers,
+            persistent=True,
         )
         return next(iter(batches))
 
