@@ -39,8 +39,12 @@ class Batch:
         unknown = keep.difference(self.modalities)
         if unknown:
             raise KeyError(f"unknown modalities {sorted(unknown)}; batch has {self.modalities}")
-        column = torch.tensor([m in keep for m in self.modalities], device=self.present.device)
-        return replace(self, present=self.present & column)
+        present = self.present.clone()
+        for j, m in enumerate(self.modalities):
+            if m not in keep:
+                # fill_ with a Python scalar runs on the mask's device: no host data is copied over.
+                present[:, j].fill_(False)
+        return replace(self, present=present)
 
     def present_of(self, modality: str) -> Tensor:
         """``[B]`` bool mask of the rows that carry ``modality``."""

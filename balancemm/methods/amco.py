@@ -18,7 +18,8 @@ batch (so it stays 0 throughout epoch 0);
 
     p_t = sin(π/2 · min(ε, ℓ)/ε),    N = ⌊p_t·C⌋,
 
-the N classes drawn by one random permutation per batch (``ctx.generator``), shared by every sample.
+the N classes drawn by one random permutation per batch on the model's device
+(``ctx.device_generator``), shared by every sample.
 With ε = 0.3, p_t reaches 1 after ⌈3/epoch⌉ batches, so from epoch 1 on a dependent modality's logits
 are fully zeroed for almost the whole epoch: it then gets no gradient from either loss.
 
@@ -99,10 +100,13 @@ def mask_ratio(level: float, eps: float) -> float:
 
 
 def class_mask(num_classes: int, masked: int, generator: torch.Generator) -> Tensor:
-    """``[C]`` float mask with ``masked`` zeros at positions from one random permutation, ones elsewhere."""
-    mask = torch.ones(num_classes)
-    mask[torch.randperm(num_classes, generator=generator)[:masked]] = 0
-    return mask
+    """``[C]`` float mask with ``masked`` zeros at positions from one random permutation, ones elsewhere.
+
+    Drawn and built on the generator's device (``ctx.device_generator``: the model's), so a step copies
+    nothing from the host.
+    """
+    order = torch.randperm(num_classes, generator=generator, device=generator.device)
+    return torch.ones(num_classes, device=generator.device).index_fill_(0, order[:masked], 0)
 
 
 def dependence_mass(unimodal: list[Tensor]) -> Tensor:
@@ -160,7 +164,7 @@ class AMCo(Method):
             return model(batch)
         features = model.apply_mask(model.encode(batch), batch.present, batch.modalities)
         unimodal = model.unimodal(features)
-        mask = class_mask(fusion.num_classes, masked, ctx.generator).to(batch.label.device)
+        mask = class_mask(fusion.num_classes, masked, ctx.device_generator)
         for m, flagged in zip(model.modalities, self.dependent.tolist(), strict=True):
             if flagged:
                 unimodal[m] = unimodal[m] * mask.to(unimodal[m].dtype)

@@ -31,8 +31,8 @@ Deviations from the paper/official code:
     chain costs one encoder pass plus M − 1 fusion passes; the original runs M forwards on inputs
     imputed with the training mean (MIWAE) or masked (CPM). With ``model.mask=input`` the chain runs
     M forwards on zeroed inputs instead.
-  * Removal orders come from ``torch.rand(B, M).argsort`` on the run's generator (the original uses
-    Python's ``random.shuffle`` per sample); same distribution.
+  * Removal orders come from ``torch.rand(B, M).argsort`` on the run's device generator (the original
+    uses Python's ``random.shuffle`` per sample); same distribution.
   * The original's reconstruction losses (MIWAE/CPM stage 1 and ``rec_loss``) belong to its
     imputation backbones, not to CML, and are absent.
 Deviations from BalanceMM (``CML_trainer.py``):
@@ -72,10 +72,14 @@ def removal_chain(batch_size: int, num_modalities: int, generator: torch.Generat
     """Nested per-sample modality masks ``[M, B, M]`` bool: element k keeps the modalities not yet removed.
 
     Each sample draws its own removal order; element 0 keeps every modality and element M − 1 one.
+    Drawn and built on the generator's device (``ctx.device_generator``: the model's), so a step copies
+    nothing from the host.
     """
-    order = torch.rand(batch_size, num_modalities, generator=generator).argsort(1)  # [B, M]: k-th removed
+    device = generator.device
+    u = torch.rand(batch_size, num_modalities, generator=generator, device=device)
+    order = u.argsort(1)  # [B, M]: the modality removed k-th
     removed_at = order.argsort(1)  # [B, M]: the chain step at which each modality is removed
-    steps = torch.arange(num_modalities)
+    steps = torch.arange(num_modalities, device=device)
     return removed_at[None] >= steps[:, None, None]
 
 
@@ -106,8 +110,8 @@ class CML(Method):
     needs = Needs(min_modalities=2)
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
-        chain = removal_chain(len(batch), len(batch.modalities), self.ctx.generator)
-        logits = self.chain_logits(out, batch, chain.to(batch.present.device) & batch.present)  # [M, B, C]
+        chain = removal_chain(len(batch), len(batch.modalities), self.ctx.device_generator)
+        logits = self.chain_logits(out, batch, chain & batch.present)  # [M, B, C]
         # Every chain element has B rows, so the mean over all M·B rows is the mean of the M CEs.
         ce = F.cross_entropy(logits.flatten(0, 1), batch.label.repeat(len(logits)))
         reg = calibration_penalty(logits, batch.label, self.hp.variant, self.hp.epsilon)

@@ -77,7 +77,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import combinations
 from typing import Any, Literal
 
 import torch
@@ -118,7 +117,8 @@ def alignment(logits: Sequence[Tensor], kind: str = "js") -> Tensor:
         A scalar: the pairwise divergence summed over classes, averaged over samples and pairs.
     """
     log_p = torch.stack([torch.log_softmax(o, dim=-1) for o in logits])  # [M, B, C]
-    a, b = (torch.tensor(side, device=log_p.device) for side in zip(*combinations(range(len(logits)), 2), strict=True))
+    # Pair indices (a, b), a < b, in lexicographic order, built on the device: no host list is copied.
+    a, b = torch.triu_indices(len(logits), len(logits), 1, device=log_p.device)
     lp, lq = log_p[a], log_p[b]  # [P, B, C]
     log_m = torch.logaddexp(lp, lq) - math.log(2)
     if kind == "js":

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +82,8 @@ def self_distillation(logits: Sequence[Tensor], label: Tensor, compat: bool = Fa
         ``(kl, rs)``, two scalars: (1/P) Σ_pairs (1/B) Σ_i ω_i KL_i and the same with RS_i.
     """
     z = torch.stack(list(logits))  # [M, B, C]
-    a, b = (torch.tensor(side, device=z.device) for side in zip(*combinations(range(z.shape[0]), 2), strict=True))
+    # Pair indices (a, b), a < b, in lexicographic order, built on the device: no host list is copied.
+    a, b = torch.triu_indices(z.shape[0], z.shape[0], 1, device=z.device)
     log_p = torch.log_softmax(z, dim=-1)
     p_true = log_p.gather(-1, label.expand(z.shape[0], -1).unsqueeze(-1)).squeeze(-1).exp()  # [M, B]
     correct = z.argmax(-1) == label  # [M, B]

@@ -51,7 +51,9 @@ Deviations from the paper/official code:
   * Scores are computed vectorised (a gather) from the slices under ``no_grad``; the official code
     uses detached weight copies and a per-sample loop (same values). They are clamped at 1e-12
     before dividing, so an underflowed score cannot produce NaN.
-  * Random numbers come from the run's generator (the official code mixes numpy and torch RNGs).
+  * Random numbers come from the run's generators (the official code mixes numpy and torch RNGs): the
+    per-batch coin from the host one (``ctx.generator``), κ from the one on the model's device
+    (``ctx.device_generator``).
 Deviations from BalanceMM (``OPM_trainer.py``):
   * q_base = 0.5 (official argparse) instead of 0.4; a warm-up (epochs 0–5 unmodulated) that BalanceMM
     lacks (``modulation_starts=0`` reproduces it).
@@ -108,19 +110,20 @@ def drop_features(
 
     Args:
         features: ``{m: [B, d_m]}`` pooled features, in the order of ``q``.
-        q: ``[M]`` drop probabilities.
-        generator: the only source of randomness (the run's ``ctx.generator``).
+        q: ``[M]`` drop probabilities, on the features' device.
+        generator: the only source of randomness, on the features' device (the run's
+            ``ctx.device_generator``): κ is drawn there, so a step copies nothing from the host.
 
     Returns:
         ``{m: [B, d_m]}`` features κ_{m,i}·h_{m,i}/(1 − θ), the ``[B]`` bool mask of rows that keep at
         least one modality, and θ = Σ_m d_m q_m / Σ_m d_m.
     """
     first = next(iter(features.values()))
-    dims = torch.tensor([h.shape[1] for h in features.values()], dtype=q.dtype)
-    theta = float((dims * q.cpu()).sum() / dims.sum())
-    # κ ~ Bernoulli(1 − q): u < 1 − q with u uniform on [0, 1), drawn on the CPU generator.
-    keep = torch.rand(first.shape[0], len(features), generator=generator, dtype=q.dtype) < (1 - q.cpu())
-    keep = keep.to(first.device)
+    # The widths d_m, each filled in where q lives: a tensor made from a Python list would be copied.
+    dims = torch.stack([q.new_full((), h.shape[1]) for h in features.values()])
+    theta = float((dims * q).sum() / dims.sum())
+    # κ ~ Bernoulli(1 − q): u < 1 − q with u uniform on [0, 1), drawn on the features' device.
+    keep = torch.rand(first.shape[0], len(features), generator=generator, dtype=q.dtype, device=first.device) < (1 - q)
     # θ = 1 only if every q is 1, and then every κ is 0: nothing is left to rescale.
     scale = 1.0 / (1.0 - theta) if theta < 1 else 0.0
     dropped = {m: h * (keep[:, j, None].to(h.dtype) * scale) for j, (m, h) in enumerate(features.items())}
@@ -168,11 +171,12 @@ class OPM(Method):
         self.kept = None
         if ctx.epoch >= hp.modulation_starts:
             q = opm_drop_probabilities(scores, hp.q_base, hp.lam, hp.ratio_to)
+            # A host decision: drawn on the host generator and read there, so nothing is copied.
             execute = bool(torch.rand((), generator=ctx.generator) < hp.p_exe)
             ctx.log(**{f"opm/q_{m}": v for m, v in zip(mods, q, strict=True)})
             ctx.log(**{"opm/executed": float(execute)})
             if execute:
-                features, kept, theta = drop_features(features, q, ctx.generator)
+                features, kept, theta = drop_features(features, q, ctx.device_generator)
                 self.kept = kept
                 ctx.log(**{"opm/theta": theta})
                 ctx.log(**{"opm/kept": kept.float().mean()})

@@ -126,7 +126,8 @@ class MultimodalClassifier(nn.Module):
             return {m: self.encoders[m](self._input(batch, m)) for m in wanted}
         keep = None
         if self.mask == "feature":
-            keep = batch.present[:, [batch.modalities.index(m) for m in self.modalities]]
+            # Column by column: indexing with a Python list would copy the list to the device.
+            keep = torch.stack([batch.present_of(m) for m in self.modalities], dim=1)
         inputs = {m: self._input(batch, m) for m in self.modalities}
         features = self.mid_fusion(self.encoders, inputs, keep)
         return {m: features[m] for m in wanted}
