@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--trials", type=int, default=None, help="hyper-parameter trials per method (default: 1)")
     sw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     sw.add_argument("--root", default="runs/sweep", help="where the job directories go (default: runs/sweep)")
-    sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core; ray: all)")
+    sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per core or GPU slot; ray: all)")
     sw.add_argument("--launcher", choices=["local", "ray"], default="local", help="where jobs run (default: local)")
     sw.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001")
     sw.add_argument("--probe", action="store_true", help="linear-probe each multimodal run's encoders (Fig. 2)")
@@ -76,10 +76,23 @@ def _parser() -> argparse.ArgumentParser:
         help="config keys for every job, e.g. --set data.root=data/cremad",
     )  # fmt: skip
     be.add_argument("--root", default="runs/bench", help="where the job directories go (default: runs/bench)")
-    be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core)")
+    be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core or GPU slot)")
     be.add_argument("--report", default="reports/bench", help="where the report goes (default: reports/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress output")
     be.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
+    for cmd in (sw, be):
+        cmd.add_argument(
+            "--device",
+            default="auto",
+            help="auto (the GPUs if any, under Ray the cluster's; else the CPU), cpu, cuda, cuda:N (all on GPU N)",
+        )
+        cmd.add_argument(
+            "--gpus-per-job",
+            type=float,
+            default=None,
+            metavar="F",
+            help="share of a GPU each job takes, at most 1: 0.5 puts two jobs on each GPU (default: 1)",
+        )
 
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
     pr.add_argument("run_dir")
@@ -225,18 +238,30 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launcher: str, address: str | None) -> int:
-    """Plan and run (or, with --dry-run, list) the sweep ``raw``; ``args`` gives root, jobs, quiet."""
+    """Plan and run (or, with --dry-run, list) the sweep ``raw``; ``args`` gives root, jobs, device,
+    gpus_per_job, quiet."""
     from balancemm.sweep import SweepSpec, is_done, plan_jobs, run_sweep
 
     if args.jobs is not None and args.jobs < 1:
         raise BalanceMMError("--jobs must be at least 1")
     jobs = plan_jobs(SweepSpec.from_mapping(raw, where=where), args.root)
+    if launcher == "local":
+        from balancemm.sweep.launchers import local_placement
+
+        local_placement(args.device, args.gpus_per_job)  # a dry run refuses what the real one would
     if args.dry_run:
         for job in jobs:
             print(f"{'done' if is_done(job) else 'todo':5s} {job.label:40s} {job.out}")
         return 0
     outcome = run_sweep(
-        jobs, args.root, parallel=args.jobs, launcher=launcher, address=address, progress=not args.quiet
+        jobs,
+        args.root,
+        parallel=args.jobs,
+        launcher=launcher,
+        address=address,
+        device=args.device,
+        gpus_per_job=args.gpus_per_job,
+        progress=not args.quiet,
     )
     print(
         f"sweep: {len(outcome.finished)} trained, {outcome.skipped} already finished, "

@@ -19,7 +19,7 @@ from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
 from balancemm.methods import list_methods
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
-from balancemm.sweep.launchers import job_payload
+from balancemm.sweep.launchers import Placement, RayLauncher, job_payload
 
 QUICK = ["train.epochs=1"]
 
@@ -150,7 +150,7 @@ def test_a_locked_job_is_left_to_the_process_holding_it(tmp_path: Path) -> None:
     lock = os.open(job.out.parent / f".{job.out.name}.lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        write_json(tmp_path / "job.json", job_payload(job))
+        write_json(tmp_path / "job.json", job_payload(job, "cpu"))
         assert worker.main([str(tmp_path / "job.json")]) == worker.BUSY
         assert not job.out.exists()
     finally:
@@ -201,5 +201,11 @@ def test_ray_launcher_runs_the_sweep_on_a_real_local_ray_instance(tmp_path: Path
         assert all((j.out / "done").is_file() for j in jobs)
         again = run_sweep(jobs, tmp_path, launcher="ray", progress=False)
         assert again.skipped == 2 and not again.finished
+        # Without GPUs in the cluster, auto means the CPU, and asking for GPUs is refused in one line.
+        assert RayLauncher(None, 1).placement == Placement()
+        with pytest.raises(ConfigError, match="the Ray cluster has no GPU"):
+            RayLauncher(None, 1, device="cuda")
+        with pytest.raises(ConfigError, match=r"runs on the CPU \(the Ray cluster has no GPU\)"):
+            RayLauncher(None, 1, gpus_per_job=0.5)
     finally:
         ray.shutdown()

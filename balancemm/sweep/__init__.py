@@ -1,8 +1,8 @@
 """Sweeps: grids of methods × datasets × seeds × hyper-parameter trials, run idempotently.
 
 ``plan_jobs`` resolves the grid into jobs named by their config hash; ``run_sweep`` trains the
-unfinished ones with a launcher (local worker processes, or Ray tasks on a cluster) and reports each
-job as it finishes.
+unfinished ones with a launcher (local worker processes, or Ray tasks on a cluster), on the CPU or on
+GPUs, and reports each job as it finishes.
 """
 
 from __future__ import annotations
@@ -27,19 +27,30 @@ def run_sweep(
     threads_per_job: int = 1,
     launcher: str = "local",
     address: str | None = None,
+    device: str = "auto",
+    gpus_per_job: float | None = None,
     progress: bool = True,
 ) -> Outcome:
     """Train every unfinished job; one line per finished job and an overall bar with ETA (stderr).
 
-    ``parallel`` defaults to one job per local CPU core (``local``) or to every job at once (``ray``:
-    the cluster's scheduler places them as CPUs free up).
+    ``device`` is ``auto`` (the GPUs if there are any: this machine's for ``local``, the cluster's for
+    ``ray``; else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` (``local`` only: every job on GPU N). Each GPU
+    job takes ``gpus_per_job`` of a GPU (default 1; 0.5 puts two jobs on each GPU).
+
+    ``parallel`` defaults, for ``local``, to one job per CPU core, or on GPUs to GPUs × jobs per GPU;
+    for ``ray`` to every job at once (the cluster's scheduler places them as CPUs and GPUs free up).
     """
     root = Path(root)
-    runner = make_launcher(launcher, root, threads_per_job, address)
-    parallel = parallel or (default_parallel(threads_per_job) if launcher == "local" else len(jobs) or 1)
+    runner = make_launcher(
+        launcher, root, threads_per_job, address, device=device, gpus_per_job=gpus_per_job, parallel=parallel
+    )
+    parallel = runner.parallel or len(jobs) or 1
     todo = sum(1 for j in jobs if not is_done(j))
     say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)
-    say(f"sweep: {len(jobs)} jobs under {root}, {len(jobs) - todo} already finished, {parallel} at a time")
+    say(
+        f"sweep: {len(jobs)} jobs under {root}, {len(jobs) - todo} already finished, {parallel} at a time "
+        f"on {runner.placement.describe()}"
+    )
     bar = tqdm(total=todo, desc="sweep", unit="job", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     count = 0
 

@@ -5,6 +5,9 @@ twice at once: not when a sweep is restarted while the workers of a killed sweep
 when two sweeps share jobs. The lock is released by the kernel when the process dies, however it dies;
 the run itself then resumes from its last checkpoint the next time the job is started.
 
+The job description names the device (``cpu``, or ``cuda`` when the launcher gave this process one GPU
+through ``CUDA_VISIBLE_DEVICES``; ``auto`` when it names none).
+
 Exit codes: 0 done, 75 the job is locked by another live process, 3 training diverged, 2 user error,
 1 anything else (the run directory holds a ``failed`` marker with the reason).
 """
@@ -34,11 +37,13 @@ def main(argv: list[str]) -> int:
     from balancemm.errors import BalanceMMError
 
     try:
-        summary = Trainer(RunConfig.from_dict(job["config"]), out, progress=False).fit()
+        cfg = RunConfig.from_dict(job["config"])
+        summary = Trainer(cfg, out, device=job.get("device", "auto"), progress=False).fit()
         if job.get("probe") and len(summary["modalities"]) > 1 and not (out / "probe.json").is_file():
             from balancemm.engine.probe import probe_run
 
-            probe_run(out)  # the unimodal counterparts of the paper's Fig. 2, for the report
+            # The unimodal counterparts of the paper's Fig. 2, for the report, on the job's device.
+            probe_run(out, device=job.get("device", "auto"))
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code
