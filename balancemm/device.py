@@ -78,7 +78,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and precision == "bf16" and not _bf16_on_gpu(device):
         name = torch.cuda.get_device_name(device)
         raise ConfigError(f"{name} cannot compute in bf16; use --set train.precision=fp16 (loss-scaled) or fp32")
-    if not _autocast_runs(device, DTYPES[precision]):
+    # CUDA autocasts to both; probing it would start cuBLAS before deterministic_setup could configure it.
+    if device.type != "cuda" and not _autocast_runs(device, DTYPES[precision]):
         raise ConfigError(
             f"this torch build cannot autocast to {precision} on {device.type}; use --set train.precision=fp32"
         )

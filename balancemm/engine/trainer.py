@@ -150,6 +150,8 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device)
+        # Before anything runs on the device: deterministic cuBLAS must be set up before it starts.
+        deterministic_setup(self.device, cfg.train.deterministic)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.progress = progress
         self.run = RunDir(out)
@@ -196,7 +198,6 @@ class Trainer:
         """Model (seeded), context and method on the device, with the speed switches applied."""
         cfg, train = self.cfg, self.cfg.train
         method_cls = METHODS.get(cfg.run.method)
-        deterministic_setup(self.device, train.deterministic)
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
         self.artifacts = Artifacts(cfg, self.run.path.parent, spec.modalities, self.data, self.device, self.progress)
