@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,6 +116,38 @@ def build_method(
     method = cls(model, ctx, hp)
     ctx.attach_optimizer(recipe(method.trainable_parameters()), method)
     return method
+
+
+def train_epochs(method: Method, epochs: int) -> None:
+    """The trainer's hook sequence for ``epochs`` epochs, without validation or a run directory."""
+    ctx = method.ctx
+    method.on_fit_start()
+    for epoch in range(epochs):
+        ctx.epoch = epoch
+        method.train()
+        method.on_epoch_start(epoch)
+        method.train_epoch(epoch, ctx.batches("train", shuffle=True))
+        method.on_epoch_end(epoch)
+
+
+@contextmanager
+def interrupted_at(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    """Inside, a run stops with KeyboardInterrupt (as on Ctrl-C) when training epoch ``epoch`` would
+    fetch its batches, after that epoch's ``on_epoch_start``; the trainer is itself again on exit."""
+    from balancemm.engine.trainer import Trainer
+
+    real = Trainer._batches
+
+    def crashing(self: Trainer, split: Any, at: int | None = None, plan: Any = None) -> Any:
+        if split == "train" and at == epoch:
+            raise KeyboardInterrupt
+        return real(self, split, at, plan)
+
+    monkeypatch.setattr(Trainer, "_batches", crashing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "_batches", real)
 
 
 @pytest.fixture(params=[2, 3], ids=["M2", "M3"])

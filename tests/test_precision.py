@@ -15,7 +15,7 @@ from balancemm.config import resolve_config
 from balancemm.engine.trainer import Trainer
 from balancemm.methods import Method, RunContext, list_methods
 from balancemm.precision import Precision
-from tests.conftest import TinyDataset, build_method
+from tests.conftest import TinyDataset, build_method, interrupted_at
 from tests.methods.test_all_methods import HPARAMS
 
 Snapshots = list[tuple[str, dict[str, torch.Tensor]]]
@@ -140,17 +140,8 @@ def test_autocast_covers_training_and_evaluation(tmp_path: Path) -> None:
 def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sets = ["train.epochs=3", "train.precision=fp16"]
     whole = balancemm.train("ogm_ge", out=tmp_path / "whole", sets=sets)
-    real = Trainer._batches
-
-    def crashing(self: Trainer, split: str, epoch: int | None = None, plan: Any = None) -> Any:
-        if split == "train" and epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, split, epoch, plan)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Trainer, "_batches", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         balancemm.train("ogm_ge", out=tmp_path / "cut", sets=sets)
-    monkeypatch.setattr(Trainer, "_batches", real)
     resumed = balancemm.train("ogm_ge", out=tmp_path / "cut", sets=sets)
     for key in ("test", "shapley", "selected_epoch", "precision", "flops"):
         assert resumed[key] == whole[key], key
@@ -161,16 +152,8 @@ def test_resuming_in_another_precision_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    real = Trainer._batches
-
-    def crashing(self: Trainer, split: str, epoch: int | None = None, plan: Any = None) -> Any:
-        if split == "train" and epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, split, epoch, plan)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Trainer, "_batches", crashing)
-    assert main(["train", "--method", "baseline", "--set", "train.epochs=2", "--out", str(out), "--quiet"]) == 130
-    monkeypatch.setattr(Trainer, "_batches", real)
+    with interrupted_at(monkeypatch, 1):
+        assert main(["train", "--method", "baseline", "--set", "train.epochs=2", "--out", str(out), "--quiet"]) == 130
     # The same config (precision auto) on a device where auto means bf16, as on a GPU.
     monkeypatch.setattr("balancemm.engine.trainer.resolve_precision", lambda precision, device: "bf16")
     capsys.readouterr()

@@ -18,7 +18,7 @@ from balancemm.data import Batches
 from balancemm.data import loader as loaders
 from balancemm.engine.trainer import Trainer
 from balancemm.errors import ConfigError
-from tests.conftest import TinyDataset
+from tests.conftest import TinyDataset, interrupted_at
 
 
 def test_auto_is_the_cpu_without_a_gpu_and_missing_gpus_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,17 +119,8 @@ def test_compile_keeps_flops_checkpoints_and_resume(tmp_path: Path, monkeypatch:
     best = torch.load(tmp_path / "whole" / "checkpoints" / "best.pt", weights_only=True)["method"]
     assert not any("_orig_mod" in key for key in best)
 
-    real = Trainer._batches
-
-    def crashing(self: Trainer, split: str, epoch: int | None = None, plan: Any = None) -> Any:
-        if split == "train" and epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, split, epoch, plan)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Trainer, "_batches", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
         balancemm.train("ogm_ge", out=tmp_path / "cut", sets=compiled)
-    monkeypatch.setattr(Trainer, "_batches", real)
     resumed = balancemm.train("ogm_ge", out=tmp_path / "cut", sets=compiled)
     for key in ("test", "shapley", "selected_epoch", "flops"):
         assert resumed[key] == whole[key], key

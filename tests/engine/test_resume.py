@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import balancemm
-from balancemm.engine.trainer import Trainer
 from balancemm.methods.base import Method
+from tests.conftest import interrupted_at
 
 # OGM-GE draws Gaussian noise from the run generator every step, so resume must restore it exactly.
 SETS = ["train.epochs=5", "train.scheduler.step_size=2"]
@@ -109,17 +109,8 @@ def test_method_state_survives_an_interrupt_between_epochs(
 ) -> None:
     sets = ["train.epochs=3"]
     whole = balancemm.train(name, out=tmp_path / "whole", sets=sets, progress=False, **STATEFUL[name])
-    real = Trainer._batches
-
-    def crashing(self: Trainer, split: str, epoch: int | None = None, plan: Any = None) -> Any:
-        if split == "train" and epoch == 2:  # after epoch 2's on_epoch_start
-            raise KeyboardInterrupt
-        return real(self, split, epoch, plan)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Trainer, "_batches", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
-    monkeypatch.setattr(Trainer, "_batches", real)
     resumed = balancemm.train(name, out=tmp_path / "cut", sets=sets, progress=False, **STATEFUL[name])
     for key in SAME:
         assert resumed[key] == whole[key], key

@@ -11,7 +11,7 @@ import torch
 import balancemm
 from balancemm.methods import list_methods
 from balancemm.metrics.shapley import coalitions
-from tests.conftest import TinyDataset, build_method, first_batch
+from tests.conftest import TinyDataset, build_method, first_batch, train_epochs
 
 HPARAMS: dict[str, dict[str, Any]] = {
     "unimodal": {"modality": "audio"},
@@ -36,13 +36,7 @@ def test_a_few_steps_train_every_parameter_with_finite_losses(name: str, tiny: T
     method = _build(name, tiny)
     ctx = method.ctx
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    method.on_fit_start()
-    for epoch in range(2):
-        ctx.epoch = epoch
-        method.train()
-        method.on_epoch_start(epoch)
-        method.train_epoch(epoch, ctx.batches("train", shuffle=True))
-        method.on_epoch_end(epoch)
+    train_epochs(method, 2)
     logs = ctx.pop_logs()
     steps = 6 * PASSES_PER_EPOCH.get(name, 1) * (len(tiny.modalities) if name in STEP_PER_MODALITY else 1)
     assert ctx.step == steps and any(k.startswith("loss/") for k in logs)

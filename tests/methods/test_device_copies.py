@@ -31,7 +31,7 @@ from balancemm.methods import list_methods
 from balancemm.methods.context import RunContext, derive_seed
 from balancemm.metrics.flops import FlopMeter
 from balancemm.metrics.shapley import coalitions
-from tests.conftest import TinyDataset, build_method, first_batch
+from tests.conftest import TinyDataset, build_method, first_batch, train_epochs
 from tests.methods.test_all_methods import HPARAMS
 
 # Reach every per-step branch within two epochs: OPM drops features from epoch 0 on every batch.
@@ -103,13 +103,7 @@ def test_steps_and_evaluation_make_no_host_data(name: str, tiny: TinyDataset) ->
     ctx._device_generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "device copies"))
     assert ctx.device_generator.initial_seed() != ctx.generator.initial_seed()
     watch = ctx.meter = _StepWatch(ctx)
-    method.on_fit_start()
-    for epoch in range(2):
-        ctx.epoch = epoch
-        method.train()
-        method.on_epoch_start(epoch)
-        method.train_epoch(epoch, ctx.batches("train", shuffle=True))
-        method.on_epoch_end(epoch)
+    train_epochs(method, 2)
     assert ctx.step > 0
     method.eval()
     with torch.no_grad(), watch.watch():
