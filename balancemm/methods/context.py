@@ -185,6 +185,13 @@ class RunContext:
         if module is not None:
             self._module = module
 
+    def _optimizer(self, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
+        """``optimizer``, or the run's when None."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise RuntimeError("no optimiser attached to this context")
+        return optimizer
+
     def _grad_params(self) -> list[nn.Parameter]:
         """Every parameter a backward pass can give a gradient: the method's and the optimiser's."""
         found: dict[int, nn.Parameter] = {}
@@ -216,9 +223,7 @@ class RunContext:
     def overflowed(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Whether a gradient of this step overflowed under fp16 loss scaling (the step must then be
         skipped with :meth:`skip_step`); always false in fp32 and bf16, at no cost."""
-        optimizer = optimizer or self.optimizer
-        if optimizer is None:
-            raise RuntimeError("no optimiser attached to this context")
+        optimizer = self._optimizer(optimizer)
         if not self.precision.scaled:
             self._checked = True
             return False
@@ -228,9 +233,7 @@ class RunContext:
 
     def skip_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Drop this step's gradients after an fp16 overflow: no update, a smaller loss scale."""
-        optimizer = optimizer or self.optimizer
-        if optimizer is None:
-            raise RuntimeError("no optimiser attached to this context")
+        optimizer = self._optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self._end_step(overflow=True)
 
@@ -250,9 +253,7 @@ class RunContext:
         ``optimizer`` defaults to the run's; a method that trains in stages with its own optimisers
         (ReconBoost) passes one from :meth:`new_optimizer`, so clipping and step counting still apply.
         """
-        optimizer = optimizer or self.optimizer
-        if optimizer is None:
-            raise RuntimeError("no optimiser attached to this context")
+        optimizer = self._optimizer(optimizer)
         if not self._checked and self.overflowed(optimizer):
             self.skip_step(optimizer)
             return
