@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -41,6 +42,51 @@ def rng(
 ) -> dict[str, float | None]:
     """Field metadata declaring an allowed numeric range: ``field(default=1, metadata=rng(ge=0))``."""
     return {"ge": ge, "gt": gt, "le": le, "lt": lt}
+
+
+#: An epoch hyper-parameter: absolute (``10``, the original codes' unit) or relative to the
+#: protocol's ``train.epochs`` (``"30%"``), so that a schedule acts within any protocol's length.
+EpochValue = int | str
+
+_RELATIVE_EPOCH = re.compile(r"^(\d+(?:\.\d+)?)%$")
+
+
+def _parse_epoch(value: Any, path: str) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _RELATIVE_EPOCH.match(value.strip()) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) > 100:
+        raise ConfigError(
+            f"{path}: expected an epoch number or a share of train.epochs between '0%' and '100%', got {value!r}"
+        )
+    return value.strip()
+
+
+def epoch_meta(*, ge: int = 0) -> dict[str, Any]:
+    """Field metadata for an :data:`EpochValue`: ``field(default=20, metadata=epoch_meta(ge=1))``;
+    ``ge`` bounds the absolute form and, at run time, the resolved value."""
+    return {**rng(ge=ge), "parse": _parse_epoch}
+
+
+def resolve_epoch(value: int | str, total_epochs: int, *, ge: int = 0) -> int:
+    """The epoch an :data:`EpochValue` means in a run of ``total_epochs``: ``"30%"`` of 30 is 9.
+
+    Shares round half up and never go below ``ge`` (a period of ``"1%"`` in a 30-epoch run is 1, not 0).
+    """
+    if isinstance(value, int):
+        return value
+    share = float(value.rstrip("%")) / 100
+    return max(ge, math.floor(share * total_epochs + 0.5))
+
+
+def window_order(starts: int | str, ends: int | str, path: str) -> None:
+    """Refuse a window that ends before it starts, when both ends use the same unit (mixed units can
+    only be compared once the protocol's length is known, and an empty window then simply never acts)."""
+    if type(starts) is not type(ends):
+        return
+    key = (lambda v: float(str(v).rstrip("%"))) if isinstance(starts, str) else int
+    if key(ends) < key(starts):
+        raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,15 +52,15 @@ Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug (spec §2.6
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng, window_order
 from balancemm.data.batch import Batch
-from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
 from balancemm.metrics.shapley import coalitions, shapley_values
 from balancemm.models.classifier import ModelOutput
@@ -71,8 +71,8 @@ from balancemm.registry import METHODS
 class AGMHParams:
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # α; official --alpha 1.0 (README AV-MNIST 2.5); BMM 0.1
     kappa: float | None = field(default=10.0, metadata=rng(gt=0))  # κ: 10 CREMA-D, 7 URFunny, null MOSEI; BMM 7
-    modulation_starts: int = field(default=0, metadata=rng(ge=0))  # first modulated epoch, 0-based (BMM 0)
-    modulation_ends: int = field(default=20, metadata=rng(ge=0))  # last modulated epoch, inclusive (BMM 80)
+    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 0)
+    modulation_ends: EpochValue = field(default=20, metadata=epoch_meta())  # last modulated epoch, inclusive (BMM 80)
     clip_threshold: float = field(default=1.0, metadata=rng(ge=0))  # θ, fusion-weight grad bound (BMM 5); 0 = no clip
     clip_norm: float = field(default=1.0, metadata=rng(gt=0))  # max_norm of the clip (BMM 5)
     # "shared": each encoder runs once per input kind, same values and gradients as "official":
@@ -80,8 +80,7 @@ class AGMHParams:
     passes: Literal["shared", "official"] = "shared"
 
     def _validate(self, path: str) -> None:
-        if self.modulation_ends < self.modulation_starts:
-            raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
+        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def mono_outputs(fused: dict[frozenset[str], Tensor], modalities: tuple[str, ...]) -> dict[str, Tensor]:
@@ -127,6 +126,10 @@ def modulated_sum(outputs: dict[str, Tensor], coefficients: Tensor) -> Tensor:
 class AGM(Method):
     name = "agm"
     HParams = AGMHParams
+    search: ClassVar[Mapping[str, Any]] = {  # α: BalanceMM 0.1 … README 2.5; κ per dataset (None = unclamped)
+        "alpha": [0.1, 0.5, 1.0, 2.5],
+        "kappa": [7.0, 10.0, None],
+    }
     running: Tensor  # [M] S̄_m, running mean of s_m over every iteration
     iteration: Tensor  # t, iterations seen (a buffer, so resume continues the averages)
 
@@ -135,12 +138,15 @@ class AGM(Method):
         self.register_buffer("running", torch.zeros(len(self.model.modalities)))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
+
     def forward(self, batch: Batch) -> ModelOutput:
         hp, ctx, model = self.hp, self.ctx, self.model
         mods = model.modalities
         features = model.encode(batch)
         full = model.fuse(features)
-        if ctx.epoch > hp.modulation_ends:
+        if ctx.epoch > self.epoch_of(hp.modulation_ends):
             return ModelOutput(full, features, {})
         with ctx.phase("agm/coalitions"), ctx.eval_mode(model, grad=True):
             partial = [s for s in coalitions(mods, include_empty=hp.passes == "official") if len(s) < len(mods)]
@@ -159,7 +165,7 @@ class AGM(Method):
             t = self.iteration.item()
             self.running.mul_((t - 1) / t).add_(scores / t)
         ctx.log(**{f"agm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
-        if hp.modulation_starts <= ctx.epoch:
+        if self.acts_in(ctx.epoch):
             ctx.log(**{f"agm/c_{m}": c for m, c in zip(mods, coeffs, strict=True)})
             logits = modulated_sum(outputs, coeffs)
         else:

@@ -66,14 +66,15 @@ Deviations from BalanceMM (``AMCo_trainer.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng, window_order
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
@@ -86,12 +87,11 @@ from balancemm.registry import FUSIONS, METHODS
 class AMCoHParams:
     sigma: float = field(default=0.5, metadata=rng(gt=0, lt=1))  # σ, dependence threshold; BMM 0.5 (paper unknown)
     eps: float = field(default=0.3, metadata=rng(gt=0))  # ε, level at which p_t reaches 1; BMM 0.3 (paper unknown)
-    modulation_starts: int = field(default=0, metadata=rng(ge=0))  # first epoch with mask + co-loss, 0-based (BMM 0)
-    modulation_ends: int = field(default=80, metadata=rng(ge=0))  # last one, inclusive (BMM 80)
+    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with mask + co-loss (BMM 0)
+    modulation_ends: EpochValue = field(default=80, metadata=epoch_meta())  # last one, inclusive (BMM 80)
 
     def _validate(self, path: str) -> None:
-        if self.modulation_ends < self.modulation_starts:
-            raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
+        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def mask_ratio(level: float, eps: float) -> float:
@@ -128,6 +128,10 @@ def dependence_mass(unimodal: list[Tensor]) -> Tensor:
 class AMCo(Method):
     name = "amco"
     HParams = AMCoHParams
+    search: ClassVar[Mapping[str, Any]] = {  # no released code or values: a band around BalanceMM's 0.5 / 0.3
+        "sigma": [0.4, 0.5, 0.6],
+        "eps": [0.1, 0.3, 0.5, 1.0],
+    }
     dependent: Tensor  # [M] bool: modalities whose logits the next batch masks
     level: Tensor  # ℓ (float64): mask-schedule level within the epoch
 
@@ -146,8 +150,11 @@ class AMCo(Method):
             )
         return replace(spec, fusion="amco", unimodal_heads="slice")
 
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
+
     def _in_window(self) -> bool:
-        return self.hp.modulation_starts <= self.ctx.epoch <= self.hp.modulation_ends
+        return self.acts_in(self.ctx.epoch)
 
     def on_epoch_start(self, epoch: int) -> SamplePlan | None:
         self.dependent.zero_()

@@ -72,7 +72,7 @@ device); gradients only through ``ctx.backward`` / ``ctx.grad``; parameters by s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from balancemm.config import EpochValue, resolve_epoch
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods.context import Needs, RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
@@ -96,6 +97,12 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     HParams: ClassVar[type] = NoHParams
     needs: ClassVar[Needs] = Needs()
+    #: Default search space for sweeps' hyper-parameter trials: ``{field: [candidate values]}``, from
+    #: the ranges the method's paper and code explore. A sweep file's ``search:`` replaces it.
+    search: ClassVar[Mapping[str, Sequence[Any]]] = {}
+    #: Protocol adaptation: ``HParams`` values (relative epoch schedules such as ``"30%"``) under which
+    #: the method acts within any protocol's length; the benchmark applies them over the defaults.
+    adapted: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, model: MultimodalClassifier, ctx: RunContext, hp: Any = None) -> None:
         super().__init__()
@@ -180,6 +187,25 @@ class Method(nn.Module):
         everything = frozenset(self.model.modalities)
         logits = [out.logits if s == everything else self.predict(batch.with_only(s)).logits for s in coalitions]
         return out, torch.stack(logits)
+
+    # -- schedules (not hooks) -------------------------------------------------------------------
+
+    def epoch_of(self, value: EpochValue, *, ge: int = 0) -> int:
+        """An epoch hyper-parameter in this run's epochs: ``10`` stays 10, ``"30%"`` of 30 epochs is 9."""
+        return resolve_epoch(value, self.ctx.num_epochs, ge=ge)
+
+    def within(self, epoch: int, starts: EpochValue, ends: EpochValue | None = None) -> bool:
+        """``starts ≤ epoch ≤ ends`` with both resolved for this run (no ``ends``: from ``starts`` on)."""
+        return self.epoch_of(starts) <= epoch and (ends is None or epoch <= self.epoch_of(ends))
+
+    def acts_in(self, epoch: int) -> bool:
+        """Whether the method changes training in ``epoch`` (0-based), from its schedule alone.
+
+        The run's summary lists these epochs (``intervention``), so that a method whose schedule falls
+        outside the protocol, or after the selected epoch, is visible as one that compared baseline
+        with itself. Methods with an epoch window or period override it; the rest act in every epoch.
+        """
+        return True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -20,3 +20,6 @@ from balancemm.registry import METHODS
 )
 class Baseline(Method):
     name = "baseline"
+
+    def acts_in(self, epoch: int) -> bool:
+        return False  # the reference itself: plain training, nothing to record as an intervention

@@ -45,8 +45,9 @@ Deviations from BalanceMM (``CML_trainer.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,10 @@ def calibration_penalty(logits: Tensor, label: Tensor, variant: Variant = "miwae
 class CML(Method):
     name = "cml"
     HParams = CMLHParams
+    search: ClassVar[Mapping[str, Any]] = {  # λ = β/100 around the README's β = 10; ε is the code's margin
+        "lam": [0.01, 0.03, 0.1, 0.3, 1.0],
+        "epsilon": [0.0, 0.1],
+    }
     needs = Needs(min_modalities=2)
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:

@@ -47,14 +47,15 @@ Deviations from BalanceMM (``GBlending_trainer.py``):
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta
 from balancemm.data.base import SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods.base import Method, Needs
@@ -68,7 +69,7 @@ FUSED = "fused"
 @dataclass(frozen=True)
 class GBlendingHParams:
     mode: Literal["online", "offline"] = "online"  # paper: both; BMM "online"
-    super_epoch: int = field(default=10, metadata=rng(ge=1))  # n, epochs per estimate (online); BMM 10
+    super_epoch: EpochValue = field(default=10, metadata=epoch_meta(ge=1))  # n, epochs per estimate (online); BMM 10
     heads: Literal["linear", "slice"] = "linear"  # separate unimodal heads (paper) | head slices (BMM)
 
 
@@ -106,6 +107,10 @@ class _OneHead(Method):
 class GBlending(Method):
     name = "gblending"
     HParams = GBlendingHParams
+    search: ClassVar[Mapping[str, Any]] = {  # its only knobs: super_epoch is an epoch schedule (adaptation)
+        "mode": ["online", "offline"],
+        "heads": ["linear", "slice"],
+    }
     needs = Needs(val=True)
     weights: Tensor  # [M + 1] blend weights (a buffer, so checkpoints and resume carry it)
 
@@ -120,7 +125,7 @@ class GBlending(Method):
         return replace(spec, unimodal_heads=hp.heads)
 
     def on_epoch_start(self, epoch: int) -> SamplePlan | None:
-        window = self.hp.super_epoch if self.hp.mode == "online" else self.ctx.num_epochs
+        window = self.epoch_of(self.hp.super_epoch, ge=1) if self.hp.mode == "online" else self.ctx.num_epochs
         if epoch % window == 0 and (self.hp.mode == "online" or epoch == 0):
             with self.ctx.phase("gblending/estimate"):
                 weights = self.estimate(window)

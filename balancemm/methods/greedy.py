@@ -73,14 +73,15 @@ they matter:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
@@ -97,7 +98,7 @@ class GreedyHParams:
     # Q, steps per curation window; official curation_windowsize 5 (BMM window_size 5)
     window: int = field(default=5, metadata=rng(ge=1))
     # first 0-based epoch that may curate; official starting_epoch=2 counts from 1, i.e. 1 here (BMM 0)
-    starting_epoch: int = field(default=1, metadata=rng(ge=0))
+    starting_epoch: EpochValue = field(default=1, metadata=epoch_meta())
     # MMTM after the last k stages of every encoder; official 3 = ResNet-18 layer2–4 (BMM 4 = all)
     mmtm_stages: int = field(default=3, metadata=rng(ge=1))
     # MMTM bottleneck ratio, joint layer Σd → ⌊2Σd/ratio⌋; official 4 (BMM 4)
@@ -119,6 +120,10 @@ def balance_direction(bypass: Tensor, main: Tensor) -> Tensor:
 class Greedy(Method):
     name = "greedy"
     HParams = GreedyHParams
+    search: ClassVar[Mapping[str, Any]] = {  # ε from BalanceMM's 0.001 past the official 0.01; Q around 5
+        "epsilon": [0.001, 0.003, 0.01, 0.03, 0.1],
+        "window": [3, 5, 10],
+    }
     speed_bypass: Tensor  # [M] cumulative M_b,m (a buffer, so checkpoints and resume carry it)
     speed_main: Tensor  # [M] cumulative M_main,m
     mode: Tensor  # [2] long: curation steps left, cared modality (mirrors curation_left, caring)
@@ -199,6 +204,10 @@ class Greedy(Method):
 
     # -- the controller --------------------------------------------------------------------------
 
+    def acts_in(self, epoch: int) -> bool:
+        # MMTM changes the model in every epoch, but the method's own rule (curation) may start only here.
+        return self.within(epoch, self.hp.starting_epoch)
+
     def record(self, bypass: Tensor, main: Tensor) -> None:
         """Add one step's speeds μ_b, μ_main ``[M]`` to the sums and start curation if they diverge."""
         self.speed_bypass += bypass
@@ -207,5 +216,5 @@ class Greedy(Method):
         *values, gap, top = torch.cat([bdr, (bdr.max() - bdr.min())[None], bdr.argmax()[None]]).tolist()  # one sync
         self.ctx.log(**{f"greedy/bdr_{m}": v for m, v in zip(self.model.modalities, values, strict=True)})
         self.ctx.log(**{"greedy/bdr_gap": gap})
-        if self.ctx.epoch >= self.hp.starting_epoch and gap > self.hp.epsilon:
+        if self.acts_in(self.ctx.epoch) and gap > self.hp.epsilon:
             self.set_mode(self.hp.window, int(top))

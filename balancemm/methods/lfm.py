@@ -75,16 +75,16 @@ Deviations from BalanceMM (``LFM_trainer.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
@@ -101,7 +101,7 @@ class LFMHParams:
     alignment: Literal["js", "mixture_kl"] = "js"  # true JS | the code's KL(m‖p) (original and BMM)
     alpha_al_init: float = field(default=0.95, metadata=rng(ge=0.05, le=0.95))  # learned α_al₀; orig 0.95 (BMM 0.05)
     lr_alpha: float = field(default=1e-4, metadata=rng(ge=0))  # η_α; original 1e-4 (BMM 1e-4)
-    halve_every: int = field(default=20, metadata=rng(ge=1))  # η_α halves every this many epochs; orig 20 (BMM 20)
+    halve_every: EpochValue = field(default=20, metadata=epoch_meta(ge=1))  # η_α halving period; orig 20 (BMM 20)
     val_samples: int = field(default=8, metadata=rng(ge=1))  # rows for the α pass; orig 8 train rows (BMM 8 of val)
 
 
@@ -179,7 +179,12 @@ def learned_alpha_al(alpha_al: float, lr_alpha: float, signal: float) -> float:
 @METHODS.register("lfm", group="objective", paper="Yang et al., NeurIPS 2024", aliases=("LFM", "LFMTrainer"))
 class LFM(Method):
     name = "lfm"
+    adapted: ClassVar[Mapping[str, Any]] = {"halve_every": "10%"}  # official: η_α halves every 20 of 200 epochs
     HParams = LFMHParams
+    search: ClassVar[Mapping[str, Any]] = {  # α_al₀: BalanceMM 0.05 … original 0.95; η_α a decade around 1e-4
+        "alpha_al_init": [0.05, 0.25, 0.5, 0.75, 0.95],
+        "lr_alpha": [1e-5, 1e-4, 1e-3],
+    }
     needs = Needs(val=True)
 
     alpha_cls: Tensor
@@ -212,7 +217,7 @@ class LFM(Method):
         elif hp.schedule == "heuristic":
             alpha_al = heuristic_alpha_al(epoch)
         else:
-            if epoch % hp.halve_every == 0 and epoch != 0:
+            if epoch % self.epoch_of(hp.halve_every, ge=1) == 0 and epoch != 0:
                 self.lr_alpha.mul_(0.5)
             with self.ctx.phase("lfm_alpha"):
                 signal = self._alpha_signal()

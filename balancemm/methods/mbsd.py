@@ -48,8 +48,9 @@ Deviations from BalanceMM (``MBSD_trainer.py``), ``compat=True`` reproduces Bala
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,10 @@ def self_distillation(logits: Sequence[Tensor], label: Tensor, compat: bool = Fa
 class MBSD(Method):
     name = "mbsd"
     HParams = MBSDHParams
+    search: ClassVar[Mapping[str, Any]] = {  # no released values (all 1 in BalanceMM): a band around 1
+        "kl_weight": [0.1, 0.3, 1.0, 3.0],
+        "beta": [0.3, 1.0, 3.0],
+    }
     needs = Needs()
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:

@@ -65,8 +65,9 @@ Deviations from BalanceMM (``MLA_trainer.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,11 @@ def fuse(logits: Tensor, weights: Tensor, present: Tensor) -> Tensor:
 class MLA(Method):
     name = "mla"
     HParams = MLAHParams
+    search: ClassVar[Mapping[str, Any]] = {  # switches only: the method has no numeric hyper-parameter
+        "gs_denominator": ["scalar", "elementwise"],
+        "gs_mode": ["replace", "add"],
+        "fusion": ["entropy", "fixed"],
+    }
     projector: Tensor  # [d, d] P of the gradient projection, shared by all modalities and epochs
     updates: Tensor  # [] long: optimiser steps taken so far (the official exp_count)
     fixed: Tensor  # [M] fixed fusion weights in sorted modality order

@@ -39,8 +39,9 @@ Deviations from BalanceMM (``MMCosine_trainer.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from balancemm.config import rng
 from balancemm.errors import ConfigError
@@ -64,6 +65,9 @@ class MMCosineHParams:
 class MMCosine(Method):
     name = "mmcosine"
     HParams = MMCosineHParams
+    search: ClassVar[Mapping[str, Any]] = {  # around the original 10 and BalanceMM's 15
+        "scale": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0],
+    }
     needs = Needs(min_modalities=2)
 
     @classmethod

@@ -41,8 +41,9 @@ Deviations from BalanceMM (``MMPareto_trainer.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,10 @@ def pareto_combine(g_mm: list[Tensor], g_u: list[Tensor], gamma: float) -> tuple
 class MMPareto(Method):
     name = "mmpareto"
     HParams = MMParetoHParams
+    search: ClassVar[Mapping[str, Any]] = {  # γ = 1: no norm enlargement; separate heads or head slices
+        "gamma": [1.0, 1.25, 1.5, 2.0, 2.5],
+        "heads": ["linear", "slice"],
+    }
 
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:

@@ -56,13 +56,14 @@ Deviations from BalanceMM (``Sample_trainer.py`` / ``Modality_trainer.py``, ``da
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng
 from balancemm.data.batch import SamplePlan
 from balancemm.methods.base import Method
 from balancemm.metrics.shapley import coalitions, shapley_values
@@ -72,7 +73,7 @@ from balancemm.registry import METHODS
 @dataclass(frozen=True)
 class ValuationHParams:
     variant: Literal["sample", "modality"] = "sample"  # sample-level | modality-level (BMM default)
-    warmup: int = field(default=5, metadata=rng(ge=0))  # plain epochs before re-sampling starts; BMM 1
+    warmup: EpochValue = field(default=5, metadata=epoch_meta())  # plain epochs before re-sampling starts; BMM 1
     part_ratio: float = field(default=0.2, metadata=rng(gt=0, le=1))  # modality-level: share of rows for φ̄; BMM 0.2
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # modality-level α; BMM none (its alpha 0.5 is unused)
     func: Literal["linear", "tanh", "square"] = "linear"  # modality-level D(|Δγ|)
@@ -121,10 +122,19 @@ def only(modality: int, rows: int, num_modalities: int) -> Tensor:
 )
 class ModalityValuation(Method):
     name = "modality_valuation"
+    adapted: ClassVar[Mapping[str, Any]] = {"warmup": "8%"}  # official: 5 warm-up epochs of 60
     HParams = ValuationHParams
+    search: ClassVar[Mapping[str, Any]] = {  # sample level has nothing to tune: draws are modality level
+        "variant": ["modality"],
+        "alpha": [0.5, 1.0, 1.5, 2.0],
+        "func": ["linear", "tanh", "square"],
+    }
+
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.warmup)
 
     def on_epoch_start(self, epoch: int) -> SamplePlan | None:
-        if epoch < self.hp.warmup:
+        if not self.acts_in(epoch):
             return None
         with self.ctx.phase("valuation/estimate"):
             phi = self.valuate()

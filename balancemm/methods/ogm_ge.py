@@ -42,13 +42,14 @@ Deviations from BalanceMM (``OGM_trainer.py``), all available as settings where 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng, window_order
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods._grads import conv_weights
@@ -61,14 +62,13 @@ from balancemm.registry import FUSIONS, METHODS
 class OGMGEHParams:
     alpha: float = field(default=0.1, metadata=rng(ge=0))  # α; CVPR README default 0.1 (BMM 0.3)
     ge: bool = True  # add the Generalization-Enhancement noise; false = plain OGM
-    modulation_starts: int = field(default=0, metadata=rng(ge=0))  # first modulated epoch, 0-based (BMM 10)
-    modulation_ends: int = field(default=50, metadata=rng(ge=0))  # last modulated epoch, inclusive (BMM 80)
+    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 10)
+    modulation_ends: EpochValue = field(default=50, metadata=epoch_meta())  # last modulated epoch, inclusive (BMM 80)
     params: Literal["conv", "weights"] = "conv"  # conv kernels (official) | all non-1-D weights (BMM)
     continuous: bool = False  # 1 − tanh(α·(ρ−1)) instead of the code's 1 − tanh(α·ρ)
 
     def _validate(self, path: str) -> None:
-        if self.modulation_ends < self.modulation_starts:
-            raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
+        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> Tensor:
@@ -97,7 +97,12 @@ def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> 
 )
 class OGMGE(Method):
     name = "ogm_ge"
+    adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "50%"}  # official: epochs 0–50 of 100
     HParams = OGMGEHParams
+    search: ClassVar[Mapping[str, Any]] = {  # α: CVPR README 0.1/0.3, TPAMI 0.8 (script) / 1.0 (argparse)
+        "alpha": [0.1, 0.2, 0.3, 0.5, 0.8, 1.0],
+        "ge": [True, False],
+    }
 
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
@@ -119,9 +124,12 @@ class OGMGE(Method):
             for m in self.model.modalities
         }
 
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
+
     def after_backward(self, out: ModelOutput, batch: Batch) -> None:
         hp, ctx = self.hp, self.ctx
-        if not hp.modulation_starts <= ctx.epoch <= hp.modulation_ends:
+        if not self.acts_in(ctx.epoch):
             return
         with torch.no_grad():
             scores = torch.stack(

@@ -63,14 +63,15 @@ Deviations from BalanceMM (``OPM_trainer.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods._scores import others_sum
@@ -84,7 +85,7 @@ class OPMHParams:
     q_base: float = field(default=0.5, metadata=rng(ge=0, le=1))  # q_base; argparse 0.5, config.py 0.4 (BMM 0.4)
     lam: float = field(default=0.5, metadata=rng(ge=0))  # λ; official `lam` 0.5 (BMM `alpha` 0.5)
     p_exe: float = field(default=0.7, metadata=rng(ge=0, le=1))  # drop executed on this share of batches (BMM 0.7)
-    modulation_starts: int = field(default=6, metadata=rng(ge=0))  # 0-based; official: epochs 0–5 warm-up (BMM 0)
+    modulation_starts: EpochValue = field(default=6, metadata=epoch_meta())  # official: epochs 0–5 warm-up (BMM 0)
     ratio_to: Literal["mean", "sum"] = "mean"  # M ≥ 3: ρ_m = s_m / mean_{j≠m} s_j | / Σ_{j≠m} s_j (BMM)
 
 
@@ -138,7 +139,12 @@ def drop_features(
 )
 class OPM(Method):
     name = "opm"
+    adapted: ClassVar[Mapping[str, Any]] = {"modulation_starts": "6%"}  # official: warm-up 0–5 of 100 epochs
     HParams = OPMHParams
+    search: ClassVar[Mapping[str, Any]] = {  # q_base: official 0.5, its config.py 0.4; λ around 0.5
+        "q_base": [0.3, 0.4, 0.5, 0.6],
+        "lam": [0.25, 0.5, 1.0],
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,6 +164,9 @@ class OPM(Method):
             )
         return replace(spec, unimodal_heads="slice")
 
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.modulation_starts)
+
     def forward(self, batch: Batch) -> ModelOutput:
         hp, ctx, model = self.hp, self.ctx, self.model
         mods = model.modalities
@@ -169,7 +178,7 @@ class OPM(Method):
             )
         ctx.log(**{f"opm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
         self.kept = None
-        if ctx.epoch >= hp.modulation_starts:
+        if self.acts_in(ctx.epoch):
             q = opm_drop_probabilities(scores, hp.q_base, hp.lam, hp.ratio_to)
             # A host decision: drawn on the host generator and read there, so nothing is copied.
             execute = bool(torch.rand((), generator=ctx.generator) < hp.p_exe)

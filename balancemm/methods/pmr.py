@@ -65,16 +65,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng, window_order
 from balancemm.data.batch import Batch, SamplePlan
-from balancemm.errors import ConfigError
 from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput
@@ -85,13 +85,12 @@ from balancemm.registry import METHODS
 class PMRHParams:
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # α, PCE weight; argparse 1.0, scripts 2–5 (BMM 0.6)
     momentum_coef: float = field(default=0.2, metadata=rng(ge=0, le=1))  # μ; argparse 0.2, scripts 0.0 (BMM 0.5)
-    modulation_starts: int = field(default=0, metadata=rng(ge=0))  # first epoch with PCE, 0-based (BMM 0)
-    modulation_ends: int = field(default=100, metadata=rng(ge=0))  # last epoch with PCE, inclusive (BMM 80)
+    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with PCE, 0-based (BMM 0)
+    modulation_ends: EpochValue = field(default=100, metadata=epoch_meta())  # last epoch with PCE, inclusive (BMM 80)
     proto_fraction: float = field(default=0.1, metadata=rng(gt=0, le=1))  # share of train batches; ⌊N/10⌋ (BMM same)
 
     def _validate(self, path: str) -> None:
-        if self.modulation_ends < self.modulation_starts:
-            raise ConfigError(f"{path}.modulation_ends must be >= {path}.modulation_starts")
+        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def update_prototypes(old: Tensor, sums: Tensor, counts: Tensor, seen: Tensor, momentum: float) -> Tensor:
@@ -134,7 +133,12 @@ def pmr_coefficients(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
 )
 class PMR(Method):
     name = "pmr"
+    adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "67%"}  # official: epochs 0–100 of 150
     HParams = PMRHParams
+    search: ClassVar[Mapping[str, Any]] = {  # α and μ over the official argparse defaults and scripts
+        "alpha": [0.5, 1.0, 2.0, 3.0, 5.0],
+        "momentum_coef": [0.0, 0.2, 0.5],
+    }
     seen: Tensor  # [C] bool: classes measured at least once (momentum applies from their second measurement)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -174,10 +178,13 @@ class PMR(Method):
         self.seen |= counts > 0
         ctx.log(**{"pmr/classes_sampled": (counts > 0).sum()})
 
+    def acts_in(self, epoch: int) -> bool:
+        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
+
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         hp, ctx = self.hp, self.ctx
         ce = F.cross_entropy(out.logits, batch.label)
-        if not hp.modulation_starts <= ctx.epoch <= hp.modulation_ends:
+        if not self.acts_in(ctx.epoch):
             return {"ce": ce}
         pce, scores = {}, []
         for m in self.model.modalities:

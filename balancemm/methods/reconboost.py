@@ -49,9 +49,9 @@ Deviations from BalanceMM (``ReconBoost_trainer.py``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,10 @@ def ga_term(logits: Tensor, partner: Tensor, weight: float) -> Tensor:
 class ReconBoost(Method):
     name = "reconboost"
     HParams = ReconBoostHParams
+    search: ClassVar[Mapping[str, Any]] = {  # w1: README CREMA-D 5, AVE 4; w2 around its 1
+        "w1": [3.0, 4.0, 5.0, 6.0],
+        "w2": [0.5, 1.0, 2.0],
+    }
     members: Tensor  # [M] bool: which modalities' learners are in the ensemble
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

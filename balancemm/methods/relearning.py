@@ -61,14 +61,14 @@ Deviations from BalanceMM (``ReLearning_trainer.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from balancemm.config import rng
+from balancemm.config import EpochValue, epoch_meta, rng
 from balancemm.data.base import SplitName
 from balancemm.data.batch import SamplePlan
 from balancemm.methods.base import Method, Needs
@@ -78,7 +78,7 @@ from balancemm.registry import METHODS
 @dataclass(frozen=True)
 class ReLearningHParams:
     move_lambda: float = field(default=3.0, metadata=rng(ge=0))  # λ; official 3 (BMM 3)
-    reinit_epoch: int = field(default=20, metadata=rng(ge=1))  # R, diagnose every R epochs; official 20 (BMM 15)
+    reinit_epoch: EpochValue = field(default=20, metadata=epoch_meta(ge=1))  # R, diagnosis period; official 20 (BMM 15)
     reinit_num: int = field(default=3, metadata=rng(ge=0))  # N, most re-initialisations; official 3 (BMM 2)
     n_init: int = field(default=10, metadata=rng(ge=1))  # k-means restarts; official: sklearn's default (10 < 1.4)
     max_rows: int | None = field(default=None, metadata=rng(ge=1))  # rows per split to diagnose; None = all
@@ -137,7 +137,12 @@ class _InitialParameters(nn.Module):
 )
 class ReLearning(Method):
     name = "relearning"
+    adapted: ClassVar[Mapping[str, Any]] = {"reinit_epoch": "22%"}  # official: every 20 of 90 epochs
     HParams = ReLearningHParams
+    search: ClassVar[Mapping[str, Any]] = {  # N: official 3, BalanceMM 2; λ around the official 3
+        "move_lambda": [1.0, 2.0, 3.0, 5.0],
+        "reinit_num": [1, 2, 3],
+    }
     needs = Needs(val=True)
     reinits_done: Tensor  # number of re-initialisations so far (a buffer, so resume carries it)
 
@@ -149,9 +154,13 @@ class ReLearning(Method):
         )
         self.register_buffer("reinits_done", torch.zeros((), dtype=torch.long))
 
+    def acts_in(self, epoch: int) -> bool:
+        # Re-initialisation k (1 ≤ k ≤ N) comes at the start of epoch k·R + 1, after epoch k·R was validated.
+        last, period = epoch - 1, self.epoch_of(self.hp.reinit_epoch, ge=1)
+        return last > 0 and last % period == 0 and last // period <= self.hp.reinit_num
+
     def on_epoch_start(self, epoch: int) -> SamplePlan | None:
-        last, hp = epoch - 1, self.hp  # the epoch just trained and validated
-        if last > 0 and last % hp.reinit_epoch == 0 and int(self.reinits_done) < hp.reinit_num:
+        if self.acts_in(epoch) and int(self.reinits_done) < self.hp.reinit_num:
             with self.ctx.phase("relearning/diagnose"):
                 self.relearn()
             self.reinits_done += 1

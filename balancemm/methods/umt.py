@@ -32,8 +32,9 @@ Deviations from BalanceMM (``UMT_trainer.py``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,9 @@ class UMTHParams:
 class UMT(Method):
     name = "umt"
     HParams = UMTHParams
+    search: ClassVar[Mapping[str, Any]] = {  # λ is tuned per dataset in the paper: 0.1 … 100 around 10
+        "weight": [0.1, 0.3, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0],
+    }
     needs = Needs(artifacts=("unimodal",))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

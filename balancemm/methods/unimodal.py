@@ -31,6 +31,9 @@ class Unimodal(Method):
     HParams = UnimodalHParams
     needs = Needs(min_modalities=1)
 
+    def acts_in(self, epoch: int) -> bool:
+        return False  # a reference: plain training on one modality
+
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
         if hp.modality not in spec.modalities:
