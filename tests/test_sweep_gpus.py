@@ -218,24 +218,26 @@ def test_the_worker_hands_the_device_to_the_trainer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str | None, expected: str
 ) -> None:
     seen: list[str] = []
+    sharing: list[int | None] = []
 
     class FakeTrainer:
-        def __init__(self, cfg: Any, out: Path, *, device: str, progress: bool) -> None:
+        def __init__(self, cfg: Any, out: Path, *, device: str, progress: bool, concurrent_jobs: int | None) -> None:
             seen.append(device)
+            sharing.append(concurrent_jobs)
 
         def fit(self) -> dict[str, Any]:
             return {"modalities": ["audio"]}
 
     monkeypatch.setattr("balancemm.engine.trainer.Trainer", FakeTrainer)
     (job,) = baseline_jobs(tmp_path, 1)
-    payload = job_payload(job, "cpu")
+    payload = job_payload(job, "cpu", concurrent_jobs=2)
     if named is None:
         del payload["device"]
     else:
         payload["device"] = named
     write_json(tmp_path / "job.json", payload)
     assert worker.main([str(tmp_path / "job.json")]) == 0
-    assert seen == [expected]
+    assert seen == [expected] and sharing == [2]  # the summary records the jobs that shared the machine
 
 
 def test_ray_tasks_keep_their_gpu_and_cpu_tasks_see_none(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,8 +147,12 @@ class Trainer:
         device: str = "auto",
         progress: bool = True,
         dataset: MultimodalDataset | None = None,
+        concurrent_jobs: int | None = 1,
     ) -> None:
         self.cfg = cfg
+        # How many jobs shared this machine while it trained (a sweep's --jobs; None: unknown, e.g. a
+        # cluster): the report says when times were measured under contention.
+        self.concurrent_jobs = concurrent_jobs
         self.device = resolve_device(device)
         # Before anything runs on the device: deterministic cuBLAS must be set up before it starts.
         deterministic_setup(self.device, cfg.train.deterministic)
@@ -484,9 +488,14 @@ class Trainer:
             "selection": {"split": "val", "metric": cfg.train.select_metric, "value": self.best["value"]},
             "used_validation_in_training": self.ctx.used_val,
             "test": {
-                **{k: test[k] for k in ("num_samples", "loss", "accuracy", "macro_f1", "per_modality")},
+                **{
+                    k: test[k]
+                    for k in ("num_samples", "loss", "accuracy", "macro_f1", "per_modality", "predictions_sha256")
+                },
                 **({"subsets": subsets} if subsets else {}),
             },
+            "intervention": self._intervention(),
+            "per_modality_heads": "cross-modal" if method.model.mid_fusion is not None else "unimodal",
             "shapley": test["shapley"],
             "coalition_values": test["coalition_values"],
             "imbalance": test["imbalance"],
@@ -500,6 +509,7 @@ class Trainer:
             "artifacts": self.artifacts.runs,
             "train_time_s": self.train_time,
             "wall_time_s": self._wall(),
+            "concurrent_jobs": self.concurrent_jobs,
             "peak_memory_mb": peak,
             "peak_memory_kind": peak_kind,
             "params": {
@@ -510,6 +520,16 @@ class Trainer:
             },
             "dataset_info": self.data.describe(),
             "environment": environment(self.device, self.precision),
+        }
+
+    def _intervention(self) -> dict[str, Any]:
+        """The epochs in which the method's schedule changed training, and whether one came by the
+        selected epoch: if none did, the selected weights are plain training under another name."""
+        epochs = [e for e in range(self.cfg.train.epochs) if self.method.acts_in(e)]
+        return {
+            "epochs": epochs,
+            "first": epochs[0] if epochs else None,
+            "before_selected": bool(epochs) and epochs[0] <= self.best["epoch"],
         }
 
     def _flops(self) -> dict[str, Any]:

@@ -138,9 +138,16 @@ def ray_placement(device: str, gpus_per_job: float | None, cluster_gpus: float) 
     return Placement("cuda", share) if on_gpu else Placement()
 
 
-def job_payload(job: Job, device: str) -> dict[str, Any]:
-    """What a worker needs: the resolved config, the run directory, whether to probe, the device to train on."""
-    return {"config": job.config.to_dict(), "out": str(job.out), "probe": job.probe, "device": device}
+def job_payload(job: Job, device: str, concurrent_jobs: int | None = None) -> dict[str, Any]:
+    """What a worker needs: the resolved config, the run directory, whether to probe, the device to train on,
+    and how many jobs may share its machine (recorded with its times; None where a cluster decides)."""
+    return {
+        "config": job.config.to_dict(),
+        "out": str(job.out),
+        "probe": job.probe,
+        "device": device,
+        "concurrent_jobs": concurrent_jobs,
+    }
 
 
 def _worker_env(threads: int, gpus: str | None) -> dict[str, str]:
@@ -203,7 +210,7 @@ class LocalLauncher:
     def start(self, job: Job) -> None:
         name = job.config.digest()[:16]
         path = self.root / ".sweep" / "jobs" / f"{name}.json"
-        write_json(path, job_payload(job, self.placement.device))
+        write_json(path, job_payload(job, self.placement.device, self.parallel))
         log = self.logs / f"{name}.log"
         gpu = min(self.load, key=self.load.__getitem__) if self.load else None
         with open(log, "wb") as fh:
@@ -261,7 +268,7 @@ class RayLauncher:
         self.running: dict[Any, Job] = {}
 
     def start(self, job: Job) -> None:
-        self.running[self.task.remote(job_payload(job, self.placement.device), self.threads)] = job
+        self.running[self.task.remote(job_payload(job, self.placement.device, None), self.threads)] = job
 
     def wait(self) -> list[tuple[Job, int, str]]:
         ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=1.0)

@@ -38,7 +38,10 @@ def main(argv: list[str]) -> int:
 
     try:
         cfg = RunConfig.from_dict(job["config"])
-        summary = Trainer(cfg, out, device=job.get("device", "auto"), progress=False).fit()
+        trainer = Trainer(
+            cfg, out, device=job.get("device", "auto"), progress=False, concurrent_jobs=job.get("concurrent_jobs")
+        )
+        summary = trainer.fit()
         if job.get("probe") and len(summary["modalities"]) > 1 and not (out / "probe.json").is_file():
             from balancemm.engine.probe import probe_run
 
