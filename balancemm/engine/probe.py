@@ -22,13 +22,19 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 def features(model: MultimodalClassifier, data: MultimodalDataset, split: str, modality: str) -> np.ndarray:
     """Pooled features ``[N, d]`` of one modality's encoder on a split, in eval mode, on the model's
-    device and in fp32 (the probe is a measurement, not a training run: no autocast)."""
+    device and in fp32 (the probe is a measurement, not a training run: no autocast).
+
+    With mid-fusion (Greedy's MMTM) the other modalities are masked out, as in the Shapley metric's
+    coalitions: their squeezed features are zero, so the probe reads what the encoder knows on its own
+    rather than the other modalities fed into its branch.
+    """
     model.eval()
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for batch in Batches(data.split(split), 512, device=device):  # type: ignore[arg-type]
-            out.append(model.encode(batch, only=[modality])[modality].float().cpu())
+            alone = batch.with_only([modality]) if model.mid_fusion is not None else batch
+            out.append(model.encode(alone, only=[modality])[modality].float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -175,3 +175,21 @@ def test_controller_state_round_trips() -> None:
 def test_refuses_a_model_without_mid_fusion() -> None:
     with pytest.raises(ConfigError, match="MMTM mid-fusion"):
         create_method("greedy", tiny_model(TinyDataset()))
+
+
+def test_the_probe_of_an_mmtm_encoder_reads_it_without_the_other_modality() -> None:
+    from balancemm.data.base import InMemorySplit
+    from balancemm.engine.probe import features
+
+    data = TinyDataset()
+    model = build_method("greedy", data).model
+    other = TinyDataset()
+    test = data.split("test")
+    # Same visual rows, different audio: MMTM would mix the new audio into the visual branch.
+    other._splits["test"] = InMemorySplit(
+        {"audio": -test.inputs["audio"], "visual": test.inputs["visual"]}, test.labels
+    )
+    torch.testing.assert_close(features(model, data, "test", "visual"), features(model, other, "test", "visual"))
+    fused = model.encode(first_batch(data))["visual"]
+    alone = torch.from_numpy(features(model, data, "train", "visual")[:8])
+    assert not torch.allclose(fused, alone)  # the masking matters: with audio present the features differ
