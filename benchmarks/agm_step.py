@@ -16,6 +16,7 @@ from _common import interleaved, method_and_batch
 from balancemm.data import Batch
 from balancemm.methods import Method
 from balancemm.metrics.flops import FlopMeter
+from balancemm.report.tables import eng
 
 
 def step_flops(method: Method, batch: Batch) -> int:
@@ -41,7 +42,7 @@ def main() -> None:
         print(
             f"{dataset:10s} "
             + "; ".join(
-                f"{k} {1000 * t[k]:6.2f} ms ({t[k] / base_t:4.2f}x), {flops[k]:.3g} FLOPs ({flops[k] / base_f:4.2f}x)"
+                f"{k} {1000 * t[k]:6.2f} ms ({t[k] / base_t:4.2f}x), {eng(flops[k])}FLOPs ({flops[k] / base_f:4.2f}x)"
                 for k in variants
             )
         )

@@ -14,6 +14,7 @@ import statistics
 import tempfile
 
 import balancemm
+from balancemm.report.tables import eng
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
             imb_text = f"{statistics.mean(imb):5.1f} ± {statistics.stdev(imb):4.1f}" if imb else "  n/a      "
             print(
                 f"{label:18s} acc {statistics.mean(acc):6.2f} ± {statistics.stdev(acc):4.2f}  "
-                f"F1 {statistics.mean(f1):6.2f}  imbalance {imb_text}  FLOPs {flops:.3g} "
+                f"F1 {statistics.mean(f1):6.2f}  imbalance {imb_text}  FLOPs {eng(flops)} "
                 f"({flops / base_flops:.2f}x baseline"
                 + (f", {with_artifacts / base_flops:.2f}x +artifacts)" if with_artifacts != flops else ")")
             )

@@ -1,4 +1,5 @@
-"""``balancemm report``: reading run records, the validation selection rule, fairness checks, rendering, atomicity.
+"""``balancemm report``: reading run records, the validation selection rule, fairness checks, the tables'
+statistics, flags and caveats, rendering, atomicity.
 
 Run directories are written by hand in the real format (config.json + summary.json + done, the fields of
 ``Trainer._finish``), with known validation/test numbers so that the expected table cells are computed here.
@@ -6,6 +7,8 @@ Run directories are written by hand in the real format (config.json + summary.js
 
 from __future__ import annotations
 
+import hashlib
+import html
 import json
 import re
 import shutil
@@ -19,11 +22,29 @@ import pytest
 from balancemm.cli import main
 from balancemm.errors import BalanceMMError
 from balancemm.report import collect, write_report
-from balancemm.report.tables import table2, to_latex, to_markdown
+from balancemm.report.collect import Flags
+from balancemm.report.tables import (
+    Table,
+    cost_table,
+    eng,
+    modality_table,
+    paired_table,
+    probe_table,
+    table2,
+    to_csv,
+    to_html,
+    to_latex,
+    to_markdown,
+)
 
 GROUP = {"baseline": "reference", "unimodal": "reference", "ogm_ge": "optimization", "agm": "optimization",
-         "mmcosine": "objective"}  # fmt: skip
+         "pmr": "optimization", "mmcosine": "objective", "greedy": "feed-forward"}  # fmt: skip
 TRAIN = {"batch_size": 64, "epochs": 1, "flops": "sampled", "optimizer": {"lr": 0.02, "name": "sgd"}}
+
+
+def sha(name: str) -> str:
+    """The test-prediction hash ``make_run`` gives run ``name`` by default (one of its own)."""
+    return hashlib.sha256(name.encode()).hexdigest()
 
 
 def make_run(
@@ -40,8 +61,22 @@ def make_run(
     flops: float = 1e9,
     train: dict[str, Any] | None = None,
     done: bool = True,
+    predictions: str | None = None,
+    acted: tuple[int, ...] = (0,),
+    heads: str = "unimodal",
+    jobs: int = 1,
+    memory_kind: str = "process_max_rss",
+    train_time: float = 1.0,
+    probe: dict[str, float] | None = None,
+    legacy: bool = False,
 ) -> Path:
-    """One run directory; ``val`` is the selection value, ``acc``/``f1`` the test accuracy/macro-F1 (fractions)."""
+    """One run directory; ``val`` is the selection value, ``acc``/``f1`` the test accuracy/macro-F1 (fractions).
+
+    The selected epoch is 0. ``predictions`` is the test predictions' SHA-256 (default ``sha(name)``),
+    ``acted`` the epochs in which the method intervened, ``heads`` and ``jobs`` are
+    ``per_modality_heads`` and ``concurrent_jobs``; ``probe`` ({modality: test accuracy}) writes probe.json;
+    ``legacy`` leaves out the fields that runs written before them lack.
+    """
     hp = dict(hparams or {})
     mods = [hp["modality"]] if method == "unimodal" else ["audio", "visual"]
     d = root / name
@@ -55,7 +90,7 @@ def make_run(
     }
     (d / "config.json").write_text(json.dumps({"config": config, "config_hash": name, "run_id": name}))
     f1 = acc - 0.01 if f1 is None else f1
-    summary = {
+    summary: dict[str, Any] = {
         "schema": 1, "status": "complete", "run_id": name, "config_hash": name, "method": method,
         "method_group": GROUP[method], "dataset": "embedded", "seed": seed, "modalities": mods, "selected_epoch": 0,
         "selection": {"split": "val", "metric": "accuracy", "value": val}, "used_validation_in_training": False,
@@ -65,32 +100,55 @@ def make_run(
         "imbalance": None if method == "unimodal" else imbalance,
         "flops": {"counting": "sampled", "total": flops, "total_with_artifacts": flops, "by_phase": {},
                   "artifacts": {}, "extrapolated": 0, "sample_steps": 3},
-        "artifacts": {}, "train_time_s": 1.0, "wall_time_s": 2.0, "peak_memory_mb": 300.0,
-        "peak_memory_kind": "rss", "params": {"total": 1000, "per_modality": {m: 400 for m in mods}},
+        "artifacts": {}, "train_time_s": train_time, "wall_time_s": 2.0, "peak_memory_mb": 300.0,
+        "peak_memory_kind": memory_kind, "params": {"total": 1000, "per_modality": {m: 400 for m in mods}},
     }  # fmt: skip
+    if not legacy:
+        summary["test"]["predictions_sha256"] = predictions or sha(name)
+        first = min(acted, default=None)
+        summary["intervention"] = {"epochs": list(acted), "first": first, "before_selected": any(e <= 0 for e in acted)}
+        summary["per_modality_heads"] = heads
+        summary["concurrent_jobs"] = jobs
     (d / "summary.json").write_text(json.dumps(summary))
+    if probe is not None:
+        (d / "probe.json").write_text(
+            json.dumps({m: {"test_accuracy": a, "val_accuracy": a, "C": 1.0} for m, a in probe.items()})
+        )
     if done:
         (d / "done").write_text("")
     return d
 
 
 def fair_runs(root: Path) -> Path:
-    """Two seeds of: unimodal audio/visual, baseline, ogm_ge and mmcosine with two trials each.
+    """Two seeds (0, 1) of unimodal audio/visual, baseline (test 0.60, 0.60; probed on seed 0 only) and four
+    methods with two trials each; test accuracies of the validation-selected trials:
 
-    ogm_ge: alpha 0.1 has val mean 0.70 (test 0.50, 0.60); alpha 0.5 has val mean 0.65 (test 0.90, 0.90):
-    validation selects alpha 0.1 (test 55.00 ± 7.07), an oracle would pick alpha 0.5.
+    - greedy alpha 1: 0.66, 0.72; cross-modal heads (own heads 0.33, 0.36), probed (audio 0.50, 0.54),
+      three times baseline's train time;
+    - mmcosine scale 10: 0.70, 0.70 (F1 0.65, 0.65); an oracle would pick scale 20 (0.80);
+    - agm alpha 0.5: 0.65, 0.65;
+    - ogm_ge alpha 0.1 (val mean 0.70 vs 0.65 for alpha 0.5, whose test is 0.90): 0.50, 0.60, i.e. 55.00 ± 7.07;
+      on seed 1 its test predictions are baseline's, on seed 0 it first acted in epoch 3, after its selected
+      epoch 0.
     """
     for s in (0, 1):
         make_run(root, f"uni-a{s}", "unimodal", s, 0.5, 0.40, hparams={"modality": "audio"})
         make_run(root, f"uni-v{s}", "unimodal", s, 0.5, 0.20, hparams={"modality": "visual"})
-        make_run(root, f"base{s}", "baseline", s, 0.5, 0.60)
-    make_run(root, "ogm1-0", "ogm_ge", 0, 0.6, 0.50, hparams={"alpha": 0.1}, imbalance=0.30)
-    make_run(root, "ogm1-1", "ogm_ge", 1, 0.8, 0.60, hparams={"alpha": 0.1}, imbalance=0.30)
+        make_run(root, f"base{s}", "baseline", s, 0.5, 0.60, probe={"audio": 0.45, "visual": 0.25} if s == 0 else None)
+    make_run(root, "ogm1-0", "ogm_ge", 0, 0.6, 0.50, hparams={"alpha": 0.1}, imbalance=0.30, acted=(3,))
+    make_run(root, "ogm1-1", "ogm_ge", 1, 0.8, 0.60, hparams={"alpha": 0.1}, imbalance=0.30, predictions=sha("base1"))
     make_run(root, "ogm5-0", "ogm_ge", 0, 0.9, 0.90, hparams={"alpha": 0.5}, imbalance=0.10, flops=3e9)
     make_run(root, "ogm5-1", "ogm_ge", 1, 0.4, 0.90, hparams={"alpha": 0.5}, imbalance=0.10, flops=3e9)
     for s in (0, 1):
         make_run(root, f"cos10-{s}", "mmcosine", s, 0.7, 0.70, hparams={"scale": 10.0}, f1=0.65)
         make_run(root, f"cos20-{s}", "mmcosine", s, 0.6, 0.80, hparams={"scale": 20.0})
+        make_run(root, f"agm5-{s}", "agm", s, 0.7, 0.65, hparams={"alpha": 0.5})
+        make_run(root, f"agm10-{s}", "agm", s, 0.6, 0.75, hparams={"alpha": 1.0})
+        probe = {"audio": 0.50 + 0.04 * s, "visual": 0.30}
+        acc = (0.66, 0.72)[s]
+        make_run(root, f"gr1-{s}", "greedy", s, 0.7, acc, hparams={"alpha": 1.0}, heads="cross-modal",
+                 train_time=3.0, probe=probe)  # fmt: skip
+        make_run(root, f"gr2-{s}", "greedy", s, 0.6, 0.50, hparams={"alpha": 2.0}, heads="cross-modal")
     return root
 
 
@@ -106,6 +164,12 @@ def report(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _rows(t: Table) -> dict[str, list[str]]:
+    """Each row's cell texts by its first cell (the method), or, for tables with a Group column first, its second."""
+    k = 1 if t.columns[0] == "Group" else 0
+    return {r[k].text: [c.text for c in r] for r in t.rows}
+
+
 def test_selection_on_mean_validation_and_test_mean_std(runs: Path) -> None:
     col = collect(runs)
     ogm = col.selected["embedded"]["ogm_ge"]
@@ -115,56 +179,274 @@ def test_selection_on_mean_validation_and_test_mean_std(runs: Path) -> None:
     assert json.loads(col.oracle["embedded"]["ogm_ge"].hparams) == {"alpha": 0.5}
     assert json.loads(col.selected["embedded"]["mmcosine"].hparams) == {"scale": 10.0}
     assert [r for _, r in col.rows()] == [
-        "unimodal (audio)", "unimodal (visual)", "baseline", "mmcosine", "ogm_ge"
+        "unimodal (audio)", "unimodal (visual)", "baseline", "greedy", "mmcosine", "agm", "ogm_ge"
     ]  # fmt: skip
-    assert col.unfair == [] and len(col.runs) == 14
+    assert col.unfair == [] and len(col.runs) == 22
 
 
-def test_table2_marks_and_group_averages(runs: Path) -> None:
+def test_table2_n_best_marks_by_paired_test_and_group_averages(runs: Path) -> None:
     t = table2(collect(runs))
-    cells = {r[1].text: r for r in t.rows}
-    # Accuracy: mmcosine 70.00 best, baseline 60.00 second; ogm_ge 55.00 unmarked.
-    assert cells["mmcosine"][2].text == "70.00 ± 0.00" and cells["mmcosine"][2].mark == "best"
-    assert cells["baseline"][2].mark == "second" and cells["ogm_ge"][2].text == "55.00 ± 7.07"
-    assert cells["ogm_ge"][2].mark == "" and cells["optimization avg"][2].mark == ""
-    assert cells["optimization avg"][2].text == "55.00" and cells["objective avg"][3].text == "65.00"
-    assert t.kinds[[r[1].text for r in t.rows].index("objective avg")] == "avg"
+    assert t.columns == ["Group", "Method", "embedded Acc", "embedded F1", "embedded n", "Flags"]
+    rows = {r[1].text: r for r in t.rows}
+    acc = {name: (r[2].text, r[2].mark) for name, r in rows.items()}
+    # Top accuracy: mmcosine (0.70, 0.70). Paired by seed against it, with one degree of freedom (t is
+    # Cauchy there: p = 1 - 2·atan(|t|)/π):
+    #   greedy 0.66, 0.72: d = -0.04, +0.02, mean -0.01, sd 0.0424, t = -0.333, p = 0.80 → not worse, bold;
+    #   ogm_ge 0.50, 0.60: d = -0.20, -0.10, mean -0.15, sd 0.0707, t = -3, p = 0.205 → not worse, bold;
+    #   agm 0.65, 0.65: d = -0.05 on both seeds, std 0 and mean ≠ 0 → p = 0, worse, not bold.
+    # Baseline is higher than ogm_ge but a reference: never ranked.
+    assert acc == {
+        "unimodal (audio)": ("40.00 ± 0.00", ""),
+        "unimodal (visual)": ("20.00 ± 0.00", ""),
+        "baseline": ("60.00 ± 0.00", ""),
+        "greedy": ("69.00 ± 4.24", "best"),
+        "mmcosine": ("70.00 ± 0.00", "best"),
+        "agm": ("65.00 ± 0.00", ""),
+        "ogm_ge": ("55.00 ± 7.07", "best"),
+        "optimization avg": ("60.00", ""),
+    }
+    assert all(r[4].text == "2" for name, r in rows.items() if not name.endswith("avg"))
+    # Only the optimization group has two methods: no average row for feed-forward or objective.
+    assert [r[1].text for r in t.rows if r[1].text.endswith("avg")] == ["optimization avg"]
+    assert t.kinds[-1] == "avg" and rows["optimization avg"][3].text == "59.00"
+    assert "paired Student's t-test" in t.note and "α = 0.05" in t.note and "fewer than 2 seeds" in t.note
+    best = {(r["row"], r["metric"]): r["best"] for r in t.records if "best" in r}
+    assert best[("agm", "accuracy")] is False and best[("ogm_ge", "accuracy")] is True
+    assert not any(r["row"] == "baseline" and "best" in r for r in t.records)
+
     md = to_markdown(t)
-    assert "| objective | mmcosine | **70.00 ± 0.00** |" in md and "<u>60.00 ± 0.00</u>" in md
-    assert "| *optimization* | *optimization avg* | *55.00* | *54.00* |" in md
+    assert "| objective | mmcosine | **70.00 ± 0.00** | **65.00 ± 0.00** | 2 |  |" in md
+    assert "| optimization | agm | 65.00 ± 0.00 |" in md and "<u>" not in md
+    assert "| *optimization* | *optimization avg* | *60.00* | *59.00* | – |  |" in md
     tex = to_latex(t)
-    assert r"\textbf{70.00 $\pm$ 0.00}" in tex and r"\underline{60.00 $\pm$ 0.00}" in tex
+    assert r"\textbf{70.00 $\pm$ 0.00}" in tex and r"\underline" not in tex and r"\footnotesize" in tex
+
+
+def test_rows_with_fewer_than_two_paired_seeds_are_marked_and_not_tested(tmp_path: Path) -> None:
+    for s in (0, 1):
+        make_run(tmp_path, f"base{s}", "baseline", s, 0.5, 0.60)
+        make_run(tmp_path, f"cos{s}", "mmcosine", s, 0.5, 0.70)
+    make_run(tmp_path, "ogm0", "ogm_ge", 0, 0.5, 0.30)  # one seed: cannot be shown worse than mmcosine
+    col = collect(tmp_path)
+    rows = {r[1].text: r for r in table2(col).rows}
+    assert rows["ogm_ge"][2].mark == "best" and rows["ogm_ge"][4].text == "1"
+    paired = paired_table(col, "embedded")
+    assert paired is not None
+    assert _rows(paired)["ogm_ge"] == ["ogm_ge", "optimization", "1", "–", "–", "–", "–", "–", "–"]
+    assert "fewer than 2 paired seeds" in paired.note
+    rec = next(r for r in paired.records if r["row"] == "ogm_ge" and r["metric"] == "accuracy")
+    assert rec["n"] == 1 and rec["seeds"] == "0" and rec["p"] is None
+
+
+def test_paired_comparison_with_baseline(runs: Path) -> None:
+    t = paired_table(collect(runs), "embedded")
+    assert t is not None and t.key == "paired_embedded"
+    # Baseline is 0.60 on both seeds (F1 0.59). One degree of freedom: the 97.5 % quantile is
+    # tan(0.475·π) = 12.7062 and p = 1 - 2·atan(|t|)/π.
+    # greedy: d = +0.06, +0.12; mean 0.09, sd 0.042426, se 0.03, t = 3, p = 0.2048;
+    #         CI 0.09 ± 12.7062·0.03 = [-0.2912, +0.4712].
+    # ogm_ge: d = -0.10, 0.00; mean -0.05, se 0.05, t = -1, p = 0.5; CI -0.05 ± 0.6353 = [-0.6853, +0.5853].
+    # mmcosine (+0.10 on both seeds) and agm (+0.05): all differences equal → p = 0, zero-width interval.
+    assert _rows(t) == {
+        "greedy": ["greedy", "feed-forward", "2", "+9.00", "[-29.12, +47.12]", "0.205", "+9.00", "[-29.12, +47.12]",
+                   "0.205"],
+        "mmcosine": ["mmcosine", "objective", "2", "+10.00", "[+10.00, +10.00]", "0", "+6.00", "[+6.00, +6.00]", "0"],
+        "agm": ["agm", "optimization", "2", "+5.00", "[+5.00, +5.00]", "0", "+5.00", "[+5.00, +5.00]", "0"],
+        "ogm_ge": ["ogm_ge", "optimization", "2", "-5.00", "[-68.53, +58.53]", "0.500", "-5.00", "[-68.53, +58.53]",
+                   "0.500"],
+    }  # fmt: skip
+    rec = next(r for r in t.records if r["row"] == "greedy" and r["metric"] == "accuracy")
+    assert rec["mean_diff"] == pytest.approx(0.09) and rec["std_diff"] == pytest.approx(0.0424264, abs=1e-6)
+    assert rec["ci_low"] == pytest.approx(0.09 - 12.7062047 * 0.03) and rec["t"] == pytest.approx(3.0)
+    assert rec["p"] == pytest.approx(0.2048328, abs=1e-6) and rec["df"] == 1 and rec["seeds"] == "0 1"
+    csv_lines = to_csv(t).splitlines()
+    assert csv_lines[0] == "dataset,group,row,metric,n,seeds,mean_diff,std_diff,ci_low,ci_high,t,df,p,hparams"
+    assert "paired Student's t-test" in t.note and "p = 0 if Δ ≠ 0 and 1 if Δ = 0" in t.note
+
+
+def test_small_p_values_and_datasets_without_baseline(tmp_path: Path) -> None:
+    for s, acc in enumerate((0.70, 0.7001, 0.6999)):
+        make_run(tmp_path / "a", f"base{s}", "baseline", s, 0.5, 0.60)
+        make_run(tmp_path / "a", f"ogm{s}", "ogm_ge", s, 0.5, acc)
+        make_run(tmp_path / "b", f"ogm{s}", "ogm_ge", s, 0.5, acc)
+    # d = 0.10, 0.1001, 0.0999: mean 0.1, sd 1e-4, t = 0.1 / (1e-4/√3) = 1732 with df 2 → p = 3.3e-7.
+    t = paired_table(collect(tmp_path / "a"), "embedded")
+    assert t is not None and _rows(t)["ogm_ge"][3:6] == ["+10.00", "[+9.98, +10.02]", "< 0.001"]
+    col = collect(tmp_path / "b")
+    assert paired_table(col, "embedded") is None
+    # Without a baseline no predictions can be compared: not flagged, and the note says so.
+    t2 = table2(col)
+    assert t2.rows[0][-1].text == "" and "predictions of 3 and interventions of 0 of the methods' 3 runs" in t2.note
+
+
+def test_flags_for_methods_that_did_nothing(runs: Path) -> None:
+    col = collect(runs)
+    t = table2(col)
+    flags = {r[1].text: r[-1].text for r in t.rows}
+    assert flags["ogm_ge"] == (
+        "‡ identical to baseline on 1/2 seeds; § no intervention before the selected epoch on 1/2 seeds"
+    )
+    assert flags["greedy"] == flags["mmcosine"] == flags["agm"] == ""
+    assert flags["baseline"] == flags["unimodal (audio)"] == ""
+    assert "‡" in t.note and "§" in t.note and "Not checked" not in t.note
+    assert col.flags("embedded", "ogm_ge") == Flags(n=2, identical=1, compared=2, no_intervention=1,
+                                                    intervention_known=2)  # fmt: skip
+    assert col.flags("embedded", "baseline") is None and col.flags("embedded", "unimodal (audio)") is None
+    rec = next(r for r in t.records if r["row"] == "ogm_ge" and r["metric"] == "accuracy")
+    assert rec["identical_to_baseline"] == 1 and rec["no_intervention_before_selected"] == 1
+    tex = to_latex(t)
+    assert r"\ddag{} identical to baseline on 1/2 seeds; \S{} no intervention" in tex
+
+
+def test_flags_count_only_seeds_that_recorded_them(tmp_path: Path) -> None:
+    for s in (0, 1, 2):
+        make_run(tmp_path, f"base{s}", "baseline", s, 0.5, 0.60)
+    # Identical on seed 0; seed 1 written before the fields existed; seed 2 different and acted in time.
+    make_run(tmp_path, "ogm0", "ogm_ge", 0, 0.5, 0.60, predictions=sha("base0"), acted=())
+    make_run(tmp_path, "ogm1", "ogm_ge", 1, 0.5, 0.60, legacy=True)
+    make_run(tmp_path, "ogm2", "ogm_ge", 2, 0.5, 0.60)
+    col = collect(tmp_path)
+    assert col.flags("embedded", "ogm_ge") == Flags(3, 1, 2, 1, 2)
+    t = table2(col)
+    assert t.rows[-1][-1].text == (
+        "‡ identical to baseline on 1/3 seeds, 1 not recorded; "
+        "§ no intervention before the selected epoch on 1/3 seeds, 1 not recorded"
+    )
+    assert "predictions of 1 and interventions of 1 of the methods' 3 runs" in t.note
+
+
+def test_runs_written_before_the_new_fields(tmp_path: Path) -> None:
+    for s in (0, 1):
+        make_run(tmp_path, f"base{s}", "baseline", s, 0.5, 0.60, legacy=True)
+        make_run(tmp_path, f"gr{s}", "greedy", s, 0.5, 0.60, legacy=True, probe={"audio": 0.9, "visual": 0.9})
+    col = collect(tmp_path)
+    t = table2(col)
+    assert [r[-1].text for r in t.rows] == ["", ""]
+    assert "predictions of 2 and interventions of 2 of the methods' 2 runs" in t.note
+    # Without per_modality_heads the heads count as unimodal: head accuracies, no mark, no probe substitution.
+    mods = modality_table(col, "embedded")
+    assert _rows(mods)["greedy"][1:3] == ["30.00 ± 0.00", "30.00 ± 0.00"] and "†" not in mods.note
+    probe = probe_table(col, "embedded")
+    assert probe is not None and not any("†" in c.text for r in probe.rows for c in r)
+    cost = cost_table(col, "embedded")
+    assert "Concurrency: unknown (summary.concurrent_jobs not recorded" in cost.note
+
+
+def test_cross_modal_heads_are_marked_and_replaced_by_the_probe(runs: Path) -> None:
+    col = collect(runs)
+    t = modality_table(col, "embedded")
+    assert t.columns == ["Method", "Acc audio", "Acc visual", "φ audio", "φ visual", "Imbalance", "n"]
+    rows = _rows(t)
+    # greedy's heads see both modalities: its probes (audio 0.50, 0.54; visual 0.30, 0.30) are shown, marked.
+    assert rows["greedy"] == ["greedy", "52.00 ± 2.83 (probe) †", "30.00 ± 0.00 (probe) †", "34.50 ± 2.12",
+                              "23.00 ± 1.41", "20.00 ± 0.00", "2"]  # fmt: skip
+    assert rows["baseline"][1:3] == ["30.00 ± 0.00", "30.00 ± 0.00"]
+    assert "† cross-modal per-modality heads" in t.note and "masked out of the mid-fusion" in t.note
+    recs = {(r["row"], r["metric"]): r for r in t.records}
+    # The head's own number (0.33, 0.36) stays in the CSV, labelled.
+    assert recs[("greedy", "acc_audio")]["mean"] == pytest.approx(0.345)
+    assert recs[("greedy", "acc_audio")]["heads"] == "cross-modal"
+    assert recs[("greedy", "probe_audio")]["mean"] == pytest.approx(0.52)
+    assert ("baseline", "probe_audio") not in recs
+
+    p = probe_table(col, "embedded")
+    assert p is not None
+    cells = {(r[0].text, r[1].text): [c.text for c in r[2:]] for r in p.rows}
+    assert cells[("baseline", "audio")] == ["30.00 ± 0.00", "45.00 ± 0.00 (n=1)", "40.00 ± 0.00", "2"]
+    assert cells[("greedy", "audio")] == ["34.50 ± 2.12 †", "52.00 ± 2.83 †", "40.00 ± 0.00", "2"]
+    assert "masks the other modalities out" in p.note
+
+
+def test_eng_format() -> None:
+    cases = {
+        50.8e9: "50.8 G", 8.47e9: "8.47 G", 3e12: "3.00 T", 512e6: "512 M", 1234.0: "1.23 k", 12.0: "12.0",
+        999.7e6: "1.00 G", 999.4e6: "999 M", 1e15: "1.00 P", 2.5e18: "2500 P", 0.5: "0.500", 0.0: "0",
+        -4.56e6: "-4.56 M",
+    }  # fmt: skip
+    assert {x: eng(x) for x in cases} == cases
+    assert eng(None) == "–"
+
+
+def test_cost_table_ratios_concurrency_and_memory_kind(runs: Path, tmp_path: Path) -> None:
+    t = cost_table(collect(runs), "embedded")
+    assert t.columns[2:] == [
+        "n", "FLOPs", "FLOPs × baseline", "FLOPs own", "Train time × baseline", "Train time (s)", "Wall time (s)",
+        "Peak memory (MB, process peak RSS)", "Params",
+    ]  # fmt: skip
+    rows = _rows(t)
+    assert rows["greedy"][2:] == ["2", "1.00 G", "1.00×", "1.00 G", "3.00×", "3.0", "2.0", "300", "1,000"]
+    assert "One job at a time" in t.note and "ru_maxrss" in t.note
+    rec = next(r for r in t.records if r["row"] == "greedy")
+    assert rec["train_time_s"] == 3.0 and rec["train_time_x_baseline"] == 3.0 and rec["concurrent_jobs"] == "1"
+    assert rec["peak_memory_kind"] == "process peak RSS"
+
+    two = tmp_path / "two"
+    for s in (0, 1):
+        make_run(two, f"base{s}", "baseline", s, 0.5, 0.6, jobs=2, memory_kind="cuda_max_allocated", train_time=2.0)
+        make_run(two, f"ogm{s}", "ogm_ge", s, 0.5, 0.6, jobs=2, memory_kind="cuda_max_allocated", train_time=3.0)
+    t = cost_table(collect(two), "embedded")
+    assert t.columns[9] == "Peak memory (MB, CUDA max allocated)" and _rows(t)["ogm_ge"][6] == "1.50×"
+    assert "Jobs ran 2 at a time: time ratios include contention." in t.note
+
+    mixed = tmp_path / "mixed"
+    for s in (0, 1):
+        make_run(mixed, f"base{s}", "baseline", s, 0.5, 0.6)
+        make_run(mixed, f"ogm{s}", "ogm_ge", s, 0.5, 0.6, jobs=2, memory_kind="cuda_max_allocated")
+    make_run(mixed, "cos0", "mmcosine", 0, 0.5, 0.6, legacy=True, memory_kind="unavailable")
+    t = cost_table(collect(mixed), "embedded")
+    assert "(1 at a time: 2 runs, 2 at a time: 2 runs, unknown: 1 runs): time ratios are not comparable" in t.note
+    assert t.columns[9] == "Peak memory (MB)"
+    mem = {name: cells[9] for name, cells in _rows(t).items()}
+    assert mem == {"baseline": "300 (process peak RSS)", "mmcosine": "300 (kind unavailable)",
+                   "ogm_ge": "300 (CUDA max allocated)"}  # fmt: skip
 
 
 def test_report_files_html_self_contained_and_oracle_labelled(report: Path) -> None:
     names = {p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file()}
-    for key in ("table2", "table3", "modalities_embedded", "cost_embedded", "trials_embedded_ogm_ge"):
+    keys = ("table2", "paired_embedded", "table3", "modalities_embedded", "cost_embedded", "trials_embedded_ogm_ge",
+            "probe_embedded", "oracle_table2")  # fmt: skip
+    for key in keys:
         assert {f"tables/{key}.md", f"tables/{key}.tex", f"tables/{key}.csv"} <= names
     assert {"figures/fig3_embedded_ogm_ge.png", "figures/fig3_embedded_ogm_ge.svg", "report.json"} <= names
+    assert "figures/fig2_embedded.svg" in names
+    # Every symbol the tables use (±, ×, Δ, †, ‡, §, …) has a LaTeX spelling: the .tex files are plain ASCII.
+    for key in keys:
+        assert (report / f"tables/{key}.tex").read_text().isascii(), key
     page = (report / "report.html").read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", page)
     assert refs and all(r.startswith(("data:", "#")) for r in refs), refs
     assert "<link" not in page and "<script" not in page
-    assert "DIAGNOSTIC ONLY" in page and "<b>70.00 ± 0.00</b>" in page
+    assert "DIAGNOSTIC ONLY" in page and "<b>70.00 ± 0.00</b>" in page and "+9.00" in page
     trials = (report / "tables/trials_embedded_ogm_ge.md").read_text()
-    assert "| alpha=0.1 | 30.00 | 55.00 | 70.00 | selected on val |" in trials
-    assert "| alpha=0.5 | 10.00 | 90.00 | 65.00 | relative balance, absolute balance |" in trials
+    assert "| alpha=0.1 | 30.00 | 55.00 | 70.00 | 2 | selected on val |" in trials
+    assert "| alpha=0.5 | 10.00 | 90.00 | 65.00 | 2 | relative balance, absolute balance |" in trials
     cost = (report / "tables/cost_embedded.md").read_text()
-    assert "| ogm_ge | optimization | 1e+09 | 1.00× |" in cost
+    assert "| ogm_ge | optimization | 2 | 1.00 G | 1.00× | 1.00 G | 1.00× |" in cost
+    assert "| baseline | 1.00 G |" in (report / "tables/table3.md").read_text()
     manifest = json.loads((report / "report.json").read_text())
     assert manifest["selected"]["embedded"]["ogm_ge"]["hparams"] == {"alpha": 0.1}
-    assert "Fig. 2" in " ".join(manifest["missing"])  # no probe.json in these runs
+    assert not any("Fig. 2" in m for m in manifest["missing"])
+
+
+def test_notes_render_one_line_each(runs: Path) -> None:
+    t = paired_table(collect(runs), "embedded")
+    assert t is not None
+    lines = t.note.splitlines()
+    assert len(lines) == 2
+    assert "\n\n".join(lines) in to_markdown(t)
+    assert "<p class='note'>" + "<br>".join(map(html.escape, lines)) + "</p>" in to_html(t)
+    assert r"\\ All differences equal" in to_latex(t)
 
 
 def test_unfair_protocols_and_trial_counts_refused(tmp_path: Path) -> None:
     root = fair_runs(tmp_path / "runs")
-    make_run(root, "agm-0", "agm", 0, 0.5, 0.5, train={**TRAIN, "epochs": 2})
-    make_run(root, "agm-1", "agm", 1, 0.5, 0.5, train={**TRAIN, "epochs": 2})
-    with pytest.raises(BalanceMMError, match=r"^unfair comparison: embedded: the 'train' config section differs .*agm"):
+    make_run(root, "pmr-0", "pmr", 0, 0.5, 0.5, train={**TRAIN, "epochs": 2})
+    make_run(root, "pmr-1", "pmr", 1, 0.5, 0.5, train={**TRAIN, "epochs": 2})
+    with pytest.raises(BalanceMMError, match=r"^unfair comparison: embedded: the 'train' config section differs .*pmr"):
         write_report(root, tmp_path / "out", plots=False)
     assert not (tmp_path / "out").exists()
     col = write_report(root, tmp_path / "out", plots=False, allow_unfair=True).collection
-    assert any("different numbers of trials (agm 1, mmcosine 2, ogm_ge 2)" in u for u in col.unfair)
+    assert any("different numbers of trials (agm 2, greedy 2, mmcosine 2, ogm_ge 2, pmr 1)" in u for u in col.unfair)
     assert "Unfair comparison" in (tmp_path / "out/report.html").read_text()
 
 
@@ -174,7 +456,7 @@ def test_unfinished_skipped_and_each_directory_counted_once(tmp_path: Path) -> N
     (root / "nested").mkdir()
     (root / "nested/link").symlink_to(root / "base0", target_is_directory=True)
     col = collect(root)
-    assert len(col.runs) == 14 and any("not finished" in n for n in col.notes)
+    assert len(col.runs) == 22 and any("not finished" in n for n in col.notes)
     assert col.selected["embedded"]["baseline"].seeds == [0, 1]
 
 
@@ -213,7 +495,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert err.count("\n") == 1 and msg in err and err.startswith("balancemm: error:")
     assert not (tmp_path / "o").exists()
     assert main(["report", str(runs), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
-    assert "14 runs" in capsys.readouterr().out and (tmp_path / "o/report.html").is_file()
+    assert "22 runs" in capsys.readouterr().out and (tmp_path / "o/report.html").is_file()
 
 
 def test_report_does_not_import_torch(runs: Path, tmp_path: Path) -> None:

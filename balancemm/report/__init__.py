@@ -15,6 +15,7 @@ never leaves a half-written report; an existing ``out`` is replaced only if it i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,6 +55,8 @@ def _manifest(col: Collection) -> dict[str, object]:
                     "val_mean": t.val.mean,
                     "trials": len(col.trials[d][row]),
                     "runs": [str(r.path) for r in t.runs],
+                    # Same predictions as baseline / no intervention before the selected epoch, per seed.
+                    "flags": dataclasses.asdict(f) if (f := col.flags(d, row)) else None,
                 }
                 for row, t in sorted(rows.items())
             }
@@ -117,7 +120,7 @@ def write_report(
     md = ["# BalanceMM report", "", f"{len(col.runs)} finished runs under `{col.root}`.", ""]
     md += [f"**Unfair comparison (forced):** {u}\n" for u in col.unfair]
     md += [tb.to_markdown(t) for t in tables]
-    md += [f"![{f.title}](figures/{f.key}.png)\n" for f in figures]
+    md += [f"![{f.title}](figures/{f.key}.png)\n" + (f"\n{f.note}\n" if f.note else "") for f in figures]
     md += [f"- {n}" for n in [*missing, *col.notes]]
     files["report.md"] = ("\n".join(md) + "\n").encode()
     files["report.html"] = html_page.render(col, tables, figures, missing).encode()

@@ -109,11 +109,63 @@ class Trial:
         """``get`` applied to each run's summary, aggregated over seeds."""
         return Stat.of(_safe(get, r.summary) for r in self.runs)
 
+    def by_seed(self, get: Callable[[dict[str, Any]], float | None]) -> dict[int, float]:
+        """``get`` applied to each run's summary, per seed (seeds where it has no value left out)."""
+        return {r.seed: float(v) for r in self.runs if (v := _safe(get, r.summary)) is not None}
+
+    @property
+    def cross_modal(self) -> bool:
+        """Whether some run's per-modality heads see another modality (``summary.per_modality_heads``
+        ``"cross-modal"``, e.g. through mid-fusion); runs without the field count as unimodal heads."""
+        return any(r.summary.get("per_modality_heads") == "cross-modal" for r in self.runs)
+
     @property
     def val(self) -> Stat:
         s = self.stat(lambda s: s["selection"]["value"])
         assert s is not None  # every usable summary has a selection value
         return s
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Signs that a method may not have acted, over the ``n`` seeds of its trial.
+
+    ``identical``: seeds whose test predictions (``summary.test.predictions_sha256``) equal baseline's on the
+    same seed, out of ``compared`` seeds where both runs recorded the hash. ``no_intervention``: seeds where
+    the method did not act in any epoch up to its selected one (``summary.intervention.before_selected``
+    false), out of ``intervention_known`` seeds that recorded it. Runs written before these fields existed
+    are neither counted nor compared.
+    """
+
+    n: int
+    identical: int
+    compared: int
+    no_intervention: int
+    intervention_known: int
+
+
+def _prediction_hash(run: Run) -> str | None:
+    test = run.summary.get("test")
+    h = test.get("predictions_sha256") if isinstance(test, dict) else None
+    return h if isinstance(h, str) else None
+
+
+def _before_selected(run: Run) -> bool | None:
+    iv = run.summary.get("intervention")
+    b = iv.get("before_selected") if isinstance(iv, dict) else None
+    return b if isinstance(b, bool) else None
+
+
+def trial_flags(trial: Trial, baseline: Trial | None) -> Flags | None:
+    """``trial``'s :class:`Flags` against ``baseline`` on the same dataset; None for references (baseline and
+    unimodal rows), which are what the methods are compared with."""
+    if trial.group == "reference":
+        return None
+    base = {r.seed: _prediction_hash(r) for r in baseline.runs} if baseline else {}
+    pairs = [(h, base.get(r.seed)) for r in trial.runs if (h := _prediction_hash(r)) is not None]
+    compared = [a == b for a, b in pairs if b is not None]
+    acted = [b for r in trial.runs if (b := _before_selected(r)) is not None]
+    return Flags(len(trial.runs), sum(compared), len(compared), acted.count(False), len(acted))
 
 
 @dataclass
@@ -136,6 +188,11 @@ class Collection:
     @property
     def datasets(self) -> list[str]:
         return sorted(self.selected)
+
+    def flags(self, dataset: str, row: str) -> Flags | None:
+        """The selected trial's :class:`Flags` on ``dataset`` (None for references)."""
+        sel = self.selected[dataset]
+        return trial_flags(sel[row], sel.get("baseline"))
 
     def rows(self) -> list[tuple[str, str]]:
         """(group, row) over all datasets in Table 2 order: unimodal rows, baseline, then groups A–Z by method."""

@@ -1,31 +1,59 @@
 """The report's figures as PNG and SVG bytes (matplotlib, imported lazily: ``pip install 'balancemm[report]'``).
 
+- ``fig2_<dataset>``: one panel per modality, one pair of horizontal bars per method (baseline first): the
+  modality's accuracy inside the multimodal model (its own head) and its linear probe (``probe.json``),
+  mean ± std over seeds; the unimodal model trained alone is a vertical reference line with its ± std band.
+  Methods whose per-modality head sees the other modality (``summary["per_modality_heads"] ==
+  "cross-modal"``) are marked ``†`` and explained under the figure.
 - ``fig3_<dataset>_<method>``: imbalance degree (x) vs test accuracy (y) over a method's hyper-parameter
-  trials (means over seeds), the relative balance point (best accuracy) and the absolute balance point
-  (lowest imbalance) marked, the validation-selected trial ringed and the baseline's accuracy dashed.
-- ``fig2_<dataset>``: per modality, grouped bars: accuracy inside each multimodal model (own head), its
-  linear probe (``probe.json``), and the unimodal model trained alone.
+  trials, mean ± std over seeds in both directions; the relative balance point (best accuracy) and the
+  absolute balance point (lowest imbalance) marked, the validation-selected trial ringed, the baseline's
+  accuracy (± std band) and imbalance as reference lines. Points carry numbers, keyed to their
+  hyper-parameters beneath the plot, so that no label, however long, reaches the frame.
+
+Methods are stacked down the page, never spread across it: Fig. 2 grows in height with the number of
+methods and every figure is drawn at most ``MAX_WIDTH_IN`` wide, so the HTML page shows each at its natural
+size, where 8 pt text is about 11 CSS px.
 """
 
 from __future__ import annotations
 
 import io
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from balancemm.errors import BalanceMMError
-from balancemm.report.collect import Collection
+from balancemm.report.collect import Collection, Stat, Trial
 from balancemm.report.tables import Table, balance_points
+
+#: Fig. 2's width in inches (``bbox_inches="tight"`` then adds the footnote's few points at most): 7.5 in is
+#: 720 CSS px in an SVG, about half the content width of a 1400 px window, so it shows unscaled.
+MAX_WIDTH_IN = 7.5
+#: Fig. 3's axes and labels before the legend and key beneath are added (about 480 CSS px wide in the end,
+#: so two sit abreast on the page).
+FIG3_SIZE_IN = (5.2, 3.4)
+#: Height of one method in a Fig. 2 panel: an 8 pt tick label is about 0.13 in tall, so neighbouring labels
+#: keep a gap larger than themselves whatever the number of methods.
+ROW_IN = 0.3
+FONT = 8  # pt: every label, tick and legend; titles are a little larger
+
+MULTIMODAL, PROBE, ALONE, BASE = "#4878a8", "#edae49", "#66a182", "#777777"
+RELATIVE, ABSOLUTE = "#d1495b", "#e08a00"
+CROSS_MODAL = "†"
 
 
 @dataclass
 class Figure:
-    """One rendered figure: ``key`` is the file stem, ``png``/``svg`` the encoded images."""
+    """One rendered figure: ``key`` is the file stem, ``png``/``svg`` the encoded images, ``note`` what a
+    caption must add to the title (footnotes also drawn inside the image), or ``""``."""
 
     key: str
     title: str
     png: bytes
     svg: bytes
+    note: str = ""
 
 
 def _pyplot() -> Any:
@@ -43,72 +71,241 @@ def _pyplot() -> Any:
     return plt
 
 
-def _encode(plt: Any, fig: Any, key: str, title: str) -> Figure:
+def _encode(plt: Any, fig: Any, key: str, title: str, note: str = "") -> Figure:
     png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=150, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
+    # "tight" grows the canvas to take in text placed outside the axes (legends, footnotes, the key of
+    # Fig. 3), so nothing is clipped at the image's edge.
+    fig.savefig(png, format="png", dpi=150, bbox_inches="tight", pad_inches=0.1, metadata={"Software": None})
+    fig.savefig(svg, format="svg", bbox_inches="tight", pad_inches=0.1, metadata={"Date": None})
     plt.close(fig)
-    return Figure(key, title, png.getvalue(), svg.getvalue())
+    return Figure(key, title, png.getvalue(), svg.getvalue(), note)
+
+
+def _acc(s: dict[str, Any]) -> float:
+    return float(s["test"]["accuracy"])
+
+
+def _imbalance(s: dict[str, Any]) -> float:
+    return float(s["imbalance"])
+
+
+def _modality_acc(m: str) -> Callable[[dict[str, Any]], float]:
+    return lambda s: float(s["test"]["per_modality"][m]["accuracy"])
+
+
+def _pct(s: Stat) -> tuple[float, float]:
+    return 100 * s.mean, 100 * s.std
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
+
+
+# --- Fig. 3 ---------------------------------------------------------------------------------------
 
 
 def fig3(col: Collection, dataset: str, row: str) -> Figure:
+    """Imbalance vs accuracy over ``row``'s trials on ``dataset`` (see the module docstring)."""
     plt = _pyplot()
-    pts = balance_points(col.trials[dataset][row])
+    trials = {t.hparams: t for t in col.trials[dataset][row]}
+    pts = balance_points(list(trials.values()))
     chosen = col.selected[dataset][row].hparams
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    xs = [100 * p["imbalance"] for p in pts]
-    ys = [100 * p["accuracy"] for p in pts]
-    ax.scatter(xs, ys, color="#4878a8", zorder=2, label="trial")
-    for p, x, y in zip(pts, xs, ys, strict=True):
+    fig, ax = plt.subplots(figsize=FIG3_SIZE_IN)
+    for i, p in enumerate(pts, 1):
+        tr = trials[p["hparams"]]
+        imb, acc = tr.stat(_imbalance), tr.stat(_acc)
+        assert imb is not None and acc is not None  # balance_points keeps only trials that have both
+        (x, dx), (y, dy) = _pct(imb), _pct(acc)
+        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", ms=5, color=MULTIMODAL, elinewidth=0.9, capsize=2.5, zorder=3)
         if p["relative"]:
-            ax.scatter([x], [y], marker="*", s=220, color="#d1495b", zorder=3, label="relative balance (best acc)")
+            ax.scatter([x], [y], marker="*", s=200, color=RELATIVE, zorder=4)
         if p["absolute"]:
-            ax.scatter([x], [y], marker="D", s=80, color="#edae49", zorder=3, label="absolute balance (lowest I)")
-        ax.annotate(p["label"], (x, y), fontsize=6, xytext=(4, -9), textcoords="offset points")
+            # Hollow, so that a star under it (one trial being both balance points) still shows.
+            ax.scatter([x], [y], marker="D", s=120, facecolors="none", edgecolors=ABSOLUTE, linewidths=1.6, zorder=5)
         if p["hparams"] == chosen:
-            ax.scatter([x], [y], s=260, facecolors="none", edgecolors="black", zorder=4, label="selected on val")
-    base = col.selected[dataset].get("baseline")
-    acc = base.stat(lambda s: s["test"]["accuracy"]) if base else None
-    if acc is not None:
-        ax.axhline(100 * acc.mean, ls="--", color="grey", lw=1, label="baseline")
-    ax.set_xlabel("imbalance degree I (%)")
-    ax.set_ylabel("test accuracy (%)")
-    title = f"{row} on {dataset}: imbalance vs accuracy"
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+            ax.scatter([x], [y], s=320, facecolors="none", edgecolors="black", linewidths=1.2, zorder=6)
+        # Numbers instead of hyper-parameter strings: short enough never to reach the frame; the key says
+        # what each one is. The offset clears the selection ring (about 9 pt in radius).
+        ax.annotate(str(i), (x, y), xytext=(9, 6), textcoords="offset points", fontsize=FONT, weight="bold")
+    handles, labels = _baseline_references(ax, col, dataset)
+    ax.margins(0.15)
+    ax.set_xlabel("imbalance degree I (%)", fontsize=FONT)
+    ax.set_ylabel("test accuracy (%)", fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
     ax.grid(alpha=0.3)
+    title = f"{row} on {dataset}: imbalance vs accuracy"
+    ax.set_title(title, fontsize=FONT + 2)
+    # Legend and key sit side by side under the x-axis label, outside the axes, where they hide no point.
+    ax.legend(
+        handles,
+        labels,
+        fontsize=FONT,
+        loc="upper left",
+        bbox_to_anchor=(-0.15, -0.16),
+        borderaxespad=0,
+        frameon=False,
+    )
+    key = []
+    for i, p in enumerate(pts, 1):
+        marks = [m for m, on in (("★", p["relative"]), ("◇", p["absolute"]), ("val", p["hparams"] == chosen)) if on]
+        line = f"{i}  {p['label']}" + (f"  ({', '.join(marks)})" if marks else "")
+        # 34 characters of 8 pt text fit the right half beneath the axes, beside the legend.
+        key.append(textwrap.fill(line, 34, subsequent_indent="   ", break_on_hyphens=False))
+    ax.text(
+        0.55,
+        -0.16,
+        "trials (mean ± std over seeds)\n" + "\n".join(key),
+        transform=ax.transAxes,
+        fontsize=FONT,
+        va="top",
+        ha="left",
+        linespacing=1.5,
+    )
     return _encode(plt, fig, f"fig3_{dataset}_{row}", title)
 
 
-def fig2(probe: Table, dataset: str) -> Figure:
-    """Grouped bars from ``tables.probe_table``'s rows (one group per method × modality)."""
+def _baseline_references(ax: Any, col: Collection, dataset: str) -> tuple[list[Any], list[str]]:
+    """Draws the baseline's accuracy (± std band) and imbalance as reference lines; returns the legend's
+    handles and labels, markers first."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = [
+        Line2D([], [], marker="o", ls="", color=MULTIMODAL),
+        Line2D([], [], marker="*", ms=11, ls="", color=RELATIVE),
+        Line2D([], [], marker="D", ms=8, ls="", mfc="none", mec=ABSOLUTE, mew=1.6),
+        Line2D([], [], marker="o", ms=13, ls="", mfc="none", mec="black"),
+    ]
+    labels = ["trial", "relative balance (best acc)", "absolute balance (lowest I)", "selected on val"]
+    base = col.selected[dataset].get("baseline")
+    acc = base.stat(_acc) if base else None
+    if acc is not None:
+        y, dy = _pct(acc)
+        ax.axhline(y, ls="--", color=BASE, lw=1, zorder=1)
+        ax.axhspan(y - dy, y + dy, color=BASE, alpha=0.15, lw=0, zorder=0)
+        handles.append((Patch(color=BASE, alpha=0.15, lw=0), Line2D([], [], ls="--", color=BASE, lw=1)))
+        labels.append("baseline accuracy (± std)")
+    imb = base.stat(_imbalance) if base else None
+    if imb is not None:
+        ax.axvline(100 * imb.mean, ls=":", color=BASE, lw=1.2, zorder=1)
+        handles.append(Line2D([], [], ls=":", color=BASE, lw=1.2))
+        labels.append("baseline imbalance")
+    return handles, labels
+
+
+# --- Fig. 2 ---------------------------------------------------------------------------------------
+
+
+def _cross_modal(trial: Trial) -> bool:
+    # Written by methods whose per-modality head is fed by the other modality; absent means unimodal heads.
+    return any(r.summary.get("per_modality_heads") == "cross-modal" for r in trial.runs)
+
+
+def _probe(trial: Trial, m: str) -> Stat | None:
+    return Stat.of(r.probe.get(m, {}).get("test_accuracy") for r in trial.runs if r.probe)
+
+
+def _fig2_rows(col: Collection, dataset: str) -> list[str]:
+    """Fig. 2's methods, top to bottom: baseline, then every selected method in Table 2 order."""
+    sel = col.selected[dataset]
+    return [row for group, row in col.rows() if row in sel and (group != "reference" or row == "baseline")]
+
+
+def fig2(col: Collection, dataset: str) -> Figure:
+    """Per-modality accuracy inside each multimodal model vs its linear probe vs the modality alone."""
     plt = _pyplot()
-    labels = [f"{r[0].text}\n{r[1].text}" for r in probe.rows]
-    series = [("multimodal (own head)", 2, "#4878a8"), ("linear probe", 3, "#edae49"), ("unimodal alone", 4, "#66a182")]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1), 3.6))
-    width = 0.26
-    for k, (name, col, color) in enumerate(series):
-        vals = [float(r[col].text.split(" ")[0]) if r[col].text[:1].isdigit() else 0.0 for r in probe.rows]
-        ax.bar([i + (k - 1) * width for i in range(len(labels))], vals, width, label=name, color=color)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    title = f"{dataset}: each modality inside the multimodal model vs probe vs alone"
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    return _encode(plt, fig, f"fig2_{dataset}", title)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    sel = col.selected[dataset]
+    rows = _fig2_rows(col, dataset)
+    mods = list(dict.fromkeys(m for row in rows for r in sel[row].runs for m in r.summary["modalities"]))
+    cross = [_cross_modal(sel[row]) for row in rows]
+    panel_in = ROW_IN * len(rows) + 0.5
+    height = panel_in * len(mods) + 1.2  # + the title and legend on top, the x-axis label below
+    fig, axes = plt.subplots(
+        len(mods), 1, figsize=(MAX_WIDTH_IN, height), sharex=True, squeeze=False, layout="constrained"
+    )
+    fewer = False
+    top = 0.0
+    for ax, m in zip(axes[:, 0], mods, strict=True):
+        labels = []
+        for i, row in enumerate(rows):
+            trial = sel[row]
+            mm, lp = trial.stat(_modality_acc(m)), _probe(trial, m)
+            for s, dy, color in ((mm, -0.2, MULTIMODAL), (lp, 0.2, PROBE)):
+                if s is not None:
+                    x, dx = _pct(s)
+                    ax.barh(i + dy, x, 0.38, xerr=dx, color=color, error_kw={"elinewidth": 0.9, "capsize": 2})
+                    top = max(top, x + dx)
+            label = f"{row} {CROSS_MODAL}" if cross[i] else row
+            if lp is None:
+                label += "  (no probe)"
+            elif lp.n < len(trial.runs):
+                label += f"  (probe n={lp.n}/{len(trial.runs)})"
+                fewer = True
+            labels.append(label)
+        uni = sel.get(f"unimodal ({m})")
+        alone = uni.stat(_acc) if uni else None
+        if alone is not None:
+            x, dx = _pct(alone)
+            ax.axvline(x, color=ALONE, lw=1.6, zorder=3)
+            ax.axvspan(x - dx, x + dx, color=ALONE, alpha=0.2, lw=0, zorder=0)
+            top = max(top, x + dx)
+        ax.set_yticks(range(len(rows)), labels, fontsize=FONT)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
+        ax.tick_params(axis="x", labelsize=FONT)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"modality: {m}" + ("" if alone else " (no unimodal run)"), fontsize=FONT + 1, loc="left")
+    axes[-1, 0].set_xlim(0, 1.05 * top if top else 1)
+    axes[-1, 0].set_xlabel("test accuracy (%), mean ± std over seeds", fontsize=FONT)
+    title = f"{dataset}: each modality inside the multimodal model vs its linear probe vs trained alone"
+    handles = [
+        Patch(color=MULTIMODAL),
+        Patch(color=PROBE),
+        (Patch(color=ALONE, alpha=0.2, lw=0), Line2D([], [], color=ALONE, lw=1.6)),
+    ]
+    labels = [
+        "inside the multimodal model (its own head)",
+        "linear probe on the model's encoder",
+        "unimodal model trained alone (± std)",
+    ]
+    # The title heads the legend: a suptitle and an "outside" legend both claim the top and can overlap.
+    fig.legend(
+        handles,
+        labels,
+        loc="outside upper center",
+        ncols=2,
+        fontsize=FONT,
+        frameon=False,
+        title=_wrap(title, 80),
+        title_fontproperties={"size": FONT + 2},
+    )
+    notes = []
+    if any(cross):
+        notes.append(
+            f"{CROSS_MODAL} per-modality head is cross-modal: the method feeds the other modality into each branch "
+            "(e.g. Greedy's MMTM mid-fusion), so its bar is not that modality on its own."
+        )
+    if fewer:
+        notes.append("probe n=k/N: only k of the trial's N seeds have probe.json; the probe bar averages those.")
+    note = " ".join(notes)
+    if note:
+        # Under the figure (outside it: "tight" saving takes it in), wrapped to the figure's width.
+        fig.text(0.01, 0, "\n".join(_wrap(n, 110) for n in notes), fontsize=FONT, va="top", ha="left")
+    return _encode(plt, fig, f"fig2_{dataset}", title, note)
 
 
 def all_figures(col: Collection, tables: list[Table]) -> list[Figure]:
-    """Fig. 3 for every (dataset, method) with more than one trial; Fig. 2 for every dataset with probes."""
-    out = [
+    """Fig. 2 for every dataset with a ``probe_`` table, then Fig. 3 for every (dataset, method) with a
+    ``trials_`` table and more than one plottable trial. Following the tables keeps figures and the report's
+    "missing" lines in agreement."""
+    keys = {t.key for t in tables}
+    out = [fig2(col, d) for d in col.datasets if f"probe_{d}" in keys]
+    out += [
         fig3(col, d, row)
         for d in col.datasets
         for row, trials in sorted(col.trials[d].items())
-        if len(trials) > 1 and len(balance_points(trials)) > 1
+        if f"trials_{d}_{row}" in keys and len(balance_points(trials)) > 1
     ]
-    for t in tables:
-        if t.key.startswith("probe_"):
-            out.append(fig2(t, t.key.removeprefix("probe_")))
     return out
