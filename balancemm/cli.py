@@ -57,20 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--datasets", default=None, help="comma-separated keys (default: embedded)")
     sw.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 3)")
     sw.add_argument("--trials", type=int, default=None, help="hyper-parameter trials per method (default: 1)")
+    sw.add_argument("--adapt", action="store_true", help="start every job from its method's protocol adaptation")
     sw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     sw.add_argument("--root", default="runs/sweep", help="where the job directories go (default: runs/sweep)")
     sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per core or GPU slot; ray: all)")
     sw.add_argument("--launcher", choices=["local", "ray"], default="local", help="where jobs run (default: local)")
     sw.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001")
     sw.add_argument("--probe", action="store_true", help="linear-probe each multimodal run's encoders (Fig. 2)")
-    sw.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
+    sw.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
     be = sub.add_parser(
-        "bench", help="every method, baseline and unimodal on a dataset with 3 seeds, then the report (a sweep preset)"
+        "bench", help="every method, baseline and unimodal on a dataset with 3 seeds, then the report (sweep --adapt)"
     )
     be.add_argument("--dataset", default="embedded", help="registry name (default: embedded)")
     be.add_argument("--seeds", type=int, default=3)
+    be.add_argument("--trials", type=int, default=3, help="hyper-parameter trials per tuned method (default: 3)")
     be.add_argument(
         "--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="config keys for every job, e.g. --set data.root=data/cremad",
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core or GPU slot)")
     be.add_argument("--report", default="reports/bench", help="where the report goes (default: reports/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress output")
-    be.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are finished; train none")
+    be.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
     for cmd in (sw, be):
         cmd.add_argument(
             "--device",
@@ -147,8 +149,10 @@ def format_summary(s: dict[str, Any], run_dir: str) -> str:
     )
     flops = s["flops"]
     if flops["total"] is not None:
-        parts = ", ".join(f"{k} {v:.3g}" for k, v in flops["by_phase"].items())
-        lines.append(f"training FLOPs {flops['total']:.4g} ({parts})")
+        from balancemm.report.tables import eng  # the report's FLOP format, so the numbers read alike
+
+        parts = ", ".join(f"{k} {eng(v)}" for k, v in flops["by_phase"].items())
+        lines.append(f"training FLOPs {eng(flops['total'])} ({parts})")
     mem = f"{s['peak_memory_mb']:.0f} MB" if s["peak_memory_mb"] is not None else "n/a"
     lines.append(f"train time {s['train_time_s']:.1f} s   peak memory {mem}   parameters {s['params']['total']:,}")
     return "\n".join(lines)
@@ -210,9 +214,11 @@ def _bench(args: argparse.Namespace) -> int:
         "methods": "all",
         "datasets": args.dataset,
         "seeds": args.seeds,
-        "trials": 1,
+        "trials": args.trials,
         "probe": True,
         "sets": args.sets,
+        # The protocol's length is the dataset's, not each paper's: methods act on relative schedules.
+        "adapt": True,
     }
     code = _run_sweep(raw, "bench", args, launcher="local", address=None)
     if code != 0 or args.dry_run:
@@ -234,6 +240,8 @@ def _sweep(args: argparse.Namespace) -> int:
     raw["sets"] = [*raw.get("sets", []), *args.sets]
     if args.probe:
         raw["probe"] = True
+    if args.adapt:
+        raw["adapt"] = True
     return _run_sweep(raw, args.spec or "sweep", args, launcher=args.launcher, address=args.address)
 
 
@@ -250,8 +258,11 @@ def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launch
 
         local_placement(args.device, args.gpus_per_job)  # a dry run refuses what the real one would
     if args.dry_run:
-        for job in jobs:
-            print(f"{'done' if is_done(job) else 'todo':5s} {job.label:40s} {job.out}")
+        # Columns as wide as their longest entry, so every job's settings line up.
+        rows = [(job.label, job.hparams) for job in jobs]
+        label_w, hp_w = (max((len(r[i]) for r in rows), default=0) for i in range(2))
+        for job, (label, hp) in zip(jobs, rows, strict=True):
+            print(f"{'done' if is_done(job) else 'todo':5s} {label:{label_w}s}  {hp:{hp_w}s}  {job.out}")
         return 0
     outcome = run_sweep(
         jobs,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -14,14 +16,17 @@ from pathlib import Path
 import pytest
 
 from balancemm.api import default_out
-from balancemm.config import resolve_config
+from balancemm.cli import main
+from balancemm.config import parse, resolve_config
 from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
-from balancemm.methods import list_methods
-from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
+from balancemm.methods import METHODS, list_methods
+from balancemm.sweep import Job, SweepSpec, plan_jobs, run_sweep, worker
 from balancemm.sweep.launchers import Placement, RayLauncher, job_payload
+from tests.conftest import TinyDataset, build_method
 
 QUICK = ["train.epochs=1"]
+TUNED = [m for m in list_methods() if METHODS.entry(m).meta.get("group") != "reference"]
 
 
 def bmm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,7 +49,7 @@ def test_grid_expands_methods_modalities_seeds_and_names_jobs_by_config_hash(tmp
     assert jobs[1].out == default_out(expected, tmp_path)  # the directory `balancemm train` would use
 
 
-def test_trials_draw_the_same_number_per_method_reproducibly(tmp_path: Path) -> None:
+def test_a_sweep_file_search_replaces_the_default_space_and_draws_reproducibly(tmp_path: Path) -> None:
     raw = {
         "methods": ["ogm_ge", "mmcosine", "baseline"],
         "seeds": 2,
@@ -63,6 +68,106 @@ def test_trials_draw_the_same_number_per_method_reproducibly(tmp_path: Path) -> 
     assert len(alphas) == 3 and 0.1 in alphas  # the default plus two distinct draws
     scales = {j.config.method.scale for j in jobs if j.config.run.method == "mmcosine"}  # type: ignore[attr-defined]
     assert scales == {5.0, 10.0, 20.0}  # 10 is the default, so the draws come from the other points
+    # The file's space replaces ogm_ge's default one entirely: its `ge` switch is not drawn.
+    assert "ge" in METHODS.get("ogm_ge").search
+    assert all(j.config.method.ge for j in jobs if j.config.run.method == "ogm_ge")  # type: ignore[attr-defined]
+
+
+def _drawn(jobs: list[Job]) -> dict[str, set[str]]:
+    """Each method's distinct settings, as JSON."""
+    points: dict[str, set[str]] = {}
+    for j in jobs:
+        points.setdefault(j.config.run.method, set()).add(json.dumps(j.config.to_dict()["method"], sort_keys=True))
+    return points
+
+
+def test_default_spaces_give_every_tuned_method_the_same_trials_without_a_sweep_file(tmp_path: Path) -> None:
+    spec = SweepSpec.from_mapping({"methods": "all", "seeds": 2, "trials": 3})
+    jobs = plan_jobs(spec, tmp_path)
+    trials: dict[str, set[int]] = {}
+    for j in jobs:
+        trials.setdefault(j.config.run.method, set()).add(j.trial)
+    assert trials == {**{m: {0, 1, 2} for m in TUNED}, "baseline": {0}, "unimodal": {0}}
+    assert len(jobs) == (3 * len(TUNED) + 1 + 2) * 2  # unimodal: one job per modality
+    assert all(len(points) == 3 for m, points in _drawn(jobs).items() if m in TUNED)  # three distinct settings
+    assert [j.out for j in plan_jobs(spec, tmp_path)] == [j.out for j in jobs]  # the same draw again
+    other = plan_jobs(dataclasses.replace(spec, draw_seed=1), tmp_path)
+    changed = [m for m in TUNED if _drawn(other)[m] != _drawn(jobs)[m]]
+    assert len(changed) >= len(TUNED) // 2  # another draw_seed, another draw
+    res = bmm("sweep", "--methods", "ogm_ge,agm", "--seeds", "2", "--trials", "2", "--root", str(tmp_path), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == 2 * 2 * 2
+
+
+def test_adapt_starts_every_trial_from_the_adapted_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ogm = METHODS.get("ogm_ge")
+    monkeypatch.setattr(ogm, "adapted", {"alpha": 0.3, "modulation_ends": "30%"})
+    raw = {"methods": ["ogm_ge", "baseline"], "seeds": 1, "trials": 2, "search": {"ogm_ge": {"alpha": [0.1, 0.3]}}}
+    plain = plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
+    adapted = plan_jobs(SweepSpec.from_mapping({**raw, "adapt": True}), tmp_path)
+    assert [(j.trial, j.config.method.alpha) for j in plain if j.config.run.method == "ogm_ge"] == [(0, 0.1), (1, 0.3)]
+    trial0, trial1 = (j for j in adapted if j.config.run.method == "ogm_ge")
+    # Trial 0 is the adapted defaults; 0.3 is then no new point, and the plain default 0.1 is.
+    expected = resolve_config("ogm_ge", "embedded", overrides={"method": {"alpha": 0.3, "modulation_ends": "30%"}})
+    assert trial0.trial == 0 and trial0.config == expected
+    assert (trial1.trial, trial1.config.method.alpha, trial1.config.method.modulation_ends) == (1, 0.1, "30%")
+    assert trial1.hparams == 'modulation_ends="30%"'  # alpha 0.1 is the plain default
+    assert [j.config for j in adapted if j.config.run.method == "baseline"] == [
+        j.config for j in plain if j.config.run.method == "baseline"
+    ]  # references have nothing adapted
+
+
+def test_dry_runs_list_every_job_with_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(METHODS.get("ogm_ge"), "adapted", {"modulation_ends": "30%"})
+    monkeypatch.setattr(METHODS.get("agm"), "adapted", {})
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("methods: [ogm_ge, agm]\nseeds: 2\ntrials: 2\nadapt: true\nsearch:\n  ogm_ge: {alpha: [0.5]}\n")
+    assert main(["sweep", str(spec), "--root", str(tmp_path / "r"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    jobs = plan_jobs(SweepSpec.from_file(spec), tmp_path / "r")
+    assert len(lines) == len(jobs) == 8
+    for line, job in zip(lines, jobs, strict=True):
+        assert line.split() == ["todo", *job.label.split(), *job.hparams.split(), str(job.out)]
+    ends, drawn = 'modulation_ends="30%"', 'alpha=0.5 modulation_ends="30%"'
+    assert [j.hparams for j in jobs[:6]] == [ends, ends, drawn, drawn, "defaults", "defaults"]
+    # bench: every method with the adaptation on, and --trials like a sweep's.
+    assert main(["bench", "--trials", "2", "--seeds", "1", "--root", str(tmp_path / "b"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(TUNED) + 1 + 2
+    ogm = [line for line in lines if line.split()[1] == "ogm_ge"]
+    assert len(ogm) == 2 and all('modulation_ends="30%"' in line for line in ogm)
+    assert main(["sweep", "--methods", "ogm_ge", "--seeds", "1", "--adapt", "--root", str(tmp_path), "--dry-run"]) == 0
+    assert 'modulation_ends="30%"' in capsys.readouterr().out
+
+
+# Set by the protocol adaptation, never searched: a trial must not undo the benchmark's schedule.
+EPOCH_SCHEDULES = {
+    "modulation_starts", "modulation_ends", "reinit_epoch", "halve_every", "warmup", "super_epoch",
+    "epochs_per_stage", "correct_epoch", "starting_epoch",
+}  # fmt: skip
+# The methods whose only knobs besides their schedule are a few switches (grid points besides the defaults).
+SMALL_SPACES = {"gblending": 3, "mla": 7}
+
+
+@pytest.mark.parametrize("name", TUNED)
+def test_every_point_of_every_default_space_is_a_valid_setting(name: str) -> None:
+    cls = METHODS.get(name)
+    assert 1 <= len(cls.search) <= 3 and all(cls.search.values())
+    assert not set(cls.search) & (EPOCH_SCHEDULES | set(cls.adapted))
+    keys = sorted(cls.search)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(cls.search[k] for k in keys))]
+    for point in points:
+        for dataset in ("embedded", "embedded3"):
+            resolve_config(name, dataset, overrides={"method": point})
+        # Modality-count constraints are checked when the method is built around its model.
+        for modalities in (2, 3):
+            build_method(name, TinyDataset(modalities), **point)
+    default = cls.HParams()
+    distinct = {parse(cls.HParams, point, "method") for point in points} - {default}
+    assert len(distinct) == len(points) - (default in {parse(cls.HParams, p, "method") for p in points})
+    assert len(distinct) == SMALL_SPACES.get(name, len(distinct)) and (name in SMALL_SPACES or len(distinct) >= 8)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +175,10 @@ def test_trials_draw_the_same_number_per_method_reproducibly(tmp_path: Path) -> 
     [
         ({"method": ["baseline"]}, "unknown key 'method'"),
         ({"seeds": 0}, "seeds must be >= 1"),
-        ({"methods": ["ogm_ge"], "trials": 2}, "no search space for ogm_ge"),
+        ({"methods": ["ogm_ge"], "trials": 2, "search": {"ogm_ge": {}}}, "no search space for ogm_ge"),
+        ({"methods": ["ogm_ge"], "trials": 2, "search": {"nope": {"alpha": [0.3]}}}, "unknown method 'nope'"),
+        ({"methods": ["ogm_ge"], "trials": 2, "search": {"ogm_ge": {"alpha": [-1.0]}}}, "search.ogm_ge.alpha"),
+        ({"adapt": "yes"}, "adapt must be true or false"),
         ({"methods": ["ogm_ge"], "trials": 3, "search": {"ogm_ge": {"alpha": [0.1, 0.2]}}}, "has 1 points besides"),
         ({"methods": ["nope"]}, "unknown method 'nope'"),
     ],
@@ -80,13 +188,16 @@ def test_bad_sweeps_are_refused_with_one_clear_message(tmp_path: Path, raw: dict
         plan_jobs(SweepSpec.from_mapping(raw), tmp_path)
 
 
-def test_bench_is_every_method_baseline_and_unimodal_with_three_seeds(tmp_path: Path) -> None:
+def test_bench_is_every_method_three_trials_baseline_and_unimodal_with_three_seeds(tmp_path: Path) -> None:
     res = bmm("bench", "--root", str(tmp_path / "bench"), "--dry-run")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    expected = (len(list_methods()) - 1 + 2) * 3  # every method but unimodal, plus unimodal per modality
+    tuned = len(list_methods()) - 2  # every method but the references (baseline, unimodal)
+    expected = (tuned * 3 + 1 + 2) * 3  # 3 trials each, baseline, unimodal per modality; 3 seeds
     assert len(lines) == expected and all(line.startswith("todo") for line in lines)
-    assert sum("unimodal(visual)" in line for line in lines) == 3 and sum(" agm " in line for line in lines) == 3
+    assert sum("unimodal(visual)" in line for line in lines) == 3 and sum(" agm " in line for line in lines) == 9
+    # The protocol adaptation is on: relearning's period is a share of the protocol's 30 epochs.
+    assert all('reinit_epoch="22%"' in line for line in lines if " relearning " in line)
 
 
 def test_cli_reads_a_sweep_file_and_checks_its_keys(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ A sweep is described by a YAML file or the same keys on the command line::
     datasets: [embedded]
     seeds: 3                                # or an explicit list [0, 1, 2]
     trials: 1                               # hyper-parameter trials per method (the same for every method)
-    search:                                 # candidate values per method; trial 0 is always the defaults
-      ogm_ge: {alpha: [0.1, 0.3, 0.5]}
+    search:                                 # replaces a method's default space (its ``search``)
+      ogm_ge: {alpha: [0.1, 0.3, 0.5]}      # trial 0 is always the defaults
+    adapt: false                            # start every job from the method's ``adapted`` values
     sets: ["train.epochs=10"]               # protocol overrides, applied to every job alike
     probe: false                            # linear-probe each multimodal run's encoders (Fig. 2)
 
@@ -19,19 +20,21 @@ so a sweep finds its own finished jobs again and two sweeps over the same config
 Fairness (docs/protocol.md): every method on a dataset gets the same protocol (only ``method.*`` keys
 vary between jobs) and the same number of trials; trials beyond the defaults are drawn without
 replacement from the method's search grid with a seed fixed by the sweep, so the draw is reproducible.
+With ``adapt`` every job starts from the method's protocol adaptation (relative epoch schedules), so
+trial 0 is the adapted defaults and the draws are applied on top of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancemm.config import RunConfig, load_yaml, resolve_config
+from balancemm.config import RunConfig, load_yaml, parse, resolve_config, to_dict
 from balancemm.errors import ConfigError
 
 
@@ -52,6 +55,16 @@ class Job:
         modality = f"({hp['modality']})" if run.method == "unimodal" else ""
         return f"{run.method}{modality} {run.dataset} seed {run.seed}{extra}"
 
+    @property
+    def hparams(self) -> str:
+        """The method's settings that differ from its plain defaults (trial draws and adaptations alike),
+        as ``key=value`` in ``--set`` syntax, or ``defaults``."""
+        from balancemm.methods import METHODS
+
+        plain = to_dict(METHODS.get(self.config.run.method).HParams())
+        changed = {k: v for k, v in self.config.to_dict()["method"].items() if plain.get(k) != v}
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) or "defaults"
+
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -63,10 +76,11 @@ class SweepSpec:
     sets: tuple[str, ...] = ()
     draw_seed: int = 0  # seeds the draw of hyper-parameter trials
     probe: bool = False  # linear-probe every multimodal run's encoders when it finishes
+    adapt: bool = False  # every job starts from its method's ``adapted`` values (the benchmark's protocol)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "sweep") -> SweepSpec:
-        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed", "probe"}
+        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed", "probe", "adapt"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -99,6 +113,9 @@ class SweepSpec:
         sets = raw.get("sets", [])
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
             raise ConfigError(f"{where}.sets must be a list of 'key=value' strings")
+        adapt = raw.get("adapt", False)
+        if not isinstance(adapt, bool):
+            raise ConfigError(f"{where}.adapt must be true or false")
         return cls(
             names("methods", ("all",)),
             names("datasets", ("embedded",)),
@@ -108,6 +125,7 @@ class SweepSpec:
             tuple(sets),
             int(raw.get("draw_seed", 0)),
             bool(raw.get("probe", False)),
+            adapt,
         )
 
     @classmethod
@@ -116,29 +134,41 @@ class SweepSpec:
 
 
 def _trials(method: str, spec: SweepSpec) -> list[dict[str, Any]]:
-    """Hyper-parameter settings of one method: the defaults, then ``trials − 1`` draws from its grid."""
+    """``method.*`` overrides of one method's trials: its starting point (the defaults, or with ``adapt``
+    the adapted defaults), then ``trials − 1`` distinct draws from its search grid on top of it."""
+    from balancemm.methods import METHODS
+
+    cls = METHODS.get(method)
+    base = dict(cls.adapted) if spec.adapt else {}
     if spec.trials == 1:
-        return [{}]
-    space = spec.search.get(method)
+        return [base]
+    # Keys may be aliases (search.OGM); an unknown name is refused rather than silently left unused.
+    given = {METHODS.resolve(name): space for name, space in spec.search.items()}
+    space = given.get(method, cls.search)
     if not space:
         raise ConfigError(
             f"trials={spec.trials} but no search space for {method}: add search.{method} or use trials 1 "
             "(every method gets the same number of trials)"
         )
-    from balancemm.methods import METHODS
-
-    defaults = dataclasses.asdict(METHODS.get(method).HParams())
+    # Points are compared as parsed settings, so 1 and 1.0 (or a list and a tuple) are the same point;
+    # one equal to the starting point would repeat trial 0 (same config, same job): not a new trial.
+    start = parse(cls.HParams, base, "method")
     keys = sorted(space)
-    grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
-    # A point equal to the defaults would repeat trial 0 (same config, same job): not a new trial.
-    grid = [point for point in grid if any(defaults.get(k) != v for k, v in point.items())]
+    grid: list[dict[str, Any]] = []
+    seen = [start]
+    for values in itertools.product(*(space[k] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        hp = parse(cls.HParams, {**base, **point}, f"search.{method}")
+        if hp not in seen:
+            seen.append(hp)
+            grid.append(point)
     if len(grid) < spec.trials - 1:
         raise ConfigError(
-            f"search.{method} has {len(grid)} points besides the defaults, fewer than the {spec.trials - 1} "
-            "trials to draw"
+            f"the search space of {method} has {len(grid)} points besides the defaults, fewer than the "
+            f"{spec.trials - 1} trials to draw; give search.{method} more points or use fewer trials"
         )
     draw = random.Random(f"{spec.draw_seed}:{method}").sample(grid, spec.trials - 1)
-    return [{}, *draw]
+    return [base, *({**base, **point} for point in draw)]
 
 
 def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
