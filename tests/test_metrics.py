@@ -70,9 +70,22 @@ def test_accuracy_and_macro_f1_match_sklearn() -> None:
     for _ in range(10):
         label = torch.randint(0, 5, (50,), generator=g)
         pred = torch.where(torch.rand(50, generator=g) < 0.6, label, torch.randint(0, 5, (50,), generator=g))
-        cm = confusion_matrix(pred, label, 6)  # class 5 never occurs: must not count
+        cm = confusion_matrix(pred, label, 6)  # class 5 never occurs nor is predicted: it counts as F1 = 0
         assert accuracy(cm) == pytest.approx(float((pred == label).float().mean()))
-        assert macro_f1(cm) == pytest.approx(f1_score(label, pred, average="macro", zero_division=0))
+        expected = f1_score(label, pred, labels=range(6), average="macro", zero_division=0)
+        assert macro_f1(cm) == pytest.approx(expected)
+        assert macro_f1(cm) < f1_score(label, pred, average="macro", zero_division=0)  # present-only is higher
+
+
+def test_macro_f1_averages_over_every_class_of_the_dataset_by_hand() -> None:
+    # 3 classes; labels 0 0 1 1, predictions 0 1 1 1; class 2 neither occurs nor is predicted.
+    # F1_0 = 2·1/(2·1 + 0 + 1) = 2/3, F1_1 = 2·2/(2·2 + 1 + 0) = 4/5, F1_2 = 0 (no support, no prediction).
+    # Over all C = 3 classes (the paper's toolkit): (2/3 + 4/5 + 0)/3 = 22/45; over the classes present: 11/15.
+    cm = confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), 3)
+    assert macro_f1(cm) == pytest.approx(22 / 45, abs=1e-15)
+    # A class predicted but absent from the labels has F1 = 0 too (precision 0). Labels 0 0, predictions 0 2:
+    # F1_0 = 2·1/(2·1 + 0 + 1) = 2/3, F1_1 = 0 (absent), F1_2 = 0 (one false positive) → (2/3)/3 = 2/9.
+    assert macro_f1(confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, 0]), 3)) == pytest.approx(2 / 9, abs=1e-15)
 
 
 def test_flops_of_a_linear_layer_forward_and_backward() -> None:

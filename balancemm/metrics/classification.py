@@ -18,17 +18,16 @@ def accuracy(cm: Tensor) -> float:
 
 
 def macro_f1(cm: Tensor) -> float:
-    """Unweighted mean of per-class F1 over the classes present in the labels or the predictions.
+    """Unweighted mean of per-class F1 over all C classes of the dataset (``cm`` is ``[C, C]``).
 
-    This is scikit-learn's ``f1_score(average="macro")`` (with ``zero_division=0``): a class that
-    neither occurs nor is predicted does not drag the mean to 0.
+    A class that neither occurs nor is predicted counts as F1 = 0, as in the paper's toolkit
+    (BalanceBenchmark ``balancemm/evaluation/precisions.py`` 26–35, ``np.mean`` over every class) and in
+    scikit-learn's ``f1_score(labels=range(C), average="macro", zero_division=0)``. Averaging only over
+    the classes present (scikit-learn's default) gives a higher number whenever a split or subset lacks
+    a class, so the paper's figures could not be set beside ours.
     """
     cm = cm.double()
     tp = cm.diag()
-    support, predicted = cm.sum(1), cm.sum(0)
-    denom = support + predicted
-    seen = denom > 0
-    if not bool(seen.any()):
-        return 0.0
+    denom = cm.sum(1) + cm.sum(0)  # 2·TP + FP + FN per class
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
-    return float(f1[seen].mean())
+    return float(f1.mean())
