@@ -69,13 +69,16 @@ def make_run(
     train_time: float = 1.0,
     probe: dict[str, float] | None = None,
     legacy: bool = False,
+    input_imbalance: float | None = None,
+    mask: str = "feature",
 ) -> Path:
     """One run directory; ``val`` is the selection value, ``acc``/``f1`` the test accuracy/macro-F1 (fractions).
 
     The selected epoch is 0. ``predictions`` is the test predictions' SHA-256 (default ``sha(name)``),
     ``acted`` the epochs in which the method intervened, ``heads`` and ``jobs`` are
     ``per_modality_heads`` and ``concurrent_jobs``; ``probe`` ({modality: test accuracy}) writes probe.json;
-    ``legacy`` leaves out the fields that runs written before them lack.
+    ``legacy`` leaves out the fields that runs written before them lack; ``mask`` is the config's
+    model.mask, and ``input_imbalance`` writes ``shapley_by_mask`` with that imbalance under input masking.
     """
     hp = dict(hparams or {})
     mods = [hp["modality"]] if method == "unimodal" else ["audio", "visual"]
@@ -85,7 +88,7 @@ def make_run(
         "run": {"method": method, "dataset": "embedded", "seed": seed},
         "method": hp,
         "data": {"seed": 0},
-        "model": {"fusion": "concat"},
+        "model": {"fusion": "concat", **({"mask": mask} if mask != "feature" else {})},
         "train": train or TRAIN,
     }
     (d / "config.json").write_text(json.dumps({"config": config, "config_hash": name, "run_id": name}))
@@ -109,6 +112,10 @@ def make_run(
         summary["intervention"] = {"epochs": list(acted), "first": first, "before_selected": any(e <= 0 for e in acted)}
         summary["per_modality_heads"] = heads
         summary["concurrent_jobs"] = jobs
+    if input_imbalance is not None:
+        own = {k: summary[k] for k in ("shapley", "coalition_values", "imbalance")}
+        summary["shapley_mask"] = "feature"
+        summary["shapley_by_mask"] = {"feature": own, "input": {**own, "imbalance": input_imbalance}}
     (d / "summary.json").write_text(json.dumps(summary))
     if probe is not None:
         (d / "probe.json").write_text(
@@ -335,11 +342,12 @@ def test_runs_written_before_the_new_fields(tmp_path: Path) -> None:
 def test_cross_modal_heads_are_marked_and_replaced_by_the_probe(runs: Path) -> None:
     col = collect(runs)
     t = modality_table(col, "embedded")
-    assert t.columns == ["Method", "Acc audio", "Acc visual", "φ audio", "φ visual", "Imbalance", "n"]
+    assert t.columns == ["Method", "Acc audio", "Acc visual", "φ audio", "φ visual", "Imbalance (feature mask)",
+                         "Imbalance (input mask)", "n"]  # fmt: skip
     rows = _rows(t)
     # greedy's heads see both modalities: its probes (audio 0.50, 0.54; visual 0.30, 0.30) are shown, marked.
     assert rows["greedy"] == ["greedy", "52.00 ± 2.83 (probe) †", "30.00 ± 0.00 (probe) †", "34.50 ± 2.12",
-                              "23.00 ± 1.41", "20.00 ± 0.00", "2"]  # fmt: skip
+                              "23.00 ± 1.41", "20.00 ± 0.00", "–", "2"]  # fmt: skip
     assert rows["baseline"][1:3] == ["30.00 ± 0.00", "30.00 ± 0.00"]
     assert "† cross-modal per-modality heads" in t.note and "masked out of the mid-fusion" in t.note
     recs = {(r["row"], r["metric"]): r for r in t.records}
@@ -535,3 +543,15 @@ def test_html_renders_in_headless_chromium_with_its_inline_figures(report: Path,
     cmd = [browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", (report / "report.html").as_uri()]
     subprocess.run(cmd, capture_output=True, timeout=60)
     assert shot.is_file() and shot.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_imbalance_is_shown_under_both_masking_rules_and_old_runs_under_their_own(tmp_path: Path) -> None:
+    make_run(tmp_path, "b0", "baseline", 0, 0.5, 0.6, imbalance=0.2, input_imbalance=0.5)
+    make_run(tmp_path, "b1", "baseline", 1, 0.5, 0.6, imbalance=0.4, input_imbalance=0.7)
+    # Written before shapley_by_mask: their top-level numbers are under the config's model.mask.
+    make_run(tmp_path, "o0", "ogm_ge", 0, 0.5, 0.6, imbalance=0.3, mask="input")
+    make_run(tmp_path, "o1", "ogm_ge", 1, 0.5, 0.6, imbalance=0.1)
+    rows = _rows(modality_table(collect(tmp_path), "embedded"))
+    assert rows["baseline"][5:7] == ["30.00 ± 14.14", "60.00 ± 14.14"]
+    # One seed scored each rule: n = 1 per column, never the input-masked 0.3 shown as a feature-masked value.
+    assert rows["ogm_ge"][5:7] == ["10.00 ± 0.00", "30.00 ± 0.00"]

@@ -462,6 +462,7 @@ class Trainer:
             raise RuntimeError(f"{run.best} holds epoch {best['epoch']}, expected {self.best['epoch']}")
         method.load_state_dict(best["method"])
         test = evaluate(method, self._batches("test"), self.data.num_classes)
+        test["shapley_by_mask"] = self._shapley_by_mask(test)
         run.append_record(self._record("test", self.best["epoch"], test))
         subsets = {}
         for name, rows in self.data.eval_subsets("test").items():
@@ -469,6 +470,23 @@ class Trainer:
             scored = evaluate(method, batches, self.data.num_classes, shapley=False)
             subsets[name] = {k: scored[k] for k in ("num_samples", "accuracy", "macro_f1")}
         return test, subsets
+
+    def _shapley_by_mask(self, test: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Shapley values, coalition values and imbalance degree under both masking rules.
+
+        The run's own rule (``model.mask``, feature masking by default: one encoder pass per batch) is the
+        one validation and the top-level summary fields use. The paper's toolkit zeroes absent modalities'
+        *inputs* before the encoders, which can give a quite different imbalance degree, so the single test
+        evaluation scores that rule too and both can be set beside the paper's figures.
+        """
+        model, keys = self.method.model, ("shapley", "coalition_values", "imbalance")
+        out = {model.mask: {k: test[k] for k in keys}}
+        if len(model.modalities) > 1:  # one modality: no imbalance to compare
+            other = "input" if model.mask == "feature" else "feature"
+            with model.masking(other):
+                scored = evaluate(self.method, self._batches("test"), self.data.num_classes)
+            out[other] = {k: scored[k] for k in keys}
+        return dict(sorted(out.items()))
 
     def _summary(self, test: dict[str, Any], subsets: dict[str, Any]) -> dict[str, Any]:
         cfg, method = self.cfg, self.method
@@ -499,6 +517,8 @@ class Trainer:
             "shapley": test["shapley"],
             "coalition_values": test["coalition_values"],
             "imbalance": test["imbalance"],
+            "shapley_mask": method.model.mask,
+            "shapley_by_mask": test["shapley_by_mask"],
             "flops": self._flops(),
             "precision": {
                 "name": precision.name,

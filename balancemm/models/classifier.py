@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -173,6 +174,16 @@ class MultimodalClassifier(nn.Module):
             out = self(batch)
             logits = [out.logits if s == everything else self(batch.with_only(s)).logits for s in coalitions]
         return out, torch.stack(logits)
+
+    @contextmanager
+    def masking(self, mask: str) -> Iterator[None]:
+        """Inside, absent modalities are removed by ``mask`` (``"feature"`` or ``"input"``) instead of the
+        model's own rule: the test evaluation scores the Shapley values under both."""
+        old, self.mask = self.mask, mask
+        try:
+            yield
+        finally:
+            self.mask = old
 
     # -- parameter ownership ---------------------------------------------------------------------
 

@@ -246,6 +246,9 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         except (OSError, ValueError, KeyError) as exc:
             notes.append(f"skipped {d}: unreadable record ({exc})")
             continue
+        if isinstance(summary, dict) and "shapley_mask" not in summary and isinstance(config, dict):
+            # Runs written before the field existed scored Shapley values under their model.mask only.
+            summary["shapley_mask"] = (config.get("model") or {}).get("mask", "feature")
         runs.append(Run(d, config, summary, probe))
     if not runs:
         raise BalanceMMError(f"none of the {len(dirs)} run directories under {root} is finished (no done marker)")

@@ -126,8 +126,21 @@ def _modality_acc(m: str) -> Getter:
     return lambda s: float(s["test"]["per_modality"][m]["accuracy"])
 
 
-def _shapley(m: str) -> Getter:
-    return lambda s: float(s["shapley"][m])
+def _by_mask(mask: str, key: str) -> Callable[[dict[str, Any]], Any]:
+    """A summary's Shapley result ``key`` under masking rule ``mask``: from ``shapley_by_mask``, or for runs
+    written before it existed from the top-level fields when they used that rule (``shapley_mask``, which
+    collect.py fills in for such runs from their config's model.mask)."""
+
+    def get(s: dict[str, Any]) -> Any:
+        if "shapley_by_mask" in s:
+            return s["shapley_by_mask"][mask][key]
+        return s[key] if s.get("shapley_mask") == mask else None
+
+    return get
+
+
+def _shapley_under(mask: str, m: str) -> Getter:
+    return lambda s: float(_by_mask(mask, "shapley")(s)[m])
 
 
 def paired(a: Trial, b: Trial, get: Getter) -> tuple[list[int], PairedTest | None]:
@@ -373,7 +386,14 @@ def modality_table(col: Collection, dataset: str) -> Table:
     t = Table(
         f"modalities_{dataset}",
         f"Per-modality test accuracy, Shapley value φ and imbalance degree (%) on {dataset}",
-        ["Method", *(f"Acc {m}" for m in mods), *(f"φ {m}" for m in mods), "Imbalance", "n"],
+        [
+            "Method",
+            *(f"Acc {m}" for m in mods),
+            *(f"φ {m}" for m in mods),
+            "Imbalance (feature mask)",
+            "Imbalance (input mask)",
+            "n",
+        ],
     )
     crossed = probed_any = False
     for group, row in col.rows():
@@ -395,14 +415,18 @@ def modality_table(col: Collection, dataset: str) -> Table:
             else:
                 cells.append(Cell(f"{pct(head)} {CROSS}" if cross and head else pct(head)))
             crossed |= cross and head is not None
-        rest = [(f"shapley_{m}", trial.stat(_shapley(m))) for m in mods]
-        rest.append(("imbalance", trial.stat(lambda s: s["imbalance"])))
+        rest = [(f"shapley_{m}", trial.stat(_shapley_under("feature", m))) for m in mods]
+        rest.append(("imbalance", trial.stat(_by_mask("feature", "imbalance"))))
+        rest.append(("imbalance_input_mask", trial.stat(_by_mask("input", "imbalance"))))
         cells += [Cell(pct(s)) for _, s in rest]
         t.add([*cells, Cell(str(n))])
         t.records += [_record(dataset, group, row, name, s, trial) for name, s in rest if s]
     notes = [
         "Acc: each modality's own head inside the multimodal model (test.per_modality); φ: Shapley value of "
-        "the modality; n: seeds."
+        "the modality; n: seeds.",
+        "φ and Imbalance (feature mask): an absent modality's pooled feature is zeroed before fusion (BalanceMM's "
+        "default, one encoder pass per batch). Imbalance (input mask): its input is zeroed before the encoder, "
+        "as the paper's toolkit computes it (summary.shapley_by_mask; – for runs that did not score it).",
     ]
     if crossed:
         notes.append(_CROSS_NOTE)

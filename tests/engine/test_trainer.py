@@ -96,3 +96,30 @@ def test_bad_input_leaves_no_run_directory(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             balancemm.train(**kwargs, out=run)  # type: ignore[arg-type]
         assert not run.exists()
+
+
+def test_the_test_evaluation_scores_shapley_values_under_both_masking_rules(tmp_path: Path) -> None:
+    feature = balancemm.train("baseline", out=tmp_path / "f", sets=["train.epochs=2"])
+    # Training never masks a modality here, so a run whose own rule is input masking trains the same model.
+    inputs = balancemm.train("baseline", out=tmp_path / "i", sets=["train.epochs=2", "model.mask=input"])
+    assert feature["test"]["accuracy"] == inputs["test"]["accuracy"]
+    assert feature["shapley_mask"] == "feature" and inputs["shapley_mask"] == "input"
+    for s in (feature, inputs):
+        assert set(s["shapley_by_mask"]) == {"feature", "input"}
+        own = s["shapley_by_mask"][s["shapley_mask"]]
+        assert own == {k: s[k] for k in ("shapley", "coalition_values", "imbalance")}
+    # Each rule, computed once as the run's own and once as the other, gives the same numbers.
+    assert feature["shapley_by_mask"]["input"] == inputs["shapley_by_mask"]["input"]
+    assert inputs["shapley_by_mask"]["feature"] == feature["shapley_by_mask"]["feature"]
+    # The rules differ (the zeroed input still passes through the encoder and its BatchNorm) ...
+    assert feature["shapley_by_mask"]["input"]["coalition_values"] != feature["coalition_values"]
+    # ... and each still satisfies efficiency: Σ φ = v(M) − v(∅).
+    by_input = feature["shapley_by_mask"]["input"]
+    assert sum(by_input["shapley"].values()) == pytest.approx(
+        by_input["coalition_values"]["audio+visual"] - by_input["coalition_values"]["empty"]
+    )
+
+
+def test_a_single_modality_run_has_only_its_own_rule(tmp_path: Path) -> None:
+    s = balancemm.train("unimodal", out=tmp_path / "u", sets=["train.epochs=1", "method.modality=audio"])
+    assert list(s["shapley_by_mask"]) == ["feature"] and s["shapley_by_mask"]["feature"]["imbalance"] is None
