@@ -2,8 +2,7 @@
 
 Li, Li, Jiang, Zhang, Tian, Cao. "Boosting Multi-modal Model Performance with Adaptive Gradient
 Modulation." ICCV 2023. Official code: Lingy12/AGM_ICCV2023 (``run/CREMAD_main.py``,
-``model/CREMAD_net.py``; ``URFunny_*`` for three modalities), which this follows
-(specs/methods-optim-forward-data.md §2).
+``model/CREMAD_net.py``; ``URFunny_*`` for three modalities), which this follows.
 
 Idea: split the fused output into one "mono-modal output" per modality with a Shapley decomposition
 over zero-padded inputs; compare each modality's current loss with its long-run level and rescale the
@@ -24,7 +23,9 @@ Per step (hook ``forward``, the coalition passes inside the phase ``agm/coalitio
    step's update: S̄_m ← S̄_m (t−1)/t + s_m/t.
 5. c_m = exp(α · min(r*_m − r_m, κ)).
 6. In the modulation window the loss is CE(Σ_m [c_m o_m + (1 − c_m) sg(o_m)], y): the value is
-   CE(f(M), y) and ∂L/∂o_m is multiplied by c_m (the official backward hook on o_m).
+   CE(f(M), y) and ∂L/∂o_m is multiplied by c_m (the official backward hook on o_m). The c_m last
+   applied are kept in a buffer; after the window ``after_window`` says whether they go on scaling
+   ∂L/∂o_m (``frozen``, the official code) or training is plain CE (``plain``).
 Hook ``after_backward``: if any entry of the fusion head's weight gradient leaves [−θ, θ], clip the
 norm of all gradients to ``clip_norm`` (the official AGM rule).
 
@@ -35,19 +36,28 @@ Deviations from the paper/official code:
     evaluated per coalition. Values and gradients are the official ones (the official code re-runs
     every encoder for every coalition, the all-zero one included: 2^|M| full passes);
     ``passes=official`` runs those passes, for the official cost (``benchmarks/agm_step.py``).
-  * After the modulation window the coefficients are never used again, so the coalition passes stop
-    and training is plain CE (the official code keeps computing them); before and inside the window
-    they run every step, because the running averages need every iteration.
+  * After the modulation window training is plain CE and the coalition passes stop
+    (``after_window="plain"``, the default). The official code goes on scaling ∂L/∂o_m by the last
+    in-window coefficients: its backward hooks on o_m stay registered and keep multiplying by
+    ``scale_a``/``scale_v`` (``model/CREMAD_net.py`` 39–55), which only ``update_scale`` changes, and
+    that is called inside the window only (``run/CREMAD_main.py`` 159–166); its "normal" branch after
+    the window (232) backpropagates through the same hooked outputs, so the coalition passes and the
+    running averages also go on. ``after_window="frozen"`` does exactly that, with the frozen
+    coefficients in a buffer (1 when the window never ran, as the official initial scale).
+  * Epochs count from 0 here and from 1 in the official loop (``run/CREMAD_main.py`` 611 and 635),
+    which modulates when ``modulation_starts ≤ epoch ≤ modulation_ends`` (159): its default 0..20
+    covers its epochs 1..20, twenty epochs. The default ``modulation_ends`` is therefore 19, the
+    same twenty epochs (0..19 here); an official window (s, e) is (max(s − 1, 0), e − 1) here.
   * Three or more modalities use the general Shapley formula with the |M|/(|M|−1) factor, as the
     official URFunny code does for three.
-Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug (spec §2.6):
+Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug:
   * the ratios keep the official sign exp(·(s̄ − s_m)); BalanceMM flips it, so it boosts the modality
     that is ahead (its two-modality coefficients are ours with the modalities swapped);
   * the S = ∅ Shapley term is kept (BalanceMM drops it);
   * the padded passes carry gradients and the coefficients reshape the gradient through o_m;
     BalanceMM runs them without gradients and scales encoder weight gradients after the fact;
-  * defaults are the official ones (α 1.0, κ 10, window 0–20, clip 1/1); BalanceMM uses α 0.1, κ 7,
-    window 0–80, clip 5/5.
+  * defaults are the official ones (α 1.0, κ 10, the official 20-epoch window, clip 1/1); BalanceMM
+    uses α 0.1, κ 7, window 0–80, clip 5/5.
 """
 
 from __future__ import annotations
@@ -72,12 +82,16 @@ class AGMHParams:
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # α; official --alpha 1.0 (README AV-MNIST 2.5); BMM 0.1
     kappa: float | None = field(default=10.0, metadata=rng(gt=0))  # κ: 10 CREMA-D, 7 URFunny, null MOSEI; BMM 7
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 0)
-    modulation_ends: EpochValue = field(default=20, metadata=epoch_meta())  # last modulated epoch, inclusive (BMM 80)
+    # last modulated epoch, 0-based, inclusive; official 20 counts from 1, i.e. 19 here (BMM 80)
+    modulation_ends: EpochValue = field(default=19, metadata=epoch_meta())
     clip_threshold: float = field(default=1.0, metadata=rng(ge=0))  # θ, fusion-weight grad bound (BMM 5); 0 = no clip
     clip_norm: float = field(default=1.0, metadata=rng(gt=0))  # max_norm of the clip (BMM 5)
     # "shared": each encoder runs once per input kind, same values and gradients as "official":
     # one full zero-padded pass per coalition, the all-zero one included (the official cost)
     passes: Literal["shared", "official"] = "shared"
+    # after modulation_ends: "plain" CE without coalition passes (the default here) | "frozen": the
+    # last in-window c_m keep scaling ∂L/∂o_m (official: its gradient hooks stay registered)
+    after_window: Literal["plain", "frozen"] = "plain"
 
     def _validate(self, path: str) -> None:
         window_order(self.modulation_starts, self.modulation_ends, path)
@@ -132,21 +146,31 @@ class AGM(Method):
     }
     running: Tensor  # [M] S̄_m, running mean of s_m over every iteration
     iteration: Tensor  # t, iterations seen (a buffer, so resume continues the averages)
+    coefficients: Tensor  # [M] c_m of the last modulated step, 1 before it (frozen after the window)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("running", torch.zeros(len(self.model.modalities)))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("coefficients", torch.ones(len(self.model.modalities)))
+
+    def modulates(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) is in the modulation window, where fresh coefficients are applied."""
+        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
 
     def acts_in(self, epoch: int) -> bool:
-        return self.within(epoch, self.hp.modulation_starts, self.hp.modulation_ends)
+        hp = self.hp
+        # Frozen coefficients act until the end of training, unless the window is empty: they stay 1.
+        if hp.after_window == "frozen" and self.epoch_of(hp.modulation_starts) <= self.epoch_of(hp.modulation_ends):
+            return self.within(epoch, hp.modulation_starts)
+        return self.modulates(epoch)
 
     def forward(self, batch: Batch) -> ModelOutput:
         hp, ctx, model = self.hp, self.ctx, self.model
         mods = model.modalities
         features = model.encode(batch)
         full = model.fuse(features)
-        if ctx.epoch > self.epoch_of(hp.modulation_ends):
+        if hp.after_window == "plain" and ctx.epoch > self.epoch_of(hp.modulation_ends):
             return ModelOutput(full, features, {})
         with ctx.phase("agm/coalitions"), ctx.eval_mode(model, grad=True):
             partial = [s for s in coalitions(mods, include_empty=hp.passes == "official") if len(s) < len(mods)]
@@ -160,14 +184,15 @@ class AGM(Method):
         outputs = mono_outputs(fused, mods)
         with torch.no_grad():
             scores = agm_scores(outputs, batch.label)
-            coeffs = agm_coefficients(scores, self.running, hp.alpha, hp.kappa)
+            if self.modulates(ctx.epoch):
+                self.coefficients.copy_(agm_coefficients(scores, self.running, hp.alpha, hp.kappa))
             self.iteration += 1
             t = self.iteration.item()
             self.running.mul_((t - 1) / t).add_(scores / t)
         ctx.log(**{f"agm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
         if self.acts_in(ctx.epoch):
-            ctx.log(**{f"agm/c_{m}": c for m, c in zip(mods, coeffs, strict=True)})
-            logits = modulated_sum(outputs, coeffs)
+            ctx.log(**{f"agm/c_{m}": c for m, c in zip(mods, self.coefficients, strict=True)})
+            logits = modulated_sum(outputs, self.coefficients)
         else:
             logits = torch.stack(list(outputs.values())).sum(0)
         return ModelOutput(logits, features, outputs)

@@ -1,4 +1,4 @@
-"""AGM against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §2.7)."""
+"""AGM against hand-computed numbers from the official code (Lingy12/AGM_ICCV2023)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import balancemm.methods.agm as agm_module
 from balancemm.data.batch import Batch
-from balancemm.methods import RunContext, create_method
-from balancemm.methods.agm import agm_coefficients, agm_scores, modulated_sum, mono_outputs, zero_padded
+from balancemm.methods import Method, RunContext, create_method
+from balancemm.methods.agm import (
+    AGMHParams,
+    agm_coefficients,
+    agm_scores,
+    modulated_sum,
+    mono_outputs,
+    zero_padded,
+)
 from balancemm.metrics.shapley import shapley_values
-from tests.conftest import TinyDataset, first_batch, tiny_model
+from tests.conftest import TinyDataset, build_method, first_batch, tiny_model
 
 A, V, AV = frozenset("a"), frozenset("v"), frozenset("av")
 
@@ -120,7 +128,7 @@ def test_shared_passes_give_the_official_passes_values_and_gradients(num_modalit
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_equal_coefficients_scale_the_plain_gradient(num_modalities: int) -> None:
     # With c_m = c for all m the padded passes get zero gradient, so every parameter's gradient is
-    # c × the gradient of plain CE(f(M), y) (spec §2.7's hook test).
+    # c × the gradient of plain CE(f(M), y).
     method, batch = _method(num_modalities)
     model = method.model
     o = method.forward(batch).unimodal_logits
@@ -166,3 +174,115 @@ def test_clip_rule_follows_the_fusion_weight_gradient() -> None:
     method.after_backward(None, batch)  # type: ignore[arg-type]
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     assert total.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def _step(method: Method, epoch: int, batch: Batch) -> dict[str, torch.Tensor]:
+    """One training step's forward and backward in ``epoch``: every parameter's gradient, by name."""
+    method.ctx.epoch = epoch
+    method.zero_grad()
+    out = method.forward(batch)
+    method.backward(method.losses(out, batch))
+    return {n: p.grad.clone() for n, p in method.model.named_parameters() if p.grad is not None}
+
+
+def _plain_gradients(method: Method, batch: Batch) -> dict[str, torch.Tensor]:
+    model = method.model
+    model.zero_grad()
+    F.cross_entropy(model(batch).logits, batch.label).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_frozen_keeps_scaling_by_the_last_in_window_coefficients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The official hooks on o_m keep the scale of the window's last step (model/CREMAD_net.py 39–55,
+    # run/CREMAD_main.py 159–166 and 232). Scores are fixed so that the coefficients are known:
+    #   epoch 0 (in the window, first iteration, S̄ = 0 so r* = 1), s = (1, 2), α = 0.1:
+    #     r_a = exp(2·(1.5 − 1)) = e, r_v = exp(2·(1.5 − 2)) = 1/e,
+    #     c_a = exp(0.1·(1 − e)) = exp(−0.1718282) = 0.842124, c_v = exp(0.1·(1 − 1/e)) = 1.065253.
+    #   epoch 1 (after the window), s = (2, 1): fresh coefficients would be c_a = exp(0.1·(e − 1/e))
+    #     = 1.264960 and c_v = exp(−0.1·(e − 1/e)) = 0.790539 (S̄ = (1, 2)); the official code keeps
+    #     0.842124 and 1.065253.
+    # The fusion head's output bias is added to every coalition's logits, so its gradient is
+    # Σ_S ∂L/∂f(S) = [½(c_a + c_v) + ½(c_a − c_v) + ½(c_v − c_a)]·g = ½(c_a + c_v)·g, g the plain
+    # CE gradient: 0.953688 × the plain bias gradient (fresh coefficients: 1.027749; plain CE: 1).
+    scores = iter([torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])])
+    monkeypatch.setattr(agm_module, "agm_scores", lambda outputs, label: next(scores))
+    data = TinyDataset()
+    method = build_method("agm", data, alpha=0.1, modulation_ends=0, after_window="frozen")
+    batch = first_batch(data)
+    _step(method, 0, batch)
+    assert method.coefficients.tolist() == pytest.approx([0.842124, 1.065253], abs=1e-6)
+    method.ctx.pop_logs()
+    grads = _step(method, 1, batch)
+    assert method.coefficients.tolist() == pytest.approx([0.842124, 1.065253], abs=1e-6)
+    assert float(method.ctx.pop_logs()["agm/c_visual"]) == pytest.approx(1.065253, abs=1e-6)
+    assert method.iteration.item() == 2  # the coalition passes and running averages go on
+    plain = _plain_gradients(method, batch)["fusion.fc_out.bias"]
+    torch.testing.assert_close(grads["fusion.fc_out.bias"], 0.953688 * plain, rtol=1e-5, atol=1e-7)
+
+
+def test_default_trains_plain_cross_entropy_after_the_window() -> None:
+    assert AGMHParams().after_window == "plain"
+    data = TinyDataset()
+    method = build_method("agm", data, modulation_ends=0)
+    batch = first_batch(data)
+    _step(method, 0, batch)
+    modulated = method.coefficients.clone()
+    grads = _step(method, 1, batch)
+    assert method.iteration.item() == 1 and torch.equal(method.coefficients, modulated)
+    for name, g in _plain_gradients(method, batch).items():
+        torch.testing.assert_close(grads[name], g, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("hp", "active"),
+    [
+        ({"modulation_starts": 1, "modulation_ends": 2}, {1, 2}),
+        ({"modulation_starts": 1, "modulation_ends": 2, "after_window": "frozen"}, {1, 2, 3, 4, 5}),
+        # "50%" of 6 is 3 > 2: the window is empty, the coefficients stay 1 and never act
+        ({"modulation_starts": "50%", "modulation_ends": 2, "after_window": "frozen"}, set()),
+    ],
+)
+def test_frozen_coefficients_act_to_the_end_unless_the_window_is_empty(hp: dict[str, object], active: set[int]) -> None:
+    method = build_method("agm", TinyDataset(), **hp)
+    method.ctx.num_epochs = 6
+    assert {e for e in range(6) if method.acts_in(e)} == active
+
+
+def test_an_empty_window_leaves_frozen_training_plain() -> None:
+    data = TinyDataset()
+    method = build_method("agm", data, modulation_starts="50%", modulation_ends=1, after_window="frozen")
+    method.ctx.num_epochs = 4
+    batch = first_batch(data)
+    grads = _step(method, 3, batch)
+    assert method.coefficients.tolist() == [1.0, 1.0] and "agm/c_audio" not in method.ctx.pop_logs()
+    for name, g in _plain_gradients(method, batch).items():
+        torch.testing.assert_close(grads[name], g, msg=name)
+
+
+def test_frozen_coefficients_are_checkpointed() -> None:
+    data = TinyDataset()
+    batch = first_batch(data)
+    method = build_method("agm", data, modulation_ends=0, after_window="frozen")
+    _step(method, 0, batch)
+    resumed = build_method("agm", data, modulation_ends=0, after_window="frozen")
+    resumed.load_state_dict(method.state_dict())
+    assert not torch.equal(method.coefficients, torch.ones(2))
+    assert torch.equal(resumed.coefficients, method.coefficients)
+    after, after_resumed = _step(method, 1, batch), _step(resumed, 1, batch)
+    for name, g in after.items():
+        torch.testing.assert_close(after_resumed[name], g, msg=name)
+
+
+def test_default_window_is_the_official_twenty_epochs() -> None:
+    # The official loop runs epochs 1..EPOCHS (run/CREMAD_main.py 611, 635) and modulates when
+    # 0 ≤ epoch ≤ 20 (159): epochs 1, 2, …, 20, twenty of them, which are 0, 1, …, 19 counted from 0.
+    data = TinyDataset()
+    method = build_method("agm", data)
+    method.ctx.num_epochs = 30
+    assert {e for e in range(30) if method.acts_in(e)} == set(range(20))
+    batch = first_batch(data)
+    for epoch, modulated in ((19, True), (20, False)):
+        method.ctx.epoch = epoch
+        out = method.forward(batch)
+        assert ("agm/c_audio" in method.ctx.pop_logs()) == modulated
+        assert bool(out.unimodal_logits) == modulated
