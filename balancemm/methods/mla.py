@@ -21,12 +21,17 @@ Per batch (hatch ``training_step``), with every encoder run once, h_m = φ_m(x_m
             P ← P − (k kᵀ) ⊘ (α_gs + k r)      denominator "elementwise" (as coded officially; k r is d×d)
             P ← P / ‖P‖_F
             ∇W ← ∇W Pᵀ                         mode "replace" (official);  ∇W ← ∇W + ∇W Pᵀ  mode "add" (BalanceMM)
-        optimiser step, gradients zeroed
+        optimiser step; gradients cleared (``zero_grad=none``) or zero-filled (``zeros``)
+    after the loop, every gradient cleared (the official code deletes them)
 P starts as I_d and is shared by all modalities and epochs, never reset (a buffer, like the count of
 updates). The bias b is not projected. H is applied to h_m only after the previous modality's step,
-so each loss sees the current head; each encoder's graph is used by exactly one backward, and the
-gradients are zeroed (set to None) by every step, so a modality's step moves only φ_m and H (with
-momentum too: the optimisers skip parameters without a gradient).
+so each loss sees the current head, and each encoder's graph is used by exactly one backward.
+With ``zero_grad=none`` (default) every step sets the gradients to None, so a modality's step moves
+only φ_m and H (with momentum too: the optimisers skip parameters without a gradient). With ``zeros``
+the parameters that held a gradient keep a zero one until the end of the batch, as the official
+code's torch 1.8.1 did: in the step of the k-th modality, the encoders of modalities 1 … k−1 get no
+gradient but still a step of the optimiser, from its momentum and weight decay alone (SGD:
+buf ← μ buf + λθ, θ ← θ − η buf).
 
 Prediction (``predict``), with z_m = H(h_m) ``[B, C]``:
     e_m = −Σ_c p_m log p_m,  p_m = softmax(z_m)   per sample
@@ -55,6 +60,14 @@ Deviations from the paper/official code:
     index restarts at every epoch (``on_epoch_start``), as the official loader's does.
   * Absent modalities get zero fusion weight (the official code never masks modalities); fixed weights
     are renormalised over the present modalities (they already sum to 1 when all are present).
+  * Gradients are cleared after each modality's step by default (``zero_grad=none``). The official code
+    pins torch 1.8.1 (``requirements.txt`` line 57), whose ``optimizer.zero_grad()`` (``main.py`` 440,
+    452, 464) fills the gradients with zeros instead; it deletes them only after the last modality
+    (``main.py`` 468–470). So SGD (momentum 0.9, weight decay 1e-4, ``main.py`` 749) moves the first
+    modality's encoder again in the second (and third) modality's step, and the second's in the third,
+    from the first batch on (the momentum buffer was made by the encoder's own step just before); H
+    gets a true gradient in every step and is not affected. ``zero_grad=zeros`` reproduces this through
+    the run's optimiser, whichever it is.
 Deviations from BalanceMM (``MLA_trainer.py``):
   * ``gs_mode=replace``: BalanceMM adds the projected gradient to the raw one (g + g Pᵀ).
   * One encoder pass per batch (BalanceMM's single forward is the same); no ``modulation_starts/ends``
@@ -76,6 +89,7 @@ from torch import Tensor, nn
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
+from balancemm.methods.context import RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.models.fusions.shared import SharedHeadFusion
 from balancemm.registry import METHODS
@@ -92,6 +106,9 @@ class MLAHParams:
     fusion: Literal["entropy", "fixed"] = "entropy"  # test-time fusion; official: fixed unless --dynamic; BMM entropy
     # Fixed weights in sorted modality order (fusion=fixed); null = official (0.5/0.5; audio .35, visual .25, text .4).
     fixed_weights: tuple[float, ...] | None = None
+    # After each modality's step but the last: official (torch 1.8.1) "zeros", so momentum and weight decay move
+    # the encoders trained earlier in the batch; BMM (torch 2) and here "none", gradients cleared.
+    zero_grad: Literal["none", "zeros"] = "none"
 
     def _validate(self, path: str) -> None:
         if self.fixed_weights is not None and (min(self.fixed_weights) < 0 or sum(self.fixed_weights) <= 0):
@@ -126,6 +143,25 @@ def project(grad: Tensor, p: Tensor, mode: str = "replace") -> Tensor:
     """``[C, d]`` gradient of H's weight after projection: g Pᵀ (replace) or g + g Pᵀ (add)."""
     projected = grad @ p.T
     return projected if mode == "replace" else grad + projected
+
+
+def optimizer_step(ctx: RunContext, zero_grad: str = "none") -> None:
+    """``ctx.optimizer_step()`` of the run's optimiser, whose gradients are then None or zero-filled.
+
+    ``zero_grad="zeros"`` is ``optimizer.zero_grad()`` of torch < 2.0: every parameter of the optimiser
+    that held a gradient keeps a zero one, so the next step still applies its momentum and weight decay
+    (SGD and Adam skip only the parameters whose gradient is None). It holds after a step skipped for an
+    fp16 overflow as well, as ``zero_grad()`` follows the step whether the loss scaler took it or not.
+    """
+    optimizer = ctx.optimizer
+    held = (
+        [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if zero_grad == "zeros" and optimizer is not None
+        else []
+    )
+    ctx.optimizer_step()
+    for p in held:
+        p.grad = torch.zeros_like(p)
 
 
 def entropy_weights(logits: Tensor) -> Tensor:
@@ -233,6 +269,7 @@ class MLA(Method):
             features = model.encode(batch)
         unimodal: dict[str, Tensor] = {}
         losses: dict[str, Tensor] = {}
+        last = model.modalities[-1]
         for m in model.modalities:
             with ctx.hook_phase("forward"):
                 z = model.unimodal({m: features[m]})[m]
@@ -244,7 +281,9 @@ class MLA(Method):
             with ctx.phase("mla/gs"):
                 self._gradient_step(features[m].detach(), alpha)
             with ctx.hook_phase("optimizer_step"):
-                ctx.optimizer_step()
+                # The official code deletes every gradient after the last modality (main.py 468-470). Zero
+                # gradients kept into the next batch would also step encoders whose backward is still to come.
+                optimizer_step(ctx, self.hp.zero_grad if m != last else "none")
             unimodal[m], losses[f"uni_{m}"] = z.detach(), loss.detach()
         self._batch_idx += 1
         with torch.no_grad():

@@ -9,14 +9,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import balancemm.methods.mla as mla
 from balancemm.config import EncoderConfig
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
+from balancemm.methods import RunContext
 from balancemm.models import build_model
 from balancemm.models.encoders.cnn import CompactCNNOptions
+from balancemm.precision import Precision
 from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec
 
 # -- the spec's numbers ------------------------------------------------------------------------------
@@ -177,8 +179,9 @@ def test_without_the_projection_gradients_are_plain() -> None:
     assert torch.equal(method.projector, torch.eye(method.projector.shape[0]))
 
 
-def test_each_modality_step_moves_only_its_encoder_and_the_head(tiny: TinyDataset) -> None:
+def test_by_default_each_modality_step_moves_only_its_encoder_and_the_head(tiny: TinyDataset) -> None:
     method = _build(tiny)
+    assert method.hp.zero_grad == "none"
     records = _recording(method)
     method.on_epoch_start(0)
     for batch in method.ctx.batches("train", shuffle=True):  # several batches: momentum buffers everywhere
@@ -191,6 +194,69 @@ def test_each_modality_step_moves_only_its_encoder_and_the_head(tiny: TinyDatase
         allowed = {n for n in record.after if n.startswith((f"model.encoders.{m}.", "model.fusion.head."))}
         assert changed <= allowed, (m, changed - allowed)
         assert {"model.fusion.head.weight", "model.fusion.head.bias"} <= changed
+    assert all(p.grad is None for p in method.parameters())
+
+
+# -- zero_grad: torch >= 2 clears the gradients, the official torch 1.8.1 zero-fills them -----------------
+
+
+@pytest.mark.parametrize(("zero_grad", "held", "audio_after"), [("none", [], 1.6), ("zeros", ["a", "h"], 1.16)])
+def test_zero_grad_by_hand(zero_grad: str, held: list[str], audio_after: float) -> None:
+    # Encoders a = v = 2 and the shared head h = 1; SGD η = 0.1, μ = 0.9, λ = 0.5: d = g + λθ, buf ← μ buf + d
+    # (buf = d at a parameter's first step), θ ← θ − η buf.
+    # Audio step, L = 3a + h:   a: d = 3 + 1 = 4 = buf, a = 2 − 0.4 = 1.6;  h: d = 1 + 0.5 = 1.5 = buf, h = 0.85.
+    # Visual step, L = v + 2h:  v: d = 1 + 1 = 2 = buf, v = 2 − 0.2 = 1.8;
+    #   h: d = 2 + 0.425 = 2.425, buf = 1.35 + 2.425 = 3.775, h = 0.85 − 0.3775 = 0.4725;
+    #   a, none: no gradient, SGD skips it: 1.6;
+    #   a, zeros: g = 0, d = 0 + 0.8, buf = 0.9·4 + 0.8 = 4.4, a = 1.6 − 0.44 = 1.16.
+    params = {n: nn.Parameter(torch.tensor(x, dtype=torch.float64)) for n, x in (("a", 2.0), ("v", 2.0), ("h", 1.0))}
+    a, v, h = params.values()
+    ctx = RunContext(("audio", "visual"))
+    ctx.attach_optimizer(torch.optim.SGD([a, v, h], lr=0.1, momentum=0.9, weight_decay=0.5))
+    ctx.backward(3 * a + h)
+    mla.optimizer_step(ctx, zero_grad)
+    assert [n for n, p in params.items() if p.grad is not None] == held
+    assert all(float(p.grad) == 0.0 for p in params.values() if p.grad is not None)
+    ctx.backward(v + 2 * h)
+    mla.optimizer_step(ctx, zero_grad)
+    assert [a.item(), v.item(), h.item()] == pytest.approx([audio_after, 1.8, 0.4725], abs=1e-12)
+
+
+def test_zero_filled_gradients_move_the_earlier_encoders_within_a_batch(tiny: TinyDataset) -> None:
+    method = _build(tiny, zero_grad="zeros")
+    records = _recording(method)
+    method.on_epoch_start(0)
+    batches = iter(method.ctx.batches("train", shuffle=True))
+    method.training_step(next(batches))
+    mods = method.model.modalities
+    names = {m: [n for n in records[0].after if n.startswith(f"model.encoders.{m}.")] for m in mods}
+    for i, m in enumerate(mods):
+        for record in records[:i]:  # before its own step: no gradient yet
+            assert all(torch.equal(record.after[n], record.before[n]) for n in names[m])
+        # An encoder's first step makes its momentum buffer, buf = g (the test recipe has no weight decay);
+        # k steps later, with a zero gradient, buf = μ^k g, so it moves by 0.9^k times its own first step.
+        own = {n: records[i].after[n] - records[i].before[n] for n in names[m]}
+        for k, record in enumerate(records[i + 1 :], 1):
+            for n in names[m]:
+                torch.testing.assert_close(record.after[n] - record.before[n], 0.9**k * own[n], rtol=1e-4, atol=1e-6)
+            assert any(not torch.equal(record.after[n], record.before[n]) for n in names[m])
+    # Deleted after the last modality (official main.py 468-470): in the next batch's first step, the encoders
+    # that have momentum but no gradient do not move.
+    assert all(p.grad is None for p in method.parameters())
+    method.training_step(next(batches))
+    first = records[len(mods)]
+    changed = {n for n, p in first.after.items() if not torch.equal(p, first.before[n])}
+    assert changed <= {*names[mods[0]], "model.fusion.head.weight", "model.fusion.head.bias"}
+
+
+def test_zero_filled_gradients_follow_a_step_skipped_for_fp16_overflow() -> None:
+    a = nn.Parameter(torch.tensor(1.0))
+    ctx = RunContext(("audio",), precision=Precision("fp16", "cpu", init_scale=2.0**120))
+    ctx.attach_optimizer(torch.optim.SGD([a], lr=0.1, momentum=0.9))
+    ctx.backward(1e3 * a)  # the scaled gradient 1e3 · 2^120 overflows float32
+    mla.optimizer_step(ctx, "zeros")
+    assert ctx.precision.skipped == 1 and a.item() == 1.0
+    assert a.grad is not None and a.grad.item() == 0.0
 
 
 def test_alpha_schedule_counts_batches_per_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
