@@ -1,8 +1,7 @@
 """ReconBoost: modality reconcilement by alternating boosting.
 
 Hua, Xu, Bao, Yang, Huang. "ReconBoost: Boosting Can Achieve Modality Reconcilement." ICML 2024.
-Official code: huacong/ReconBoost (``train.py``, ``models/dynamic_net.py``), which this follows
-(specs/methods-optim-forward-data.md §5).
+Official code: huacong/ReconBoost @ 14ab57ac26 (``train.py``, ``models/dynamic_net.py``), which this follows.
 
 Idea: train the modalities in turn, like gradient boosting. Each modality's learner is
 f_m(x_m) = H(φ_m(x_m)) with one head H shared by all learners; the ensemble is F = β_b·Σ_m f_m with a
@@ -15,7 +14,7 @@ m = modalities[s mod |M|] round robin:
 
 1. Boosting (phase ``reconboost/boost``), ``epochs_per_stage`` passes over the training split with a
    fresh optimiser (the protocol's recipe at its current learning rate) over φ_m and H:
-       P_i = softmax(F_{−m}(x_i)),   F_{−m} = β_b·Σ_{j ∈ E, j ≠ m} f_j   (no gradient)
+       P_i = softmax(F_{−m}(x_i)),   F_{−m} = β_b·Σ_{j ∈ E, j ≠ m} f_j   (no gradient, train mode)
        ℓ = (1/B) Σ_i (w1 − w2·P_i(y_i))/C · CE(f_m(x_i), y_i)
    plus the official "GA" term α·MSE(sg softmax(f_m), sg softmax(f_{m'})) with m' the previous stage's
    modality, for s > 0. Both arguments are detached in the official code, so it adds no gradient; it is
@@ -26,17 +25,33 @@ m = modalities[s mod |M|] round robin:
 
 Prediction is F = β_b·Σ_{m ∈ E} f_m over the learners whose modality is present.
 
+Pre-trained learners (``pretrained``, the official README's ``--use_pretrain``) enter E before stage 0
+with the encoders of the toolkit's ``unimodal`` runs. Until its own first stage such a learner predicts
+through its unimodal run's classifier, frozen (``pretrained_head=own``, the official behaviour): the
+official code loads whole unimodal models, ``fc`` included (``train.py`` 103–107, 243–246), swaps the
+shared head into a learner only when that learner's stage begins (``model.fc = net_ensemble.head``,
+``train.py`` 287–288), and its rectification optimiser skips every parameter named ``fc``
+(``models/dynamic_net.py`` 64), so at stage 0 the other learner's F_{−m} term, its rectification term and
+the stage-0 evaluation all use its own pre-trained ``fc``, which no optimiser updates.
+
 Deviations from the paper/official code:
   * When E holds no other learner (stage 0 without pre-training) the official F_{−m} is a random
     constant c0 whose softmax over a single column is 1, so P_i(y_i) = 1; we use 1 directly.
-  * The GA partner's logits are taken from the F_{−m} pass when the partner is in the ensemble, instead
-    of a second forward of the same learner (same values; GA has no gradient either way).
+  * The GA partner's logits are taken from the F_{−m} pass (``partner_pass=reuse``, the default). The
+    official code runs the partner a second time, in train mode, after the current learner
+    (``train.py`` 348, all learners put in train mode at 298): the logits are the same (BatchNorm
+    normalises with batch statistics in train mode, and nothing has stepped in between), but each
+    BatchNorm of the partner updates its running mean and variance twice per step with the same batch,
+    so they forget earlier batches at rate (1 − momentum)² per step instead of (1 − momentum), and
+    ``num_batches_tracked`` counts two per step. An encoder with dropout would also draw a second mask
+    (a different GA value, no gradient either way). ``partner_pass=again`` reproduces the second pass
+    (with ``ga_weight=0`` neither setting runs it; the official code still does with ``--alpha 0``).
   * Stage learning rates follow the protocol's schedule (``ctx.lr``), and the optimiser is the
     protocol's (the official code: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, ×0.1 every 30 stages).
-  * Pre-trained learners (official README: ``--use_pretrain`` with unimodal checkpoints) are the
-    toolkit's ``unimodal`` runs with the same protocol and seed, declared as artifacts and counted
-    apart from this run's FLOPs; only their encoders are loaded (the official code, too, replaces each
-    learner's ``fc`` with the fresh shared head).
+  * Pre-trained learners are the toolkit's ``unimodal`` runs with the same protocol and seed, declared
+    as artifacts and counted apart from this run's FLOPs. Their "own classifier" is the unimodal run's
+    fusion head on its single modality (a Linear for the protocols' concatenation fusion, as the
+    official ``fc``). ``pretrained_head=shared`` instead uses H for every learner from the start.
   * The user's ``model.fusion`` is replaced by the shared head (``fusion=shared``): ReconBoost has no
     fusion module.
 Deviations from BalanceMM (``ReconBoost_trainer.py``):
@@ -44,14 +59,16 @@ Deviations from BalanceMM (``ReconBoost_trainer.py``):
     makes P nearly uniform), the MLP head 256 (BalanceMM a single Linear, ``head_hidden=0``), pre-trained
     learners (BalanceMM none, ``pretrained=false``);
   * fresh optimisers per stage (BalanceMM: one persistent AdamW for everything);
-  * the ensemble starts empty or pre-trained; BalanceMM's F_{−m} at stage 0 comes from untrained learners.
+  * the ensemble starts empty or pre-trained; BalanceMM's F_{−m} at stage 0 comes from untrained learners;
+  * BalanceMM, too, runs the GA partner a second time in train mode (``ReconBoost_trainer.py`` 343);
+    here that is ``partner_pass=again``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +91,12 @@ class ReconBoostHParams:
     boost_rate: float = 1.0  # initial learnable β_b; BMM 0.01
     head_hidden: int = field(default=256, metadata=rng(ge=0))  # shared head Linear→ReLU→Linear; 0 = Linear (BMM)
     pretrained: bool = True  # start from unimodal runs (README --use_pretrain); BMM false
+    # what a pre-trained learner predicts through until its first stage: "own" = its unimodal run's
+    # classifier, frozen (original: its pre-trained fc, train.py 287–288); "shared" = H (BMM: no pre-training)
+    pretrained_head: Literal["own", "shared"] = "own"
+    # the GA partner's logits: "reuse" the F_{−m} pass (default) | "again" = a second train-mode forward that
+    # moves its BatchNorm running statistics a second time (original train.py 348; BMM the same)
+    partner_pass: Literal["reuse", "again"] = "reuse"
 
 
 def boosting_loss(logits: Tensor, label: Tensor, p_true: Tensor, w1: float, w2: float) -> Tensor:
@@ -98,11 +121,16 @@ class ReconBoost(Method):
         "w2": [0.5, 1.0, 2.0],
     }
     members: Tensor  # [M] bool: which modalities' learners are in the ensemble
+    own_head: Tensor  # [M] bool: which learners still predict through their unimodal run's classifier
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.boost_rate = nn.Parameter(torch.tensor(float(self.hp.boost_rate)))
         self.register_buffer("members", torch.zeros(len(self.model.modalities), dtype=torch.bool))
+        self.register_buffer("own_head", torch.zeros(len(self.model.modalities), dtype=torch.bool))
+        # A plain dict, not a ModuleDict: the frozen unimodal runs stay out of the method's parameters
+        # and checkpoints; the trainer serves them again before a resumed run loads its state.
+        self.teachers: dict[str, MultimodalClassifier] = {}
 
     @classmethod
     def needs_for(cls, hp: Any) -> Needs:
@@ -118,13 +146,22 @@ class ReconBoost(Method):
         for m in self.model.modalities:
             teacher = cast(MultimodalClassifier, self.ctx.artifact("unimodal", m))
             self.model.encoders[m].load_state_dict(teacher.encoders[m].state_dict())
+            self.teachers[m] = teacher
         self.members.fill_(True)
+        self.own_head.fill_(self.hp.pretrained_head == "own")
 
     # -- the learners ------------------------------------------------------------------------------
 
     def learners(self, batch: Batch, modalities: Iterable[str]) -> dict[str, Tensor]:
-        """f_j(x_j) = H(φ_j(x_j)) ``{j: [B, C]}`` for the given modalities."""
-        return self.model.unimodal(self.model.encode(batch, only=modalities))
+        """f_j(x_j) ``{j: [B, C]}`` for the given modalities."""
+        return self._heads(self.model.encode(batch, only=modalities))
+
+    def _heads(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{j: [B, C]}`` from features ``{j: [B, d]}``: H(h_j), or the unimodal run's classifier for a
+        pre-trained learner whose first stage has not begun."""
+        own = {m for m, k in zip(self.model.modalities, self.own_head.tolist(), strict=True) if k}
+        shared = self.model.unimodal({m: h for m, h in features.items() if m not in own})
+        return {m: self.teachers[m].fuse({m: h}) if m in own else shared[m] for m, h in features.items()}
 
     def _in_ensemble(self, exclude: str | None = None) -> list[str]:
         keep = self.members.tolist()
@@ -136,6 +173,8 @@ class ReconBoost(Method):
         mods = self.model.modalities
         current = mods[epoch % len(mods)]
         partner = mods[(epoch - 1) % len(mods)] if epoch > 0 and self.hp.ga_weight > 0 else None
+        # Officially H is swapped into a learner when its stage begins (train.py 287–288), not before.
+        self.own_head[mods.index(current)] = False
         with self.ctx.phase("reconboost/boost"):
             self._boost(current, partner, batches)
         self.members[mods.index(current)] = True
@@ -154,9 +193,10 @@ class ReconBoost(Method):
         optimizer = ctx.new_optimizer(params, lr=ctx.lr)
         for batch in self._passes(hp.epochs_per_stage, batches):
             with ctx.counted_step(len(batch)):
+                # In train mode, as the official ensemble pass: BatchNorm normalises with the batch's
+                # statistics and updates its running ones.
                 with torch.no_grad():
-                    extra = [partner] if partner is not None and partner not in others else []
-                    fixed = self.learners(batch, [*others, *extra])
+                    fixed = self.learners(batch, others)
                     if others:
                         ensemble = self.boost_rate * torch.stack([fixed[j] for j in others]).sum(0)
                         p_true = ensemble.softmax(1).gather(1, batch.label[:, None]).squeeze(1)
@@ -165,6 +205,9 @@ class ReconBoost(Method):
                 logits = self.learners(batch, [current])[current]
                 terms = {"boost": boosting_loss(logits, batch.label, p_true, hp.w1, hp.w2)}
                 if partner is not None:
+                    if hp.partner_pass == "again" or partner not in fixed:
+                        with torch.no_grad():  # train mode on purpose: the official second pass
+                            fixed[partner] = self.learners(batch, [partner])[partner]
                     terms["ga"] = ga_term(logits, fixed[partner], hp.ga_weight)
                 ctx.check_finite(terms)
                 ctx.backward(terms["boost"])  # the GA term has no gradient (both sides detached)
@@ -188,7 +231,7 @@ class ReconBoost(Method):
     def predict(self, batch: Batch) -> ModelOutput:
         model = self.model
         features = model.apply_mask(model.encode(batch), batch.present, batch.modalities)
-        parts = model.unimodal(features)
+        parts = self._heads(features)
         # Only learners in the ensemble and modalities present in the sample vote.
         weight = batch.present.to(self.boost_rate.dtype) * self.members.to(self.boost_rate.dtype)
         votes = torch.stack([weight[:, i, None] * parts[m] for i, m in enumerate(model.modalities)])
