@@ -10,7 +10,8 @@ samples, so the fusion head has to use the others; the drop probability grows wi
 confident the dominant modality's own logits are.
 
 Per step (hook ``forward``), with z_m = W_m h_m + b/M the modality's slice of the concat head,
-computed without gradient from the features before any drop:
+computed from the features before any drop with W and b held constant (and without any gradient
+unless ``score_gradient="official"``, step 6):
 
 1. score        s_m = Σ_i softmax(z_m)_i[y_i]                      (a sum over the batch)
 2. ratio        ρ_m = s_m / mean_{j≠m} s_j                         (M = 2: ρ_a = s_a/s_v, ρ_v = 1/ρ_a)
@@ -21,6 +22,9 @@ computed without gradient from the features before any drop:
                 h̃_{m,i} = κ_{m,i}·h_{m,i} / (1 − θ)                (the same 1/(1 − θ) on every modality)
                 kept rows: Σ_m κ_{m,i} > 0
 5. z = fusion(h̃), and (hook ``losses``) L = CE(z, y) over the kept rows only.
+6. ``score_gradient="official"`` only, executed drops only: L += ½θ² (term ``half_theta_sq``), with θ
+   a function of the features h_m through steps 1–4. Its gradient θ·∇θ is what the official code
+   adds to the encoders (see the deviations).
 
 Only the dominant modality gets q > 0, and q jumps from 0 to q_base as soon as ρ > 1. Only the fused
 loss is trained; the step's ``unimodal_logits`` are the no-grad slices of the features before the
@@ -38,7 +42,8 @@ which every row was dropped would give the loss 0 with zero gradients (the offic
 batch: ``continue`` before ``optimizer.step``).
 
 Logged per step: ``opm/s_<m>`` always; in modulated epochs ``opm/q_<m>`` and ``opm/executed``; on
-executed steps ``opm/theta`` and ``opm/kept`` (share of rows kept).
+executed steps ``opm/theta`` and ``opm/kept`` (share of rows kept), and the loss term
+``half_theta_sq`` with ``score_gradient="official"``.
 
 Deviations from the paper/official code:
   * The fused logits are computed on every row and the dropped rows are left out of the loss (the
@@ -48,9 +53,22 @@ Deviations from the paper/official code:
     gradients (momentum and weight decay act); the official code skips the step. Unreachable with
     score-derived probabilities (see above).
   * θ uses the encoders' real feature sizes d_m; the official ``cfg.d`` is hard-coded to [512, 512].
-  * Scores are computed vectorised (a gather) from the slices under ``no_grad``; the official code
-    uses detached weight copies and a per-sample loop (same values). They are clamped at 1e-12
-    before dividing, so an underflowed score cannot produce NaN.
+  * Scores are computed vectorised (a gather) where the official code loops over the samples (same
+    values). They are clamped at 1e-12 before dividing, so an underflowed score cannot produce NaN.
+  * By default (``score_gradient="none"``) the scores carry no gradient. The official ones do: its
+    unimodal logits multiply the live pooled features by detached copies of the head's weight and
+    bias (``Classifier.py`` 112–113, 139–143), ``calcu_q`` writes q into a tensor that keeps the graph
+    (58–72) and ``execute_drop`` builds θ from q (39–41), so θ depends on every modality's features
+    (ρ compares the scores). θ then enters ``custom_autograd`` (49), whose backward returns θ itself
+    as θ's gradient (21), independent of the loss. Every executed drop thus adds θ·∇θ = ∇(½θ²) to the
+    encoders of all modalities through their pre-drop features, and nothing to the head (its copies
+    are detached): a few per cent of the CE gradient. Warm-up epochs (``calcu_q`` is not called,
+    145) and batches whose drop is not executed (``execute_drop`` returns before θ, 34–36) get none;
+    nor does a step with θ = 0 (a tie) or with the dominant q clipped above 1 (the clip passes no
+    gradient there). ``score_gradient="official"`` reproduces it with the loss term ½θ², same θ,
+    same graph (the head held constant), taken through the loss so that fp16 loss scaling covers it;
+    like the CE, it is left out of a batch in which every row was dropped (the official code skips
+    that batch).
   * Random numbers come from the run's generators (the official code mixes numpy and torch RNGs): the
     per-batch coin from the host one (``ctx.generator``), κ from the one on the model's device
     (``ctx.device_generator``).
@@ -59,11 +77,14 @@ Deviations from BalanceMM (``OPM_trainer.py``):
     lacks (``modulation_starts=0`` reproduces it).
   * Outside the modulated epochs the plain CE is trained (BalanceMM does no backward there, §0.2).
   * Three or more modalities: the mean of the others by default (``ratio_to=sum`` is BalanceMM's rule).
+  * BalanceMM's scores use the live head weights and it divides by 1 − θ + 1e-5 with θ still in the
+    graph, so its CE differentiates through θ into the encoders and the head (a third behaviour, not
+    offered; its HEAD does not run this code, see ``Unimodality_Calculate``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
@@ -77,6 +98,7 @@ from balancemm.errors import ConfigError
 from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
+from balancemm.models.fusions.concat import ConcatFusion
 from balancemm.registry import FUSIONS, METHODS
 
 
@@ -87,6 +109,9 @@ class OPMHParams:
     p_exe: float = field(default=0.7, metadata=rng(ge=0, le=1))  # drop executed on this share of batches (BMM 0.7)
     modulation_starts: EpochValue = field(default=6, metadata=epoch_meta())  # official: epochs 0–5 warm-up (BMM 0)
     ratio_to: Literal["mean", "sum"] = "mean"  # M ≥ 3: ρ_m = s_m / mean_{j≠m} s_j | / Σ_{j≠m} s_j (BMM)
+    # Gradient of executed drops through the scores: "none" | "official": + ∇½θ² to the encoders, as the
+    # official θ backward returns θ (Classifier.py 21); BMM: CE's own ∂/∂θ via 1/(1 − θ) (not offered)
+    score_gradient: Literal["none", "official"] = "none"
 
 
 def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: str = "mean") -> Tensor:
@@ -102,6 +127,29 @@ def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: 
         others = others / (s.numel() - 1)
     r = torch.tanh(torch.relu(s / others - 1))
     return torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r)).clamp(0, 1)
+
+
+def drop_rate(q: Tensor, dims: Sequence[int]) -> Tensor:
+    """θ = Σ_m d_m q_m / Σ_m d_m, a 0-dim tensor from drop probabilities q ``[M]`` and feature sizes d_m.
+
+    Differentiable in q: with ``score_gradient="official"`` the gradient of ½θ² is taken through it.
+    """
+    # The widths d_m, each filled in where q lives: a tensor made from a Python list would be copied.
+    d = torch.stack([q.new_full((), n) for n in dims])
+    return (d * q).sum() / d.sum()
+
+
+def frozen_head_slices(fusion: ConcatFusion, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The concat head's per-modality logits W_m h_m + b/M ``{m: [B, C]}`` with W and b held constant.
+
+    The same values as ``fusion.slice(features)``, but a gradient reaches the features ``{m: [B, d_m]}``
+    only, never the head: the official scores use detached copies of the head's weight and bias
+    (``Classifier.py`` 112–113) and the live features (139–143).
+    """
+    weight = fusion.fc_out.weight.detach()
+    bias = fusion.fc_out.bias.detach() / len(fusion.modalities)
+    blocks = weight.split([fusion.dims[m] for m in fusion.modalities], dim=1)
+    return {m: features[m] @ w.t() + bias for m, w in zip(fusion.modalities, blocks, strict=True)}
 
 
 def drop_features(
@@ -120,9 +168,7 @@ def drop_features(
         least one modality, and θ = Σ_m d_m q_m / Σ_m d_m.
     """
     first = next(iter(features.values()))
-    # The widths d_m, each filled in where q lives: a tensor made from a Python list would be copied.
-    dims = torch.stack([q.new_full((), h.shape[1]) for h in features.values()])
-    theta = float((dims * q).sum() / dims.sum())
+    theta = float(drop_rate(q, [h.shape[1] for h in features.values()]))
     # κ ~ Bernoulli(1 − q): u < 1 − q with u uniform on [0, 1), drawn on the features' device.
     keep = torch.rand(first.shape[0], len(features), generator=generator, dtype=q.dtype, device=first.device) < (1 - q)
     # θ = 1 only if every q is 1, and then every κ is 0: nothing is left to rescale.
@@ -148,9 +194,12 @@ class OPM(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # The rows the last forward kept (None: it dropped nothing, every row counts); ``losses``
-        # reads it. Transient, not a buffer: it only passes from one hook to the next in a step.
+        # The rows the last forward kept (None: it dropped nothing, every row counts) and, with
+        # ``score_gradient="official"``, its θ with a gradient to the encoders (None: no drop or no
+        # such gradient); ``losses`` reads both. Transient, not buffers: they only pass from one hook
+        # to the next in a step.
         self.kept: Tensor | None = None
+        self.theta: Tensor | None = None
 
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
@@ -171,25 +220,39 @@ class OPM(Method):
         hp, ctx, model = self.hp, self.ctx, self.model
         mods = model.modalities
         features = model.apply_mask(model.encode(batch), batch.present, batch.modalities)
-        with torch.no_grad():
-            unimodal = model.unimodal(features)
-            scores = torch.stack(
+        acts = self.acts_in(ctx.epoch)
+        # The scores keep a graph to the features only where an executed drop may use it (below).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and acts and hp.score_gradient == "official"):
+            unimodal = frozen_head_slices(self.fusion, features)
+            live_scores = torch.stack(
                 [torch.softmax(unimodal[m], dim=1).gather(1, batch.label[:, None]).sum() for m in mods]
             )
+        scores = live_scores.detach()
         ctx.log(**{f"opm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
-        self.kept = None
-        if self.acts_in(ctx.epoch):
+        self.kept, self.theta = None, None
+        if acts:
             q = opm_drop_probabilities(scores, hp.q_base, hp.lam, hp.ratio_to)
             # A host decision: drawn on the host generator and read there, so nothing is copied.
             execute = bool(torch.rand((), generator=ctx.generator) < hp.p_exe)
             ctx.log(**{f"opm/q_{m}": v for m, v in zip(mods, q, strict=True)})
             ctx.log(**{"opm/executed": float(execute)})
             if execute:
+                if live_scores.requires_grad:
+                    # The same θ, differentiable through the scores (see ``losses``).
+                    live_q = opm_drop_probabilities(live_scores, hp.q_base, hp.lam, hp.ratio_to)
+                    self.theta = drop_rate(live_q, [features[m].shape[1] for m in mods])
                 features, kept, theta = drop_features(features, q, ctx.device_generator)
                 self.kept = kept
                 ctx.log(**{"opm/theta": theta})
                 ctx.log(**{"opm/kept": kept.float().mean()})
-        return ModelOutput(model.fuse(features), features, unimodal)
+        return ModelOutput(model.fuse(features), features, {m: z.detach() for m, z in unimodal.items()})
+
+    @property
+    def fusion(self) -> ConcatFusion:
+        """The model's concat head (``model_spec`` admits no other)."""
+        fusion = self.model.fusion
+        assert isinstance(fusion, ConcatFusion)
+        return fusion
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         if self.kept is None:
@@ -197,4 +260,10 @@ class OPM(Method):
         per_row = F.cross_entropy(out.logits, batch.label, reduction="none")
         kept = self.kept.to(per_row.dtype)
         # Mean over the kept rows; with none kept the loss is 0 and every gradient is zero.
-        return {"ce": (per_row * kept).sum() / kept.sum().clamp(min=1)}
+        terms = {"ce": (per_row * kept).sum() / kept.sum().clamp(min=1)}
+        if self.theta is not None:
+            # The official θ backward returns θ itself as θ's gradient, whatever the loss: the gradient
+            # of ½θ², which this term adds through the loss (so loss scaling covers it). It is dropped
+            # with the batch when no row is kept, as the official code skips that batch.
+            terms["half_theta_sq"] = (0.5 * self.theta.square()).to(per_row.dtype) * kept.amax()  # amax: any kept
+        return terms

@@ -14,7 +14,8 @@ over the first ⌊N_batches·f⌋ (at least 1) batches of a shuffled pass over t
 f = ``proto_fraction`` = 1/10,
 
     c_{m,k} = mean of h_m over the sampled rows with label k                        [C, d_m]
-    c_m ← (1 − μ)·c_m^new + μ·c_m^old        from the second computation of a class on.
+    c_m ← (1 − μ)·c_m^new + μ·c_m^old        from the second computation of a class on
+                                             (``momentum_from="third"``: not before epoch 2).
 
 The official code computes them before epoch 0 and after every epoch; computing them at the start of
 every epoch is the same sequence. They are buffers, so checkpoints and resume carry them.
@@ -42,10 +43,15 @@ step, ``pmr/classes_sampled`` each prototype pass.
 Deviations from the paper/official code:
   * A class absent from the prototype sample keeps its previous prototype (the zero vector if it was
     never seen); the official code divides by its zero count and the prototype becomes NaN. Momentum
-    applies per class from that class's second measurement on; with every class present (the usual
-    case) this is the official rule.
-  * The official ``epoch <= 0`` test also skips momentum in the recomputation after epoch 0, so its
-    momentum starts with the third computation; here it starts with the second (the spec's reading).
+    applies per class from that class's second measurement on (and, with ``momentum_from="third"``,
+    not before epoch 2); with every class present (the usual case) this is the epoch rule below.
+  * By default momentum starts with the second computation, the one at the start of epoch 1. The
+    official code skips it while ``epoch <= 0`` (``main_Prototype_grad.py`` 435), ``epoch`` being the
+    epoch that just ended: ``main`` sets it to 0 for the computation before training (532–539), and
+    the training loop's counter, which it receives after epoch 0 (541, 557), is 0 too. So the official
+    recomputation after epoch 0 is also left unblended and its momentum starts with the third
+    computation. ``momentum_from="third"`` reproduces that: the computation at the start of epoch 1
+    takes the class means as they are, and blending starts at the start of epoch 2.
   * Distances, scores and class means are vectorised (``torch.cdist``, a gather, ``index_add_``) rather
     than the official per-sample Python loops; same values. ``cdist`` always uses its matrix-product
     form (‖h‖² + ‖c‖² − 2h·c, clamped at 1e-30 before the square root), whatever the batch size.
@@ -58,7 +64,9 @@ Deviations from BalanceMM (``PMR_trainer.py``):
   * Its ≥3-modality branch is not PMR (no prototype loss; OGM-GE-style gradient scaling
     k_m = 1 − tanh(η·s^p_m / min_j s^p_j) with Gaussian noise on every non-1-D weight); it is not
     implemented, the natural extension above is used instead and η does not exist here.
-  * Defaults are the official ones (α = 1.0, μ = 0.2, window 0–100; BalanceMM 0.6, 0.5, 0–80).
+  * Defaults are the official ones (α = 1.0, μ = 0.2, window 0–100; BalanceMM 0.6, 0.5, 0–80), except
+    ``momentum_from``: BalanceMM's ``current_epoch <= 0`` test runs at the start of each epoch
+    (``PMR_trainer.py`` 241), so its momentum starts with the second computation, as here by default.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +96,9 @@ class PMRHParams:
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with PCE, 0-based (BMM 0)
     modulation_ends: EpochValue = field(default=100, metadata=epoch_meta())  # last epoch with PCE, inclusive (BMM 80)
     proto_fraction: float = field(default=0.1, metadata=rng(gt=0, le=1))  # share of train batches; ⌊N/10⌋ (BMM same)
+    # The computation that first blends in the old prototypes (the one before epoch 0 is the first); official
+    # "third" (`epoch <= 0`, main_Prototype_grad.py 435, also catches the call after epoch 0), BMM "second"
+    momentum_from: Literal["second", "third"] = "second"
 
     def _validate(self, path: str) -> None:
         window_order(self.modulation_starts, self.modulation_ends, path)
@@ -156,11 +167,12 @@ class PMR(Method):
 
     def on_epoch_start(self, epoch: int) -> SamplePlan | None:
         with self.ctx.phase("pmr/prototypes"):
-            self.compute_prototypes()
+            self.compute_prototypes(epoch)
         return None
 
-    def compute_prototypes(self) -> None:
-        """Class means of the pooled features over a shuffled fraction of the training batches."""
+    def compute_prototypes(self, epoch: int) -> None:
+        """Class means of the pooled features over a shuffled fraction of the training batches, the
+        computation at the start of ``epoch`` (0-based)."""
         ctx, model = self.ctx, self.model
         batches = ctx.batches("train", shuffle=True)
         take = max(math.floor(len(batches) * self.hp.proto_fraction), 1)
@@ -172,9 +184,13 @@ class PMR(Method):
                 for m, h in features.items():
                     sums[m].index_add_(0, batch.label, h.to(sums[m].dtype))
                 counts += torch.bincount(batch.label, minlength=counts.numel())
+        blend = self.seen
+        if self.hp.momentum_from == "third" and epoch < 2:
+            # The official recomputation after epoch 0 (here: at the start of epoch 1) is unblended.
+            blend = torch.zeros_like(self.seen)
         for m in model.modalities:
             old = self.prototypes(m)
-            old.copy_(update_prototypes(old, sums[m], counts, self.seen, self.hp.momentum_coef))
+            old.copy_(update_prototypes(old, sums[m], counts, blend, self.hp.momentum_coef))
         self.seen |= counts > 0
         ctx.log(**{"pmr/classes_sampled": (counts > 0).sum()})
 

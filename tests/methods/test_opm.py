@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 import balancemm.methods.opm  # noqa: F401  (registers "opm")
 from balancemm.errors import ConfigError
-from balancemm.methods.opm import OPM, OPMHParams, drop_features, opm_drop_probabilities
+from balancemm.methods.opm import OPM, OPMHParams, drop_features, frozen_head_slices, opm_drop_probabilities
+from balancemm.models.classifier import ModelOutput
+from balancemm.precision import Precision
 from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec
 
 
@@ -142,6 +145,12 @@ def test_a_batch_with_every_row_dropped_gives_a_zero_loss_and_zero_gradients() -
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or not bool(p.grad.any()) for p in method.model.parameters())
+    # score_gradient="official": the ½θ² term goes with the batch, as the official code skips it
+    theta = torch.tensor(0.4, requires_grad=True)
+    method.theta = theta
+    extra = method.losses(model_out, batch)["half_theta_sq"]
+    extra.backward()
+    assert extra.item() == 0.0 and theta.grad is not None and theta.grad.item() == 0.0
 
 
 def test_some_rows_lose_every_modality_when_all_are_dropped() -> None:
@@ -190,7 +199,134 @@ def test_three_modalities_train_and_log_every_probability(tiny: TinyDataset) -> 
     assert min(logs[f"opm/q_{m}"] for m in tiny.modalities) == 0.0  # the weakest is never dropped
 
 
+# -- the gradient through the scores (score_gradient) --------------------------------------------
+
+
+def _hand_case(**hp: Any) -> tuple[OPM, dict[str, torch.Tensor], dict[str, torch.Tensor], ModelOutput]:
+    """One executed step on one sample of class 0, 2 classes, d = 6 per modality, with hand-set features
+    h_a = (ln 3, 0, …), h_v = 0 and a head whose only non-zero weights are W[0, a_0] = W[0, v_0] = 1.
+    Returns the method, the feature leaves (their ``.grad`` filled), the loss terms and the output."""
+    data = TinyDataset(num_classes=2)
+    method = _method(data, p_exe=1.0, modulation_starts=0, **hp)
+    fc = method.fusion.fc_out
+    assert method.fusion.dims == {"audio": 6, "visual": 6}
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.weight[0, 0] = fc.weight[0, 6] = 1.0
+    h = {"audio": torch.zeros(1, 6), "visual": torch.zeros(1, 6)}
+    h["audio"][0, 0] = math.log(3)
+    leaves = {m: v.requires_grad_() for m, v in h.items()}
+    method.model.encode = lambda batch, only=None: dict(leaves)  # type: ignore[method-assign]
+    batch = first_batch(data, n=1)
+    assert batch.label.tolist() == [0]
+    out = method.forward(batch)
+    losses = method.losses(out, batch)
+    method.backward(losses)
+    return method, leaves, losses, out
+
+
+def test_official_score_gradient_adds_the_gradient_of_half_theta_squared() -> None:
+    # Classifier.py 21 returns θ as θ's gradient, so each executed drop adds θ·∇θ = ∇(½θ²), θ taken through
+    # the scores of the live features with the head constant. By hand (t = tanh 0.5 = 0.462117):
+    #   z_a = (ln 3, 0) → s_a = 3/4;  z_v = (0, 0) → s_v = 1/2;  ρ_a = 1.5, ρ_v = 2/3
+    #   q_a = 0.5·(1 + 0.5·t) = 0.615529, q_v = 0;  θ = 6·q_a/12 = 0.307765;  ½θ² = 0.047360
+    #   ∂q_a/∂ρ_a = 0.5·0.5·(1 − t²) = 0.196612;  ∂ρ_a/∂s_a = 1/s_v = 2;  ∂ρ_a/∂s_v = −s_a/s_v² = −3
+    #   ∂s_a/∂h_a,0 = s_a(1 − s_a)·(W[0,a_0] − W[1,a_0]) = 0.1875;  ∂s_v/∂h_v,0 = 0.25
+    #   ∂θ/∂h_a,0 = ½·0.196612·2·0.1875 = 0.036865;  ∂θ/∂h_v,0 = ½·0.196612·(−3)·0.25 = −0.073729
+    #   extra gradient: h_a,0: 0.307765·0.036865 = 0.011346;  h_v,0: 0.307765·(−0.073729) = −0.022691
+    # Every other coordinate meets only zero weights, and the head gets nothing (its weights are constants).
+    official, h, losses, _ = _hand_case(score_gradient="official")
+    plain, h0, losses0, _ = _hand_case()
+    assert official.ctx.pop_logs()["opm/theta"] == pytest.approx(0.307765, abs=1e-6)
+    assert set(losses) == {"ce", "half_theta_sq"} and set(losses0) == {"ce"}
+    assert losses["half_theta_sq"].item() == pytest.approx(0.047360, abs=1e-6)
+    assert torch.equal(losses["ce"], losses0["ce"])  # the same κ from the same run generator
+    expected = {m: torch.zeros(1, 6) for m in h}
+    expected["audio"][0, 0], expected["visual"][0, 0] = 0.011346, -0.022691
+    for m in h:
+        assert h[m].grad is not None and h0[m].grad is not None
+        torch.testing.assert_close(h[m].grad - h0[m].grad, expected[m], rtol=0, atol=2e-6)
+    for p, p0 in zip(official.model.head_parameters(), plain.model.head_parameters(), strict=True):
+        assert p.grad is not None and p0.grad is not None and torch.equal(p.grad, p0.grad)
+
+
+def test_by_default_an_executed_drop_trains_the_cross_entropy_only() -> None:
+    # The same case without the extra term: h̃ = κ·h/(1 − θ) with 1/(1 − θ) = 1.444595, z_0 = h̃_a,0 + h̃_v,0
+    # = κ_a·ln 3·1.444595, z_1 = 0, so ∂CE/∂h_m,0 = (σ(z_0) − 1)·κ_m·1.444595 (κ_v = 1: q_v = 0):
+    #   κ_a = 1: σ(1.587050) = 0.830201 → h_a,0: −0.245291, h_v,0: −0.245291
+    #   κ_a = 0: σ(0) = 0.5               → h_a,0: 0,         h_v,0: −0.722298
+    method, h, losses, out = _hand_case()
+    assert method.hp.score_gradient == "none" and method.theta is None and set(losses) == {"ce"}
+    kappa_a = bool(out.features["audio"][0, 0] != 0)
+    grad = {"audio": -0.245291 if kappa_a else 0.0, "visual": -0.245291 if kappa_a else -0.722298}
+    for m in h:
+        expected = torch.zeros(1, 6)
+        expected[0, 0] = grad[m]
+        assert h[m].grad is not None
+        torch.testing.assert_close(h[m].grad, expected, rtol=0, atol=2e-6)
+    assert out.unimodal_logits["audio"][0].tolist() == pytest.approx([math.log(3), 0.0])
+
+
+def test_official_score_gradient_only_on_executed_drops_in_modulated_epochs() -> None:
+    data = TinyDataset()
+    batch = first_batch(data)
+    skipped = _method(data, score_gradient="official", p_exe=0.0, modulation_starts=0)
+    out = skipped.forward(batch)
+    assert skipped.theta is None and set(skipped.losses(out, batch)) == {"ce"}
+    assert not out.unimodal_logits["audio"].requires_grad
+    method = _method(data, score_gradient="official", p_exe=1.0)
+    method.ctx.epoch = 5  # warm-up
+    assert set(method.losses(method.forward(batch), batch)) == {"ce"} and method.theta is None
+    method.ctx.epoch = 6
+    out = method.forward(batch)
+    assert method.theta is not None and method.theta.item() == pytest.approx(method.ctx.pop_logs()["opm/theta"])
+    assert set(method.losses(out, batch)) == {"ce", "half_theta_sq"}
+    # the step's unimodal logits stay the model's slices, without a gradient
+    with torch.no_grad():
+        slices = method.model.unimodal(method.model.encode(batch))
+    assert all(torch.equal(out.unimodal_logits[m], slices[m]) for m in slices)
+    assert not any(z.requires_grad for z in out.unimodal_logits.values())
+
+
+def test_frozen_head_slices_are_the_model_slices_with_a_gradient_to_the_features_only() -> None:
+    data = TinyDataset(3)
+    method = _method(data)
+    features = {m: h.detach().requires_grad_() for m, h in method.model.encode(first_batch(data)).items()}
+    frozen = frozen_head_slices(method.fusion, features)
+    live = method.model.unimodal(features)
+    assert all(torch.equal(frozen[m], live[m]) for m in live)
+    torch.stack([z.sum() for z in frozen.values()]).sum().backward()
+    assert all(h.grad is not None and bool(h.grad.any()) for h in features.values())
+    assert all(p.grad is None for p in method.model.head_parameters())
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_the_official_score_gradient_under_mixed_precision(name: str) -> None:
+    # The extra term alone: under fp16 loss scaling its gradients must come back unscaled, the same as
+    # without scaling (a gradient handed back outside the loss would be 4096 times too small).
+    data = TinyDataset()
+    batch = first_batch(data)
+    grads = []
+    for scale in (2.0**12, 1.0):
+        precision = Precision(name, "cpu", init_scale=scale)
+        method = _method(data, precision=precision, p_exe=1.0, modulation_starts=0, score_gradient="official")
+        with method.ctx.autocast():
+            losses = method.losses(method.forward(batch), batch)
+            assert torch.isfinite(losses["half_theta_sq"]) and losses["half_theta_sq"] > 0
+            method.backward({"half_theta_sq": losses["half_theta_sq"]})
+        grads.append({n: p.grad.clone() for n, p in method.model.encoders.named_parameters() if p.grad is not None})
+        assert grads[-1] and any(bool(g.any()) for g in grads[-1].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-2, atol=1e-3 * float(grads[1][n].abs().max()) + 1e-9)
+
+
 @pytest.mark.parametrize("kw", [{"fusion": "sum"}, {"fusion": "gated"}, {"unimodal_heads": "linear"}])
 def test_non_concat_models_are_refused(kw: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"model\.fusion=concat"):
         OPM.model_spec(tiny_spec(TinyDataset(), **kw), OPMHParams())
+
+
+def test_score_gradient_is_validated() -> None:
+    with pytest.raises(ConfigError, match="score_gradient"):
+        _method(score_gradient="original")

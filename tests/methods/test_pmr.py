@@ -136,6 +136,48 @@ def test_the_second_computation_uses_momentum() -> None:
         torch.testing.assert_close(method.prototypes(m), 0.75 * new[m] + 0.25 * first[m])
 
 
+def _prototype_schedule(method: PMR, data: TinyDataset, means: list[float]) -> list[list[float]]:
+    """The prototypes after computations at the start of epochs 0, 1, …, when the k-th computation sees
+    the feature means[k] + 10·y on every row and coordinate (so class y's mean is exactly that)."""
+    value = [0.0]
+
+    def encode(batch: Any, only: Any = None) -> dict[str, torch.Tensor]:
+        rows = (value[0] + 10 * batch.label).float()[:, None]
+        return {m: rows.expand(-1, d) for m, d in method.model.fusion.dims.items()}
+
+    method.model.encode = encode  # type: ignore[method-assign]
+    schedule = []
+    for epoch, mean in enumerate(means):
+        value[0] = mean
+        method.on_epoch_start(epoch)
+        per_modality = {m: method.prototypes(m) for m in data.modalities}
+        # every coordinate of every modality holds the same number per class
+        assert all(bool((p == p[:, :1]).all()) for p in per_modality.values())
+        columns = [p[:, 0].tolist() for p in per_modality.values()]
+        assert all(c == columns[0] for c in columns)
+        schedule.append(columns[0])
+    return schedule
+
+
+def test_momentum_from_third_is_the_official_schedule() -> None:
+    # main_Prototype_grad.py 435: `if epoch <= 0` no blend, `epoch` being the epoch just trained and 0
+    # before training. Class means 2, 4, 6 (+10·y) in the computations before epochs 0, 1, 2, μ = 0.5:
+    #   start of epoch 0 (official: before training, epoch = 0) → 2, the mean as is
+    #   start of epoch 1 (official: after epoch 0, epoch = 0)   → 4, the mean as is again
+    #   start of epoch 2 (official: after epoch 1, epoch = 1)   → 0.5·6 + 0.5·4 = 5
+    data = TinyDataset(num_classes=2)
+    method = _method(data, proto_fraction=1.0, momentum_coef=0.5, momentum_from="third")
+    assert _prototype_schedule(method, data, [2.0, 4.0, 6.0]) == [[2.0, 12.0], [4.0, 14.0], [5.0, 15.0]]
+
+
+def test_momentum_starts_with_the_second_computation_by_default() -> None:
+    # The same class means and μ: 2; then 0.5·4 + 0.5·2 = 3; then 0.5·6 + 0.5·3 = 4.5 (+10·y each).
+    data = TinyDataset(num_classes=2)
+    method = _method(data, proto_fraction=1.0, momentum_coef=0.5)
+    assert method.hp.momentum_from == "second"
+    assert _prototype_schedule(method, data, [2.0, 4.0, 6.0]) == [[2.0, 12.0], [3.0, 13.0], [4.5, 14.5]]
+
+
 def _rows_read(data: TinyDataset, batch_size: int) -> int:
     method = _method(data, batch_size=batch_size)
     rows: list[int] = []
@@ -239,3 +281,5 @@ def test_hyper_parameters_are_validated() -> None:
         create_method("pmr", tiny_model(data), momentum_coef=1.5)
     with pytest.raises(ConfigError):
         create_method("pmr", tiny_model(data), proto_fraction=0.0)
+    with pytest.raises(ConfigError):
+        create_method("pmr", tiny_model(data), momentum_from="first")
