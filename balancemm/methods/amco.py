@@ -3,25 +3,36 @@
 Zhou, Liang, Zheng, Xuan, Kumada. "Adaptive Mask Co-Optimization for Modal Dependence in Multimodal
 Learning." ICASSP 2023 (doi:10.1109/ICASSP49357.2023.10096641). Only the abstract is public: an adaptive
 mask makes the *dependent* modality harder to learn and a co-optimisation keeps the performance on it.
-No original code exists, so this follows BalanceMM's interpretation (``AMCo_trainer.py``,
-``BaseClassifierAMCoModel``), as written up in specs/methods-optim-forward-data.md §9, with its
-broadcast bug fixed. Every detail below is unverified against the paper.
+No original code exists, so this follows BalanceMM's interpretation (GeWu-Lab/BalanceBenchmark @
+4c1482fca5aa: ``balancemm/trainer/AMCo_trainer.py``, ``BaseClassifierAMCoModel`` in
+``balancemm/models/avclassify_model.py``; earlier commits where named), with its broadcast bug fixed.
+Every detail below is unverified against the paper.
 
 Model (hook ``model_spec``: fusion ``amco``, :class:`~balancemm.models.fusions.amco.AMCoFusion`), with
-u_m = W_m h_m + b/M the concat head's slice for modality m and L* an extra Linear(C, C):
+h_m the pooled feature of modality m (width d_m), u_m = W_m h_m + b/M the concat head's slice for it and
+L* an extra Linear(C, C). A flagged (dependent) modality is masked in one of two places (``mask_unit``):
 
-    ũ_m = u_m ⊙ mask if m is dependent, else u_m         mask ∈ {0, 1}^C: N classes set to 0
-    z   = L*(Σ_m ũ_m)                                    (= L*(fc_out(concat(h))) exactly when nothing is masked)
+    feature (default): h̃_m = h_m ⊙ mask · s,   mask ∈ {0, 1}^{d_m} with N = ⌊p_t·d_m⌋ zeros,
+                       s = 1/max(1 − p_t, 0.1) (``rescale``; s = 1 without it),
+                       ũ_m = W_m h̃_m + b/M,   z = L*(fc_out(concat(h̃)))
+    class:             ũ_m = u_m ⊙ mask,      mask ∈ {0, 1}^C with N = ⌊p_t·C⌋ zeros,
+                       z = L*(Σ_m ũ_m)
+
+Unflagged modalities keep h_m and u_m; with nothing masked z = L*(fc_out(concat(h))) in both modes.
 
 Mask schedule (hook ``forward``): a level ℓ starts at 0 every epoch and grows by epoch/10 after every
 batch (so it stays 0 throughout epoch 0);
 
-    p_t = sin(π/2 · min(ε, ℓ)/ε),    N = ⌊p_t·C⌋,
+    p_t = sin(π/2 · min(ε, ℓ)/ε),
 
-the N classes drawn by one random permutation per batch on the model's device
-(``ctx.device_generator``), shared by every sample.
-With ε = 0.3, p_t reaches 1 after ⌈3/epoch⌉ batches, so from epoch 1 on a dependent modality's logits
-are fully zeroed for almost the whole epoch: it then gets no gradient from either loss.
+the N masked positions are the first N of a random permutation drawn on the model's device
+(``ctx.device_generator``), shared by every sample of the batch: one permutation of the d_m units per
+flagged modality (in sorted order) in feature mode, one of the C classes for all flagged modalities in
+class mode. With ε = 0.3, p_t reaches 1 after ⌈3/epoch⌉ batches, so from epoch 1 on a dependent
+modality is fully masked for almost the whole epoch in either mode: its encoder then gets no gradient.
+The modes differ during the ramp (dropped feature units, rescaled, vs dropped classes) and when fully
+masked: in feature mode ũ_m = b/M and z is the model's own output with m removed by feature masking;
+in class mode ũ_m = 0 and z lacks the b/M share.
 
 Loss (hook ``losses``) inside the modulation window: L = CE(z, y) + Σ_m CE(ũ_m, y) (the
 co-optimisation, on the masked ũ_m); outside it: CE(z, y).
@@ -45,18 +56,32 @@ rarer; a lower ``sigma`` (e.g. 1/M + 0.1) flags more often and may flag two moda
 Logged per step: ``amco/p_t``; inside the window ``amco/mass_<m>`` and ``amco/dependent_<m>`` (the
 flags for the next batch).
 
-Cost: the co-optimisation adds M cross-entropies on the slices (no extra encoder pass). A masked step
-builds z from the slices and skips the concat head's matrix product, so steps with and without a mask
-differ slightly in FLOPs per sample and sampled FLOP counting is off by about 1e-3 (measured +0.13 %
-over 30 epochs on ``embedded``); epoch 0 never masks, so a one-epoch run is counted exactly.
+Cost: the co-optimisation adds M cross-entropies on the slices (no extra encoder pass). In feature
+mode a masked step runs the same matrix products as an unmasked one. In class mode a masked step builds
+z from the slices and skips the concat head's matrix product, so steps with and without a mask differ
+slightly in FLOPs per sample and sampled FLOP counting is off by about 1e-3 (measured +0.13 % over 30
+epochs on ``embedded``); epoch 0 never masks, so a one-epoch run is counted exactly.
 
-Deviations from the paper (unknown; these are BalanceMM's readings): the mask acts on the C class
-logits, not on feature units (BalanceMM's config has U = 512, probably the paper's number of feature
-units, and α = 0.1; its code uses neither, and neither is a parameter here); the dependence criterion
-and the schedule are BalanceMM's.
+Deviations from the paper (unknown; these are BalanceMM's readings): the dependence criterion and the
+schedule are BalanceMM's; α = 0.1 of BalanceMM's config (``configs/trainer_config.yaml:21``) is used by
+none of its code and is not a parameter here.
 Deviations from BalanceMM (``AMCo_trainer.py``):
-  * The class mask broadcasts over the batch; BalanceMM expands it to a leading size of 2 (§0.3-4),
-    which only works for per-GPU batches of 1 or 2.
+  * Mask unit. BalanceMM HEAD masks the C class logits of the dependent modality's slice
+    (``AMCo_trainer.py:73-82``, ``avclassify_model.py:376-377``), yet its config sizes the mask by
+    feature units, ``U: 512`` (``configs/trainer_config.yaml:26``; stored at ``AMCo_trainer.py:28``,
+    never used), the feature width of its AMCo model (``configs/model_config.yaml:6-9``: ResNet-18,
+    ``modality_size: 512``). Its first version masked feature units: at 596b434 (the parent of
+    2f2b8b5, the commit that moved the mask to class logits) ``AMCo_trainer.py:69-78`` draws
+    N = ⌊p_t·U⌋ zeros by one shuffle per batch, and ``avclassify_model.py:211-222`` multiplies the
+    dependent modality's pooled [B, 512] feature by it *before* the concat head, then by 1/(1 − p_t),
+    or by 10 once |p_t − 1| ≤ 0.1 (``:556-573`` for three modalities). HEAD still has a branch for
+    the dependent modality's encoding that does what the others do (``avclassify_model.py:346-347``).
+    ``mask_unit="feature"`` (the default) is that first version with U = d_m, since encoders here
+    differ in width; ``rescale=False`` drops the factor; ``mask_unit="class"`` is HEAD. Everything
+    else follows HEAD in both modes (596b434 also kept a flag raised for the rest of the epoch,
+    flagged at ≥ σ, masked only the first flagged modality and had no L*).
+  * The class mask broadcasts over the batch; BalanceMM expands it to a leading size of 2
+    (``AMCo_trainer.py:82``), which only works for per-GPU batches of 1 or 2.
   * When no modality is masked, z = L*(fc_out(concat(h))) (BalanceMM sums the slices: the same up
     to rounding), so evaluation and such steps are the fusion's own forward.
   * The losses are summed and backpropagated once (BalanceMM: one backward each, accumulated; same
@@ -68,7 +93,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,24 +114,27 @@ class AMCoHParams:
     eps: float = field(default=0.3, metadata=rng(gt=0))  # ε, level at which p_t reaches 1; BMM 0.3 (paper unknown)
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with mask + co-loss (BMM 0)
     modulation_ends: EpochValue = field(default=80, metadata=epoch_meta())  # last one, inclusive (BMM 80)
+    # what a flagged modality loses: feature units of h_m (BMM 596b434, U = 512) | class logits of u_m (BMM HEAD)
+    mask_unit: Literal["feature", "class"] = "feature"
+    rescale: bool = True  # feature mode: × 1/max(1 − p_t, 0.1) (BMM 596b434); false: plain zeroing (BMM HEAD: none)
 
     def _validate(self, path: str) -> None:
         window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def mask_ratio(level: float, eps: float) -> float:
-    """p_t = sin(π/2 · min(ε, ℓ)/ε): the share of classes masked at level ℓ."""
+    """p_t = sin(π/2 · min(ε, ℓ)/ε): the share of feature units (or classes) masked at level ℓ."""
     return math.sin(math.pi / 2 * min(eps, level) / eps)
 
 
-def class_mask(num_classes: int, masked: int, generator: torch.Generator) -> Tensor:
-    """``[C]`` float mask with ``masked`` zeros at positions from one random permutation, ones elsewhere.
+def random_mask(size: int, masked: int, generator: torch.Generator) -> Tensor:
+    """``[size]`` float mask: zeros at the first ``masked`` entries of one random permutation, ones elsewhere.
 
     Drawn and built on the generator's device (``ctx.device_generator``: the model's), so a step copies
     nothing from the host.
     """
-    order = torch.randperm(num_classes, generator=generator, device=generator.device)
-    return torch.ones(num_classes, device=generator.device).index_fill_(0, order[:masked], 0)
+    order = torch.randperm(size, generator=generator, device=generator.device)
+    return torch.ones(size, device=generator.device).index_fill_(0, order[:masked], 0)
 
 
 def dependence_mass(unimodal: list[Tensor]) -> Tensor:
@@ -132,7 +160,7 @@ class AMCo(Method):
         "sigma": [0.4, 0.5, 0.6],
         "eps": [0.1, 0.3, 0.5, 1.0],
     }
-    dependent: Tensor  # [M] bool: modalities whose logits the next batch masks
+    dependent: Tensor  # [M] bool: modalities the next batch masks
     level: Tensor  # ℓ (float64): mask-schedule level within the epoch
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -167,15 +195,32 @@ class AMCo(Method):
         p_t = mask_ratio(float(self.level), self.hp.eps)
         masked = math.floor(p_t * fusion.num_classes)
         ctx.log(**{"amco/p_t": p_t})
-        if not (self._in_window() and masked > 0 and bool(self.dependent.any())):
+        # BalanceMM's feature version rescales even when ⌊p_t·U⌋ is still 0, so any p_t > 0 acts there.
+        acts = p_t > 0 if self.hp.mask_unit == "feature" else masked > 0
+        if not (self._in_window() and acts and bool(self.dependent.any())):
             return model(batch)
         features = model.apply_mask(model.encode(batch), batch.present, batch.modalities)
+        flagged = [m for m, d in zip(model.modalities, self.dependent.tolist(), strict=True) if d]
+        if self.hp.mask_unit == "feature":
+            return self._mask_features(features, flagged, p_t)
         unimodal = model.unimodal(features)
-        mask = class_mask(fusion.num_classes, masked, ctx.device_generator)
-        for m, flagged in zip(model.modalities, self.dependent.tolist(), strict=True):
-            if flagged:
-                unimodal[m] = unimodal[m] * mask.to(unimodal[m].dtype)
+        mask = random_mask(fusion.num_classes, masked, ctx.device_generator)
+        for m in flagged:
+            unimodal[m] = unimodal[m] * mask.to(unimodal[m].dtype)
         return ModelOutput(fusion.combine(unimodal), features, unimodal)
+
+    def _mask_features(self, features: dict[str, Tensor], flagged: list[str], p_t: float) -> ModelOutput:
+        """Drop ⌊p_t·d_m⌋ units of each flagged ``h_m`` ``[B, d_m]`` (one draw each, shared by the batch)
+        and fuse; the output's features are the ones the head saw."""
+        # Inverted dropout: kept units grow by 1/(1 − p_t), capped at 10 as in BalanceMM, so the
+        # unmasked features at evaluation have the scale the head was trained on.
+        scale = 1 / max(1 - p_t, 0.1) if self.hp.rescale else 1.0
+        features = dict(features)
+        for m in flagged:
+            h = features[m]
+            mask = random_mask(h.shape[1], math.floor(p_t * h.shape[1]), self.ctx.device_generator)
+            features[m] = h * (mask.to(h.dtype) * scale)
+        return ModelOutput(self.model.fuse(features), features, self.model.unimodal(features))
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         ce = F.cross_entropy(out.logits, batch.label)

@@ -57,7 +57,7 @@ Where the 17 methods plug in (DESIGN.md §3.6; the method specs give the details
 * ``on_epoch_start``: PMR (prototypes), Relearning (diagnosis and re-initialisation after the
   previous epoch's validation), G-Blending (weights), LFM (α update), CML, AMCo,
   Modality-valuation (returns a ``SamplePlan``);
-* ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (class mask);
+* ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (feature or class mask);
 * ``losses``: UMT, MBSD, CML, MMPareto, G-Blending, LFM, PMR, OPM, AMCo;
 * ``backward``: MMPareto (per-loss gradients, min-norm combination);
 * ``after_backward``: OGM-GE, AGM (gradient clipping rule), Greedy;

@@ -1,7 +1,8 @@
-"""AMCo (a reconstruction) against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §9.4)."""
+"""AMCo (a reconstruction of BalanceMM's reading) against hand-computed numbers."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -10,10 +11,12 @@ import torch.nn.functional as F
 
 import balancemm.methods.amco  # noqa: F401  (registers "amco")
 from balancemm.errors import ConfigError
-from balancemm.methods.amco import AMCo, AMCoHParams, class_mask, dependence_mass, mask_ratio
+from balancemm.methods.amco import AMCo, AMCoHParams, dependence_mass, mask_ratio, random_mask
+from balancemm.methods.context import derive_seed
 from balancemm.models.classifier import ModelOutput
 from balancemm.models.fusions.amco import AMCoFusion
-from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec
+from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec, train_epochs
+from tests.methods.test_device_copies import _StepWatch
 
 
 def _method(data: TinyDataset | None = None, **hp: Any) -> AMCo:
@@ -35,7 +38,7 @@ def _step(method: AMCo, batch: Any) -> ModelOutput:
     return out
 
 
-# -- the spec's numbers -------------------------------------------------------------------------
+# -- BalanceMM's numbers ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -59,14 +62,14 @@ def test_number_of_masked_classes_and_the_shuffle() -> None:
     # N = ⌊p_t·C⌋: C = 10, p_t = 0.866025 → 8 zeros, at positions from the generator
     masked = int(mask_ratio(0.2, 0.3) * 10)
     assert masked == 8
-    a = class_mask(10, masked, torch.Generator().manual_seed(0))
-    b = class_mask(10, masked, torch.Generator().manual_seed(0))
-    c = class_mask(10, masked, torch.Generator().manual_seed(1))
+    a = random_mask(10, masked, torch.Generator().manual_seed(0))
+    b = random_mask(10, masked, torch.Generator().manual_seed(0))
+    c = random_mask(10, masked, torch.Generator().manual_seed(1))
     assert int((a == 0).sum()) == 8 and set(a.tolist()) == {0.0, 1.0}
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_dependence_of_the_spec() -> None:
+def test_dependence_of_one_confident_modality() -> None:
     # u_a = [10, 0], u_v = [0, 0]: a-block mass (e^10 + 1)/(e^10 + 3) = 0.999909
     u_a, u_v = torch.tensor([[10.0, 0.0]]), torch.tensor([[0.0, 0.0]])
     assert dependence_mass([u_a, u_v]).tolist() == pytest.approx([0.999909, 0.000091], abs=1e-6)
@@ -89,15 +92,16 @@ def test_dependence_with_three_modalities_flags_at_most_the_majority_holder() ->
     assert method.dependent.tolist() == [False, False, False]
 
 
-def test_without_a_flagged_modality_the_output_is_exactly_l_star_of_the_concat_head() -> None:
+@pytest.mark.parametrize("unit", ["feature", "class"])
+def test_without_a_flagged_modality_the_output_is_exactly_l_star_of_the_concat_head(unit: str) -> None:
     data = TinyDataset()
-    method = _method(data)
+    method = _method(data, mask_unit=unit)
     fusion = _fusion(method)
     batch = first_batch(data)
     h = method.model.encode(batch)
     expected = fusion.linear_star(fusion.fc_out(torch.cat([h["audio"], h["visual"]], dim=1)))
     assert torch.equal(method.forward(batch).logits, expected)
-    # a flagged modality at level 0 (p_t = 0, no class masked) changes nothing either
+    # a flagged modality at level 0 (p_t = 0: no unit or class masked, no rescaling) changes nothing either
     method.dependent.fill_(True)
     assert torch.equal(method.forward(batch).logits, expected)
     method.eval()
@@ -108,12 +112,98 @@ def test_without_a_flagged_modality_the_output_is_exactly_l_star_of_the_concat_h
         assert torch.equal(method.predict(batch).logits, expected)
 
 
+# -- feature-unit mode (the default), by hand -----------------------------------------------------
+
+# One sample, C = 3, d_a = d_v = 6, audio flagged; the head is set so that
+#   u_a = [Σ_j h̃_a,j + 0.1, 0.2, 0.3],  u_v = [0.1, Σ_j h_v,j + 0.2, 0.3],  z = u_a + u_v (L* = identity),
+# with h_a = [1, 2, 3, 4, 5, 6], h_v = 1 (Σ = 6) and b = [0.2, 0.4, 0.6] (b/2 in each slice).
+# The device generator is seeded with 3; torch's CPU randperm(6) for seed 3 is [4, 0, 3, 2, 1, 5], so
+# N masked units are {4, 0, 3, 2}[:N] and the rest are kept.
+S = 2 + math.sqrt(2)  # ℓ = 0.15, ε = 0.3: p_t = sin(π/4) = 1/√2, N = ⌊6/√2⌋ = ⌊4.24⌋ = 4, 1/(1 − 1/√2) = 2 + √2
+Q = 1 / (1 - math.sin(math.pi / 60))  # ℓ = 0.01: p_t = sin(3°) = 0.0523360, N = ⌊0.314⌋ = 0, scale 1.0552263
+FEATURE_CASES = {  # (level, rescale): h̃_a
+    "p_t 1/√2, rescaled": (0.15, True, [0, 2 * S, 0, 0, 0, 6 * S]),  # kept 1 and 5: Σ = 8(2 + √2) = 27.3137085
+    "p_t 1/√2, plain": (0.15, False, [0, 2, 0, 0, 0, 6]),  # Σ = 8
+    "p_t sin 3°, nothing dropped": (0.01, True, [Q, 2 * Q, 3 * Q, 4 * Q, 5 * Q, 6 * Q]),  # Σ = 21Q = 22.1597518
+    # ℓ = 0.25: p_t = sin(75°) = 0.9659258, N = ⌊5.80⌋ = 5, only unit 5 kept; 1/(1 − p_t) = 29.3 is capped at 10
+    "p_t sin 75°, capped": (0.25, True, [0, 0, 0, 0, 0, 60]),
+    "p_t 1": (0.3, True, [0, 0, 0, 0, 0, 0]),  # every unit dropped: u_a = b/2, z = the visual-only output
+}
+
+
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
+def test_feature_mask_on_one_sample_by_hand(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    level, rescale, masked_audio = FEATURE_CASES[case]
+    assert torch.randperm(6, generator=torch.Generator().manual_seed(3)).tolist() == [4, 0, 3, 2, 1, 5]
+    data = TinyDataset()
+    method = _method(data, rescale=rescale)
+    fusion = _fusion(method)
+    with torch.no_grad():
+        fusion.fc_out.weight.zero_()
+        fusion.fc_out.weight[0, :6] = 1  # class 0 reads audio
+        fusion.fc_out.weight[1, 6:] = 1  # class 1 reads visual
+        fusion.fc_out.bias.copy_(torch.tensor([0.2, 0.4, 0.6]))
+        fusion.linear_star.weight.copy_(torch.eye(3))
+        fusion.linear_star.bias.zero_()
+    h = {"audio": torch.tensor([[1.0, 2, 3, 4, 5, 6]]), "visual": torch.ones(1, 6)}
+    monkeypatch.setattr(method.model, "encode", lambda batch: dict(h))
+    method.ctx.epoch = 1
+    method.level.fill_(level)
+    method.dependent.copy_(torch.tensor([True, False]))
+    method.ctx.device_generator.manual_seed(3)
+    out = method.forward(first_batch(data, n=1))
+    audio = torch.tensor([masked_audio], dtype=torch.float32)
+    torch.testing.assert_close(out.features["audio"], audio)
+    torch.testing.assert_close(out.features["visual"], h["visual"])
+    u_a = torch.tensor([[float(audio.sum()) + 0.1, 0.2, 0.3]])
+    torch.testing.assert_close(out.unimodal_logits["audio"], u_a)
+    torch.testing.assert_close(out.unimodal_logits["visual"], torch.tensor([[0.1, 6.2, 0.3]]))
+    torch.testing.assert_close(out.logits, torch.tensor([[float(audio.sum()) + 0.2, 6.4, 0.6]]))
+
+
+def test_feature_mask_drops_the_same_units_for_every_sample() -> None:
+    data = TinyDataset()
+    method = _method(data)
+    batch = first_batch(data)
+    method.ctx.epoch = 1
+    method.level.fill_(0.15)  # p_t = 1/√2: 4 of the 6 units, kept ones × (2 + √2)
+    method.dependent.copy_(torch.tensor([False, True]))
+    method.ctx.device_generator.manual_seed(3)  # permutation [4, 0, 3, 2, 1, 5]: units 1 and 5 kept
+    out = method.forward(batch)
+    plain = method.model.encode(batch)
+    expected = torch.zeros_like(plain["visual"])
+    expected[:, [1, 5]] = plain["visual"][:, [1, 5]] * (2 + math.sqrt(2))
+    torch.testing.assert_close(out.features["visual"], expected)
+    torch.testing.assert_close(out.features["audio"], plain["audio"])
+    seen = {"audio": plain["audio"], "visual": expected}
+    torch.testing.assert_close(out.logits, _fusion(method)(seen))
+    torch.testing.assert_close(out.unimodal_logits["visual"], _fusion(method).slice(seen)["visual"])
+
+
+def test_a_fully_feature_masked_modality_gets_no_gradient_and_z_is_the_model_without_it() -> None:
+    data = TinyDataset()
+    method = _method(data)
+    fusion = _fusion(method)
+    batch = first_batch(data)
+    method.ctx.epoch = 1
+    method.level.fill_(0.3)  # p_t = 1: every unit dropped
+    method.dependent.copy_(torch.tensor([True, False]))
+    out = method.forward(batch)
+    # unlike the class mask, the slice keeps its bias share b/M, so z is the model's own visual-only output
+    torch.testing.assert_close(out.unimodal_logits["audio"], (fusion.fc_out.bias / 2).expand(8, 3))
+    torch.testing.assert_close(out.logits, method.model(batch.with_only({"visual"})).logits)
+    method.backward(method.losses(out, batch))
+    audio = [p.grad for p in method.model.encoders["audio"].parameters()]
+    assert all(g is None or not bool(g.any()) for g in audio)
+    assert fusion.fc_out.bias.grad is not None and bool(fusion.fc_out.bias.grad.any())
+
+
 # -- behaviour ----------------------------------------------------------------------------------
 
 
 def test_a_fully_masked_modality_gets_no_gradient_and_the_other_is_fused_alone() -> None:
     data = TinyDataset()
-    method = _method(data)
+    method = _method(data, mask_unit="class")
     fusion = _fusion(method)
     batch = first_batch(data)
     method.ctx.epoch = 1
@@ -134,7 +224,7 @@ def test_a_fully_masked_modality_gets_no_gradient_and_the_other_is_fused_alone()
 
 def test_a_partial_mask_zeroes_the_same_classes_for_every_sample() -> None:
     data = TinyDataset()
-    method = _method(data)
+    method = _method(data, mask_unit="class")
     batch = first_batch(data)
     method.ctx.epoch = 1
     method.level.fill_(0.1)  # p_t = 0.5 → N = ⌊1.5⌋ = 1 of C = 3
@@ -193,3 +283,15 @@ def test_the_model_gets_the_l_star_fusion_and_other_fusions_are_refused() -> Non
             AMCo.model_spec(tiny_spec(TinyDataset(), **kw), AMCoHParams())
     with pytest.raises(ConfigError, match="modulation_ends"):
         build_method("amco", TinyDataset(), modulation_starts=3, modulation_ends=2)
+    with pytest.raises(ConfigError, match="mask_unit"):
+        build_method("amco", TinyDataset(), mask_unit="logit")
+
+
+def test_class_mode_steps_make_no_host_data() -> None:
+    # test_device_copies runs the default (feature) mode; the class mask draws on the device too.
+    method = _method(mask_unit="class")
+    ctx = method.ctx
+    ctx._device_generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "device copies"))
+    watch = ctx.meter = _StepWatch(ctx)
+    train_epochs(method, 2)  # epoch 1 masks from its second batch on
+    assert not watch.found, sorted(watch.found)

@@ -1,9 +1,10 @@
 """Concat fusion followed by a class-space linear layer L* (AMCo's head, BalanceMM's ``linear_star``).
 
 z = L*(W[h_1; …; h_M] + b), with L* = Linear(C, C). The per-modality logits are the concat head's
-slices u_m = W_m h_m + b/M, taken before L*, so z = L*(Σ_m u_m). The AMCo method masks the u_m of the
-modalities it flags and fuses them with :meth:`combine` (``balancemm/methods/amco.py``); the forward,
-used everywhere else (evaluation, the Shapley metric), is exactly L*(fc_out(concat(h))).
+slices u_m = W_m h_m + b/M, taken before L*, so z = L*(Σ_m u_m). The AMCo method
+(``balancemm/methods/amco.py``) masks the features h_m of the modalities it flags and runs the forward,
+or, with ``mask_unit=class``, masks their u_m and fuses them with :meth:`combine`. The forward, used
+everywhere else (evaluation, the Shapley metric), is exactly L*(fc_out(concat(h))).
 """
 
 from __future__ import annotations
