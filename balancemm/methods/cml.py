@@ -1,8 +1,8 @@
 """CML: Calibrating Multimodal Learning.
 
 Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu. "Calibrating Multimodal Learning." ICML 2023. Official code:
-QingyangZhang/CML (``miwae/train.py`` stage 2, ``cpm/CPM_Nets.py: rank_loss``), which this follows
-(specs/methods-objective.md §5).
+QingyangZhang/CML @ 9d2496e6 (``miwae/train.py`` stage 2, ``cpm/CPM_Nets.py: rank_loss``), which this
+follows.
 
 Idea: a trustworthy classifier should not become *more* confident when a modality is taken away.
 For modality sets T ⊂ S the requirement is conf(f(x^T)) ≤ conf(f(x^S)); every per-sample violation
@@ -35,6 +35,23 @@ Deviations from the paper/official code:
     uses Python's ``random.shuffle`` per sample); same distribution.
   * The original's reconstruction losses (MIWAE/CPM stage 1 and ``rec_loss``) belong to its
     imputation backbones, not to CML, and are absent.
+  * One optimiser step per batch, as the baseline takes (and BalanceMM, ``CML_trainer.py:82``), and
+    no setting for more. The MIWAE run takes 5 Adam steps per batch after 29 reconstruction-only
+    epochs (``miwae/train.py:195-200``: epochs 1-29 ``step = [5, 0, 0]``, epochs 30-59
+    ``step = [0, 0, 5]``). That schedule is MIWAE's, not CML's:
+      - the 29 epochs train only the MIWAE imputer on its bound (``:237-249``; no classifier, no CML
+        term), so that the classifier, which reads the imputed input (``miwae/model.py:131-136``),
+        starts from usable imputations. Nothing here imputes, so there is nothing to warm up;
+      - the reconstruction-only epochs take 5 steps per batch too, so the count is not tied to the
+        CML term. Each stage-2 step recomputes the imputer's bound, the chain CE and the CML term on
+        the same chain (drawn once per batch, ``:224-234``; the loss at ``:304``);
+      - the README's run without the CML term (``readme.md:25``; β = 0 by default, ``:131``) and
+        the β sweep (``miwae/batch_train.py:14``) use the same schedule with only β changed;
+      - the CPM run has another schedule: full batch, each epoch 5 network steps on reconstruction
+        then 5 steps of the latent codes on reconstruction + classification + CML, 30 epochs, no
+        warm-up (``cpm/CPM_Nets.py:127-174``, ``cpm/main.py:98``). That is CPM-Nets' own
+        alternation (hanmenghan/CPM_Nets ``util/model.py:127-145``, ``train(..., step=[5, 5])``).
+    Each run inherits its base model's schedule; only the regulariser is common to both.
 Deviations from BalanceMM (``CML_trainer.py``):
   * BalanceMM penalises the hinge of the *batch sum*, max(0, Σ_i (conf^T_i − conf^S_i)), computes the
     trick-1 mask without applying it and has no trick 2; we use the original per-sample hinges with

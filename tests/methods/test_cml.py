@@ -1,4 +1,4 @@
-"""CML against hand-computed numbers (specs/methods-objective.md §5)."""
+"""CML against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import balancemm.methods.cml  # noqa: F401  (registers the method)
 from balancemm.methods import RunContext, create_method
 from balancemm.methods.cml import calibration_penalty, removal_chain
-from tests.conftest import TinyDataset, first_batch, tiny_model
+from tests.conftest import TinyDataset, build_method, first_batch, tiny_model, train_epochs
 
 
 def _chain(*elements: list[list[float]]) -> torch.Tensor:
@@ -145,3 +145,11 @@ def test_input_masking_runs_separate_forwards() -> None:
     logits = method.chain_logits(model(batch), batch, chain)  # type: ignore[attr-defined]
     expected = torch.stack([model(replace(batch, present=p)).logits for p in chain])
     torch.testing.assert_close(logits, expected)
+
+
+def test_one_optimiser_step_per_batch(tiny: TinyDataset) -> None:
+    # The original's 5 steps per batch are MIWAE's schedule, not CML's (see cml.py): 24 samples in
+    # batches of 8 give 3 batches, hence 3 steps, not 15.
+    method = build_method("cml", tiny)
+    train_epochs(method, 1)
+    assert method.ctx.step == 3
