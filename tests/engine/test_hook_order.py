@@ -65,5 +65,7 @@ def test_hook_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     # with a custom predict, evaluation runs it for the full batch and once per other coalition (∅, a, v)
     evaluation = ["predict:eval"] * 4
-    assert ["model_spec", "on_fit_start", *epoch(0, 0), *evaluation, *epoch(1, 3), *evaluation, *evaluation] == CALLS
+    # The test split is scored twice: under the run's masking rule and under the other (shapley_by_mask).
+    test = [*evaluation, *evaluation]
+    assert ["model_spec", "on_fit_start", *epoch(0, 0), *evaluation, *epoch(1, 3), *evaluation, *test] == CALLS
     assert Method.train_epoch is Recording.train_epoch  # the default loop was used
