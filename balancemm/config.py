@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,25 @@ from balancemm.errors import ConfigError
 T = TypeVar("T")
 
 SECTIONS = ("run", "method", "data", "model", "train")
+#: Bounds on what a YAML document may build (a config, a sweep spec, a --set value): mappings and lists
+#: nested at most this deep (deeper, parsing and every recursive merge would exhaust the stack) ...
+MAX_DEPTH = 32
+#: ... and at most this many values once aliases are expanded (a few hundred bytes of nested aliases
+#: expand to billions of values, and printing or merging them takes gigabytes of memory).
+MAX_VALUES = 100_000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 120
+
+
+def show(value: Any) -> str:
+    """``value``'s repr for an error message, cut short: a value from a file may be of any size."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer too long to print (sys.get_int_max_str_digits)
+        text = f"<a {type(value).__name__} too long to print>"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def rng(
@@ -57,7 +77,7 @@ def _parse_epoch(value: Any, path: str) -> int | str:
     match = _RELATIVE_EPOCH.match(value.strip()) if isinstance(value, str) else None
     if match is None or float(match.group(1)) > 100:
         raise ConfigError(
-            f"{path}: expected an epoch number or a share of train.epochs between '0%' and '100%', got {value!r}"
+            f"{path}: expected an epoch number or a share of train.epochs between '0%' and '100%', got {show(value)}"
         )
     return value.strip()
 
@@ -113,7 +133,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-            raise ConfigError(f"{path}: {value!r} is not allowed; choose {_describe(tp)}")
+            raise ConfigError(f"{path}: {show(value)} is not allowed; choose {_describe(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -126,31 +146,31 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: {value!r} is not {_describe(tp)}")
+        raise ConfigError(f"{path}: {show(value)} is not {_describe(tp)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {show(value)}")
         (item,) = (a for a in typing.get_args(tp) if a is not Ellipsis)
         return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {show(value)}")
         return parse(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
@@ -167,7 +187,7 @@ def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
     if all(meta.get(k) is None or ok(meta[k]) for k, (_, ok) in tests.items()):
         return
     allowed = ", ".join(f"{word} {meta[k]}" for k, (word, _) in tests.items() if meta.get(k) is not None)
-    raise ConfigError(f"{path}: {value!r} is out of range; allowed: {allowed}")
+    raise ConfigError(f"{path}: {show(value)} is out of range; allowed: {allowed}")
 
 
 def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
@@ -177,6 +197,8 @@ def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     depends on one of its values (an encoder's options depend on the encoder's name); a field may
     name its own parser in its metadata (``field(metadata={"parse": fn})``, ``fn(value, path)``).
     """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {show(data)}")
     custom = getattr(cls, "_parse", None)
     if custom is not None:
         return typing.cast(T, custom(data, path))
@@ -186,10 +208,11 @@ def parse(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     prefix = f"{path}." if path else ""
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            name = str(key)[:100]
+            close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             allowed = ", ".join(fields) or "none"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}; allowed keys: {allowed}")
+            raise ConfigError(f"unknown config key {prefix}{name}{hint}; allowed keys: {allowed}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
@@ -241,11 +264,7 @@ class EncoderConfig:
 
         if "name" not in data:
             raise ConfigError(f"{path}: missing key 'name'; valid encoders: {', '.join(ENCODERS.names())}")
-        name = _coerce(data["name"], str, f"{path}.name")
-        try:
-            key = ENCODERS.resolve(name)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}.name: {exc}") from None
+        key = resolve_name(ENCODERS, _coerce(data["name"], str, f"{path}.name"), f"{path}.name")
         options_cls = ENCODERS.get(key).Options
         rest = {k: v for k, v in data.items() if k != "name"}
         return cls(key, parse(options_cls, rest, path))
@@ -254,19 +273,34 @@ class EncoderConfig:
         return {"name": self.name, **to_dict(self.options)}
 
 
+def resolve_name(registry: Any, name: str, path: str = "") -> str:
+    """``registry.resolve(name)``, its error prefixed with ``path`` when given; a name too long to be a
+    registered one is refused without being echoed whole."""
+    where = f"{path}: " if path else ""
+    if len(name) > 100:
+        raise ConfigError(f"{where}{show(name)} is not a registered name; valid: {', '.join(registry.names())}")
+    try:
+        return str(registry.resolve(name))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
 def _parse_encoders(raw: Any, path: str) -> dict[str, EncoderConfig]:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: expected a mapping modality -> encoder")
-    return {str(m): parse(EncoderConfig, dict(v or {}), f"{path}.{m}") for m, v in raw.items()}
+        raise ConfigError(f"{path}: expected a mapping modality -> encoder, got {show(raw)}")
+    encoders = {}
+    for m, v in raw.items():
+        where = f"{path}.{str(m)[:100]}"
+        if v is not None and not isinstance(v, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with the encoder's name and options, got {show(v)}")
+        encoders[str(m)] = parse(EncoderConfig, v or {}, where)
+    return encoders
 
 
 def _parse_fusion(raw: Any, path: str) -> str:
     from balancemm.models import FUSIONS
 
-    try:
-        return FUSIONS.resolve(_coerce(raw, str, path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return resolve_name(FUSIONS, _coerce(raw, str, path), path)
 
 
 @dataclass(frozen=True)
@@ -350,6 +384,12 @@ class RunConfig:
         from balancemm.data import DATASETS
         from balancemm.methods import METHODS
 
+        # Read back from a file that may be damaged or edited: a missing section is an error, not a KeyError.
+        missing = [s for s in SECTIONS if s not in data] if isinstance(data, Mapping) else list(SECTIONS)
+        if missing:
+            raise ConfigError(
+                f"a saved config must hold the sections {', '.join(SECTIONS)}; missing: {', '.join(missing)}"
+            )
         run = parse(RunSection, data["run"], "run")
         return cls(
             run=run,
@@ -369,12 +409,63 @@ class RunConfig:
 # Merging sources
 
 
+class _TooBig(yaml.composer.ComposerError):
+    """A YAML document beyond :data:`MAX_DEPTH` or :data:`MAX_VALUES` (or with an alias to itself)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, problem, mark)
+        self.problem, self.mark = problem, mark
+
+
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 scalars: only true/false are booleans, and 1e-3 is a number.
 
     PyYAML follows YAML 1.1, where ``off``, ``no`` and ``on`` are booleans (so ``train.flops=off``
     would arrive as False) and an exponent without a dot is a string.
+
+    Documents are bounded (:data:`MAX_DEPTH`, :data:`MAX_VALUES`) before any value is built.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooBig(f"nested deeper than {MAX_DEPTH} levels", mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _count_values(node, {}, set())
+        return node
+
+
+def _count_values(node: yaml.Node, counted: dict[int, int], open_: set[int]) -> int:
+    """How many values ``node`` stands for once every alias in it is expanded (each shared node is
+    counted once per use, computed once); raises :class:`_TooBig` past :data:`MAX_VALUES` or on a cycle."""
+    key = id(node)
+    if key in counted:
+        return counted[key]
+    if key in open_:
+        raise _TooBig("an alias refers to the node that contains it", node.start_mark)
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_count_values(child, counted, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_count_values(k, counted, open_) + _count_values(v, counted, open_) for k, v in node.value)
+    if total > MAX_VALUES:
+        raise _TooBig(f"expands to more than {MAX_VALUES:,} values (aliases)", node.start_mark)
+    open_.discard(key)
+    counted[key] = total
+    return total
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -394,7 +485,7 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects, bounded size
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -417,21 +508,48 @@ def load_yaml(path: str | Path, sections: Iterable[str] | None = SECTIONS) -> di
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist or is not a file")
     try:
-        data = _yaml(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        data = _yaml(text)
+    except _TooBig as exc:
+        line, column = exc.mark.line + 1, exc.mark.column + 1
+        raise ConfigError(f"config file {path} is refused at line {line}, column {column}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except ValueError as exc:  # a scalar YAML accepts that Python cannot hold, e.g. an integer of 5000 digits
+        raise ConfigError(f"config file {path}: a value cannot be read ({str(exc)[:200]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping")
-    allowed = list(sections) if sections is not None else None
-    unknown = [k for k in data if allowed is not None and k not in allowed]
-    if unknown and allowed is not None:
-        raise ConfigError(f"config file {path}: unknown section {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    return data
+        raise ConfigError(f"config file {path} must hold a mapping, not {show(data)}")
+    if sections is None:
+        return data
+    return check_sections(data, f"config file {path}", list(sections))
+
+
+def check_sections(data: Mapping[Any, Any], where: str, allowed: list[str]) -> dict[str, Any]:
+    """``data`` with every key an allowed section holding a mapping; an empty section (``train:``, None)
+    means nothing set there and is left out, so it never replaces a section of a lower source."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown section {show(key)}; allowed: {', '.join(allowed)}")
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: section {key} must be a mapping of its keys, not {show(value)}")
+        out[key] = value
+    return out
 
 
 def parse_sets(items: Iterable[str]) -> dict[str, Any]:
@@ -440,21 +558,25 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+            raise ConfigError(f"--set {show(item)}: expected key=value, e.g. --set train.epochs=5")
         parts = key.strip().split(".")
         if parts[0] not in SECTIONS or len(parts) < 2:
             raise ConfigError(
-                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}), e.g. train.epochs"
+                f"--set {show(item)}: the key must start with a section ({', '.join(SECTIONS)}), e.g. train.epochs"
             )
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError(f"--set {show(item)}: the key is nested deeper than {MAX_DEPTH} levels")
         try:
             value = _yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except _TooBig as exc:
+            raise ConfigError(f"--set {show(item)}: the value is refused: {exc.problem}") from None
+        except (yaml.YAMLError, ValueError):
+            value = raw  # not YAML (or a number Python cannot hold): the text itself, as typed
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is set twice with different shapes")
+                raise ConfigError(f"--set {show(item)}: {part} is set twice with different shapes")
         node[parts[-1]] = value
     return out
 
@@ -482,7 +604,7 @@ def resolve_config(
     from balancemm.methods import METHODS
 
     user = load_yaml(config_file) if config_file is not None else {}
-    cli = deep_merge(parse_sets(sets), overrides or {})
+    cli = deep_merge(parse_sets(sets), check_sections(overrides or {}, "overrides", list(SECTIONS)))
     run_raw = deep_merge(deep_merge({"dataset": "embedded", "seed": 0}, user.get("run", {})), cli.get("run", {}))
     if method is not None:
         run_raw["method"] = method
@@ -493,7 +615,9 @@ def resolve_config(
     if "method" not in run_raw:
         raise ConfigError(f"no method given; use --method NAME, one of {', '.join(METHODS.names())}")
     run = parse(RunSection, run_raw, "run")
-    run = dataclasses.replace(run, method=METHODS.resolve(run.method), dataset=DATASETS.resolve(run.dataset))
+    run = dataclasses.replace(
+        run, method=resolve_name(METHODS, run.method), dataset=resolve_name(DATASETS, run.dataset)
+    )
 
     method_cls = METHODS.get(run.method)
     dataset_cls = DATASETS.get(run.dataset)

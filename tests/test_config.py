@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from balancemm.cli import main
 from balancemm.config import RunConfig, parse_sets, resolve_config
 from balancemm.errors import ConfigError
 
@@ -103,3 +104,89 @@ def test_parse_sets_builds_nested_keys() -> None:
         "train": {"optimizer": {"lr": 0.1}},
         "method": {"heads": "slice"},
     }
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI on ``argv``; it must fail with exactly one line on stderr and no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("balancemm: error:") and "Traceback" not in err
+    return err
+
+
+def _bomb(levels: int, fan: int) -> str:
+    """A YAML alias bomb under data.seed: a few hundred bytes that expand to ``fan ** levels`` strings."""
+    lines = ["data:", "  seed:", f"    l0: &l0 [{', '.join(['xxxxxxxx'] * fan)}]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"run: 5\n", "section run must be a mapping of its keys, not 5"),
+        (b"train: 5\n", "section train must be a mapping of its keys, not 5"),
+        (b"model:\n  encoders:\n    audio: 5\n", "model.encoders.audio: expected a mapping with the encoder's name"),
+        (b"train:\n  epochs: \xff\n", "is not UTF-8 text (byte 0xff at offset 17); save it as UTF-8"),
+        (("train:" + " [" * 5000).encode(), "is refused at line 1, column 70: nested deeper than 32 levels"),
+        (b"data: &a\n  x: *a\n", "an alias refers to the node that contains it"),
+        (b"data:\n  seed: " + b"1" * 5000 + b"\n", "a value cannot be read (Exceeds the limit"),
+        (_bomb(6, 10).encode(), "expands to more than 100,000 values (aliases)"),
+    ],
+)
+def test_hostile_config_files_are_one_short_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    err = _one_line_error(capsys, ["config", "--method", "baseline", "--config", str(path)])
+    assert message in err and len(err) < 500
+
+
+def test_the_alias_bomb_of_the_audit_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # 9 levels of 9: 387 million strings once expanded (printing them took 22 GB and minutes).
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(9, 9))
+    assert len(path.read_bytes()) < 600
+    with pytest.raises(ConfigError, match=r"bomb\.yaml is refused at line \d+, column \d+: expands to more than"):
+        resolve_config("baseline", config_file=path)
+
+
+def test_an_empty_section_sets_nothing(tmp_path: Path) -> None:
+    # `train:` (None) once replaced the protocol's whole train section by what --set gave.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\nmethod:\nrun:\n")
+    cfg = resolve_config("baseline", config_file=path, sets=["train.epochs=1"])
+    assert cfg.train == resolve_config("baseline", sets=["train.epochs=1"]).train
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("model.encoders.audio=abc", "model.encoders.audio: expected a mapping with the encoder's name and options"),
+        ("data.seed=" + "[" * 5000, "the value is refused: nested deeper than 32 levels"),
+        ("train." + "a." * 5000 + "b=1", "the key is nested deeper than 32 levels"),
+        ("data.seed=" + "x" * 100_000, "data.seed: expected an integer, got 'xxxx"),
+        ("run.dataset=" + "d" * 100_000, "is not a registered name; valid: "),
+        ("model.encoders." + "m" * 100_000 + "=abc", "expected a mapping with the encoder's name"),
+    ],
+)
+def test_bad_set_values_are_one_short_line(capsys: pytest.CaptureFixture[str], item: str, message: str) -> None:
+    err = _one_line_error(capsys, ["config", "--method", "baseline", "--set", item])
+    assert message in err and len(err) < 1000
+
+
+def test_overrides_sections_must_be_mappings() -> None:
+    with pytest.raises(ConfigError, match="overrides: section train must be a mapping of its keys, not 5"):
+        resolve_config("baseline", overrides={"train": 5})
+    with pytest.raises(ConfigError, match="overrides: unknown section 'trian'"):
+        resolve_config("baseline", overrides={"trian": {"epochs": 1}})
+
+
+def test_a_damaged_saved_config_is_a_config_error() -> None:
+    saved = resolve_config("baseline").to_dict()
+    del saved["train"]
+    with pytest.raises(ConfigError, match=r"a saved config must hold the sections .*; missing: train"):
+        RunConfig.from_dict(saved)
+    with pytest.raises(ConfigError, match="run: expected a mapping of RunSection fields, got 5"):
+        RunConfig.from_dict({**resolve_config("baseline").to_dict(), "run": 5})

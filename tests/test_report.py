@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import math
+import os
 import re
 import shutil
 import subprocess
@@ -555,3 +557,200 @@ def test_imbalance_is_shown_under_both_masking_rules_and_old_runs_under_their_ow
     assert rows["baseline"][5:7] == ["30.00 ± 14.14", "60.00 ± 14.14"]
     # One seed scored each rule: n = 1 per column, never the input-masked 0.3 shown as a feature-masked value.
     assert rows["ogm_ge"][5:7] == ["10.00 ± 0.00", "30.00 ± 0.00"]
+
+
+# --- hostile and damaged run directories ----------------------------------------------------------------
+
+
+def _edit(path: Path, change: Any) -> None:
+    """Rewrite the JSON record ``path`` with ``change(record)`` applied in place."""
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _set(dotted: str, value: Any) -> Any:
+    """A ``change`` for :func:`_edit` that sets the (dotted) field to ``value``, or deletes it for ``...``."""
+
+    def change(record: dict[str, Any]) -> None:
+        *parents, last = dotted.split(".")
+        for p in parents:
+            record = record[p]
+        if value is ...:
+            del record[last]
+        else:
+            record[last] = value
+
+    return change
+
+
+def _report_cli(capsys: pytest.CaptureFixture[str], runs: Path, out: Path, *flags: str) -> tuple[int, str]:
+    code = main(["report", str(runs), "--out", str(out), "--no-plots", *flags])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("file", "dotted", "value"),
+    [
+        ("summary.json", "dataset", "../../../../x/pwn"),
+        ("summary.json", "dataset", "/tmp/pwn"),
+        ("summary.json", "method", "a/b"),
+        ("summary.json", "modalities", ["audio", "../../v"]),
+        ("config.json", "config.method.modality", "../../pwn"),
+    ],
+)
+def test_names_from_run_files_never_become_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, dotted: str, value: Any
+) -> None:
+    runs = tmp_path / "a/b/c/d/runs"
+    fair_runs(runs)
+    # A second dataset's pair of runs, named by the hostile field: its own fairness domain.
+    for s in (0, 1):
+        d = make_run(runs, f"evil{s}", "unimodal", s, 0.5, 0.5, hparams={"modality": "audio"})
+        _edit(d / "summary.json", _set("dataset", "other"))
+        _edit(d / file, _set(dotted, value))
+    before = {p for p in tmp_path.rglob("*")}
+    code, err = _report_cli(capsys, runs, tmp_path / "a/b/c/d/rep")
+    assert code == 0
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert written and all(p.is_relative_to(tmp_path / "a/b/c/d/rep") for p in written)
+    assert not list(tmp_path.rglob("*pwn*"))
+    assert "2 run directories left out as damaged or implausible" in err and "not a plain name" in err
+    notes = json.loads((tmp_path / "a/b/c/d/rep/report.json").read_text())["notes"]
+    assert sum(n.startswith(f"rejected {runs.resolve()}/evil") and file in n for n in notes) == 2
+
+
+def test_the_writer_refuses_a_path_outside_out(tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from balancemm.report import tables
+
+    monkeypatch.setattr(tables, "all_tables", lambda col, oracle=False: [Table("../../escape", "t", ["a"])])
+    with pytest.raises(BalanceMMError, match=r"refusing to write 'tables/\.\./\.\./escape\.md': .* outside --out"):
+        write_report(runs, tmp_path / "deep/rep", plots=False)
+    assert not list(tmp_path.rglob("escape*")) and not (tmp_path / "deep/rep").exists()
+
+
+DAMAGE: list[tuple[str, Any, str]] = [
+    ("summary.json", b'{"schema": 1, "dataset', "summary.json: not valid JSON (Unterminated string"),
+    ("summary.json", b"{}", "summary.json: dataset is missing"),
+    ("summary.json", b"[1, 2]", "summary.json: holds [1, 2], not a mapping"),
+    ("summary.json", b"\xff\xfe\x00\x01\x89PNG", "summary.json: not valid JSON ('utf-8' codec can't decode"),
+    ("config.json", b'{"config": {"run": "\xff"}}', "config.json: not valid JSON ('utf-8' codec can't decode"),
+    ("config.json", b"[1]", "config.json: holds [1], not a mapping"),
+    ("config.json", b"[" * 100_000, "config.json: not valid JSON"),
+    ("summary.json", _set("selection", ...), "summary.json: selection is missing"),
+    ("summary.json", _set("test.macro_f1", ...), "summary.json: test.macro_f1 is missing"),
+    ("summary.json", _set("seed", "0"), "summary.json: seed is '0', not an integer >= 0"),
+    ("summary.json", _set("modalities", "audio"), "summary.json: modalities is 'audio', not a non-empty list"),
+    ("summary.json", _set("flops", [1]), "summary.json: flops is [1], not a mapping"),
+    ("summary.json", _set("concurrent_jobs", [1]), "summary.json: concurrent_jobs is [1], not an integer >= 1"),
+    ("summary.json", _set("selection.metric", None), "summary.json: selection.metric is None, not a string"),
+    ("config.json", _set("config.method", [1]), "config.json: config: method is [1], not a mapping"),
+    # Implausible numbers: shown as "114.72 ± 49.89" or "nan ± nan" before.
+    ("summary.json", _set("test.accuracy", 1.5), "summary.json: test.accuracy is 1.5, not a fraction in [0, 1]"),
+    ("summary.json", _set("test.accuracy", math.nan), "summary.json: test.accuracy is nan, not a fraction"),
+    ("summary.json", _set("test.macro_f1", -0.1), "summary.json: test.macro_f1 is -0.1, not a fraction"),
+    ("summary.json", _set("selection.value", math.inf), "summary.json: selection.value is inf, not a fraction"),
+    ("summary.json", _set("test.per_modality.audio.accuracy", 2), "test.per_modality.audio.accuracy is 2, not a"),
+    ("summary.json", _set("imbalance", 2.5), "summary.json: imbalance is 2.5, not an imbalance degree in [0, 2]"),
+    ("summary.json", _set("shapley.audio", -1.5), "summary.json: shapley.audio is -1.5, not a Shapley value"),
+    ("summary.json", _set("flops.total_with_artifacts", -1e9), "flops.total_with_artifacts is -1000000000.0, not a"),
+    ("summary.json", _set("train_time_s", "fast"), "summary.json: train_time_s is 'fast', not a finite number"),
+    ("summary.json", _set("params.total", True), "summary.json: params.total is True, not a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize(("file", "damage", "message"), DAMAGE)
+def test_damaged_or_implausible_records_leave_the_run_out_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, damage: Any, message: str
+) -> None:
+    runs = fair_runs(tmp_path / "runs")
+    target = runs / "agm5-1" / file
+    if isinstance(damage, bytes):
+        target.write_bytes(damage)
+    else:
+        _edit(target, damage)
+    # Without agm's seed 1 the seeds differ between trials: refused, the damaged record named on that line.
+    code, err = _report_cli(capsys, runs, tmp_path / "rep")
+    assert code == 2 and err.count("\n") == 1 and "unfair comparison" in err
+    assert f"{runs.resolve()}/agm5-1: {file}: " in err and message in err and len(err) < 1000
+    code, err = _report_cli(capsys, runs, tmp_path / "rep", "--allow-unfair")
+    assert code == 0 and "1 run directories left out as damaged or implausible" in err
+    report = json.loads((tmp_path / "rep/report.json").read_text())
+    rejected = [n for n in report["notes"] if n.startswith("rejected")]
+    assert len(rejected) == 1 and rejected[0].startswith(f"rejected {runs.resolve()}/agm5-1: {file}: ")
+    assert message in rejected[0]
+    assert "nan ±" not in (tmp_path / "rep/report.md").read_text()
+    assert report["selected"]["embedded"]["agm"]["seeds"] == [0]
+
+
+def test_a_damaged_probe_is_ignored_and_the_run_kept(tmp_path: Path) -> None:
+    runs = fair_runs(tmp_path / "runs")
+    _edit(runs / "gr1-1/probe.json", _set("audio.test_accuracy", 1.5))
+    col = collect(runs)
+    assert len(col.runs) == 22 and col.selected["embedded"]["greedy"].runs[1].probe is None
+    (note,) = [n for n in col.notes if "probe" in n]
+    assert note.startswith(f"ignored the probe of {runs.resolve()}/gr1-1: probe.json: audio.test_accuracy is 1.5")
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (what a killed ``report`` leaves in its folder names)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_reports_are_cleaned_up(tmp_path: Path, runs: Path) -> None:
+    out = tmp_path / "rep"
+    write_report(runs, out, plots=False)
+    dead, alive = _dead_pid(), os.getppid()
+    for name in (f".rep.tmp-{dead}", f".rep.old-{dead}", f".rep.tmp-{alive}", ".other.tmp-1"):
+        (tmp_path / name / "tables").mkdir(parents=True)
+    (tmp_path / f".rep.old-{dead}/report.json").write_text("{}")
+    write_report(runs, out, plots=False)
+    # A running process's folder and other names are left alone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".rep.tmp-{alive}", ".other.tmp-1", "rep"])
+
+
+def test_a_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path: Path, runs: Path) -> None:
+    out = tmp_path / "rep"
+    write_report(runs, out, plots=False)
+    (out / "marker").write_text("the previous report")
+    # SIGKILL right after the old report moved aside: no Python cleanup runs, as with `kill -9`.
+    code = (
+        "import os, signal; from balancemm.report import write_report; real = os.replace\n"
+        "def replace(a, b):\n"
+        "    real(a, b)\n"
+        "    if '.old-' in str(b): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        f"write_report({str(runs)!r}, {str(out)!r}, plots=False)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert not out.exists() and len(list(tmp_path.glob(".rep.old-*"))) == 1
+    # Even a rerun that fails (here: no runs) puts the previous report back first.
+    with pytest.raises(BalanceMMError, match="does not exist"):
+        write_report(tmp_path / "missing", out, plots=False)
+    assert (out / "marker").read_text() == "the previous report"
+    write_report(runs, out, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"] and not (out / "marker").exists()
+
+
+def test_an_interrupted_swap_puts_the_previous_report_back(
+    tmp_path: Path, runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "rep"
+    write_report(runs, out, plots=False)
+    (out / "marker").write_text("the previous report")
+    real = os.replace
+
+    def interrupted(a: Path, b: Path) -> None:
+        if ".rep.tmp-" in str(a):  # Ctrl-C as the new report takes the name
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(runs, out, plots=False)
+    monkeypatch.undo()
+    assert (out / "marker").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]

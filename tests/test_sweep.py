@@ -320,3 +320,30 @@ def test_ray_launcher_runs_the_sweep_on_a_real_local_ray_instance(tmp_path: Path
             RayLauncher(None, 1, gpus_per_job=0.5)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"draw_seed": "abc"}, "sweep.draw_seed must be an integer >= 0, not 'abc'"),
+        ({"draw_seed": True}, "sweep.draw_seed must be an integer >= 0, not True"),
+        ({"probe": "no"}, "sweep.probe must be true or false, not 'no'"),
+        ({"adapt": "false"}, "sweep.adapt must be true or false, not 'false'"),
+        ({"methods": 5}, "sweep.methods must be a list of names"),
+        ({"seeds": [0, True]}, "sweep.seeds must be a count or a list of integers >= 0, not [0, True]"),
+        ({"seeds": [-1]}, "sweep.seeds must be a count or a list of integers >= 0"),
+        ({"trials": "x" * 10_000}, "sweep.trials must be an integer >= 1, not 'xxx"),
+    ],
+)
+def test_sweep_values_are_typed_strictly(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        SweepSpec.from_mapping(raw)
+    assert str(err.value).startswith(message) and len(str(err.value)) < 500
+
+
+def test_a_sweep_file_with_a_string_draw_seed_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("methods: [baseline]\ndraw_seed: abc\nprobe: 'no'\n")
+    assert main(["sweep", str(spec), "--root", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "draw_seed must be an integer" in err and "Traceback" not in err

@@ -20,10 +20,18 @@ BalanceMM does. ``vision`` is renamed ``visual`` like every other dataset here.
 pickle into one ``.npy`` per split and modality (memory-mapped when loading, so the 6 GB unaligned
 set does not have to fit in memory) plus a manifest. ``data.root`` may also point straight at the
 folder holding the pickle (loaded into memory).
+
+**Loading the pickle safely.** Unpickling can call any importable function, so a crafted file would run
+its payload on ``data prepare`` or ``train``. :func:`read_pickle` admits only what MulT's pickles are made
+of: dicts, lists, tuples, strings, bytes and numbers (pickle opcodes, no import) and numpy arrays, built
+from ``numpy.ndarray``, ``numpy.dtype``, ``numpy.core.multiarray._reconstruct``/``scalar`` (or
+``numpy._core`` as numpy 2 writes them), ``numpy.core.numeric._frombuffer`` (protocol 5) and, in
+protocol 0-2 pickles, ``_codecs.encode`` for latin-1 bytes. Any other global is refused, unloaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import sys
 import time
@@ -82,17 +90,83 @@ class ArraySplit(Split):
         return out
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 0-2 pickles use it for bytes (``encode(text, "latin1")``), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {str(encoding)[:20]!r}) is not bytes")
+    return text.encode("latin1")
+
+
+#: numpy's private array-rebuilding helpers a pickle of arrays names: (submodule of numpy's core, name).
+_NUMPY_HELPERS = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
+# numpy 1.x pickles name them numpy.core.*, numpy 2 numpy._core.*: the same functions, taken from whichever
+# core this numpy has (numpy 2 keeps numpy.core only as a deprecated alias).
+_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+
+
+def _allowed(module: str, name: str) -> Any:
+    """The object a MulT pickle may name as ``module.name``, or None for anything else."""
+    if (module, name) == ("numpy", "ndarray"):
+        return np.ndarray
+    if (module, name) == ("numpy", "dtype"):
+        return np.dtype
+    if (module, name) == ("_codecs", "encode"):
+        return _latin1
+    package, _, sub = module.rpartition(".")
+    if package in ("numpy.core", "numpy._core") and (sub, name) in _NUMPY_HELPERS:
+        return getattr(importlib.import_module(f"{_CORE}.{sub}"), name)
+    return None
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside what :class:`_ArraysOnly` admits; the message is its dotted name."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds containers, numbers and numpy arrays, and refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _allowed(module, name)
+        if found is None:
+            raise _Refused(f"{module}.{name}"[:120])
+        return found
+
+
+def _check_arrays(data: Any) -> None:
+    """Raise ValueError unless ``data`` has every split's numeric feature arrays [N, T, D] and N labels."""
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a {type(data).__name__}, not a dict of splits")
+    for split in SPLIT_KEYS.values():
+        block = data.get(split)
+        if not isinstance(block, dict):
+            raise ValueError(f"no {split!r} split")
+        arrays = {key: np.asarray(block.get(key)) for key in (*MODALITY_KEYS.values(), "labels")}
+        for key, arr in arrays.items():
+            if arr.dtype.kind not in "biuf" or (key != "labels" and arr.ndim != 3):
+                raise ValueError(f"{split}.{key} is not a numeric {'array' if key == 'labels' else '[N, T, D] array'}")
+        sizes = {key: int(arr.size if key == "labels" else arr.shape[0]) for key, arr in arrays.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{split}: different numbers of samples {sizes}")
+
+
 def read_pickle(path: Path) -> dict[str, Any]:
+    """MulT's pickle at ``path``, loaded with :class:`_ArraysOnly` (nothing in it runs) and checked."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; CMU-MOSEI needs MulT's {' or '.join(PICKLES.values())}")
     try:
-        with open(path, "rb") as f:  # the user's own file; pickles run code, so only load trusted copies
-            data = pickle.load(f)
-        for split in SPLIT_KEYS.values():
-            for key in (*MODALITY_KEYS.values(), "labels"):
-                np.asarray(data[split][key])
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a MulT CMU-MOSEI pickle ({type(exc).__name__}: {exc})") from None
+        with open(path, "rb") as f:
+            data = _ArraysOnly(f).load()
+    except _Refused as exc:
+        raise DataError(
+            f"{path}: refused to load: the pickle asks for {exc}, which MulT's CMU-MOSEI pickles never hold "
+            "(only numpy arrays and plain containers); use the original file"
+        ) from None
+    except Exception as exc:  # a damaged pickle fails inside pickle or numpy in many ways, each one line
+        raise DataError(f"{path}: not a MulT CMU-MOSEI pickle ({type(exc).__name__}: {str(exc)[:200]})") from None
+    try:
+        _check_arrays(data)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a MulT CMU-MOSEI pickle ({exc})") from None
     return dict(data)
 
 

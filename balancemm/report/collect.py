@@ -5,7 +5,8 @@ directories are copied, without the training environment.
 
 Vocabulary:
 
-- **run**: one directory holding ``config.json``; usable only with a ``done`` marker and ``summary.json``.
+- **run**: one directory holding ``config.json``; usable only with a ``done`` marker and ``summary.json``,
+  both records readable and plausible (:func:`find_runs`).
 - **row**: a line of Table 2 on one dataset: a method name, or ``unimodal (audio)`` for the unimodal
   reference trained on one modality.
 - **trial**: the runs of one row that share the method's hyper-parameters (``config["method"]``), one per seed.
@@ -16,8 +17,10 @@ Vocabulary:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +34,12 @@ from balancemm.registry import METHOD_GROUPS
 GROUP_ORDER = METHOD_GROUPS
 #: The config sections every method on a dataset must share (the dataset protocol + user overrides).
 PROTOCOL_SECTIONS = ("train", "data", "model")
+#: Notes on run directories left out because a record is damaged or implausible start with this (the
+#: ones left out as unfinished start with "skipped ").
+REJECTED = "rejected "
+#: Dataset, method, group and modality names become parts of file names (``tables/trials_<dataset>_<row>.md``),
+#: so a name read from a run file must be plain: letters, digits and ``_ . + -``, no leading symbol, no ``..``.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,11 @@ class Collection:
     def datasets(self) -> list[str]:
         return sorted(self.selected)
 
+    @property
+    def rejected(self) -> list[str]:
+        """The notes on run directories left out because a record is damaged or implausible."""
+        return [n for n in self.notes if n.startswith(REJECTED)]
+
     def flags(self, dataset: str, row: str) -> Flags | None:
         """The selected trial's :class:`Flags` on ``dataset`` (None for references)."""
         sel = self.selected[dataset]
@@ -216,14 +230,197 @@ def _safe(get: Callable[[dict[str, Any]], float | None], summary: dict[str, Any]
         return None
 
 
+def plain_name(value: object) -> bool:
+    """Whether ``value`` (read from a run file) may become part of a file name of the report."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None and ".." not in value
+
+
+class _Unusable(Exception):
+    """A run record the report cannot use; the message names the file and what is wrong with it."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a note naming a path stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _show(value: object) -> str:
+    """``value`` for a note: its repr, cut short (a damaged record may hold anything, of any size)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: A field check: None when the value is acceptable, else what is wrong with it ("is 1.5, not ...").
+Rule = Callable[[Any], str | None]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _between(low: float, high: float, what: str) -> Rule:
+    return lambda v: None if _number(v) and low <= v <= high else f"is {_show(v)}, not {what}"
+
+
+def _or_none(rule: Rule) -> Rule:
+    return lambda v: None if v is None else rule(v)
+
+
+def _kind(kind: type, what: str) -> Rule:
+    return lambda v: None if isinstance(v, kind) else f"is {_show(v)}, not {what}"
+
+
+def _name(v: Any) -> str | None:
+    if plain_name(v):
+        return None
+    return f"is {_show(v)}, not a plain name (letters, digits, _ . + -; no '..'): names become file names"
+
+
+def _names(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return f"is {_show(v)}, not a non-empty list of names"
+    return next((f"[{i}] {why}" for i, x in enumerate(v) if (why := _name(x)) is not None), None)
+
+
+def _integer(low: int, what: str) -> Rule:
+    def rule(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"is {_show(v)}, not {what}"
+
+    return rule
+
+
+_MAPPING = _kind(dict, "a mapping")
+_TEXT = _kind(str, "a string")
+#: Accuracies, macro-F1 and selection values (accuracy or macro-F1) are fractions. A Shapley value is a
+#: weighted mean of differences of accuracies, so it lies in [-1, 1]; the imbalance degree is a mean of
+#: differences of two of them, in [0, 2]. FLOPs, times, memory and parameter counts are amounts.
+_FRACTION = _between(0, 1, "a fraction in [0, 1]")
+_SHAPLEY = _between(-1, 1, "a Shapley value in [-1, 1]")
+_IMBALANCE = _or_none(_between(0, 2, "an imbalance degree in [0, 2]"))
+_AMOUNT = _or_none(_between(0, math.inf, "a finite number >= 0"))
+
+#: (field, rule, required) for every summary.json field the report reads; ``*`` is every key of a mapping.
+#: A mapping is listed before its fields, so a field is only checked inside a mapping.
+_SUMMARY: tuple[tuple[str, Rule, bool], ...] = (
+    ("dataset", _name, True),
+    ("method", _name, True),
+    ("method_group", _or_none(_name), False),
+    ("seed", _integer(0, "an integer >= 0"), True),
+    ("modalities", _names, True),
+    ("selection", _MAPPING, True),
+    ("selection.metric", _TEXT, True),
+    ("selection.value", _FRACTION, True),
+    ("test", _MAPPING, True),
+    ("test.accuracy", _FRACTION, True),
+    ("test.macro_f1", _FRACTION, True),
+    ("test.per_modality", _MAPPING, False),
+    ("test.per_modality.*", _MAPPING, False),
+    ("test.per_modality.*.accuracy", _FRACTION, False),
+    ("test.per_modality.*.macro_f1", _FRACTION, False),
+    ("shapley", _MAPPING, False),
+    ("shapley.*", _SHAPLEY, False),
+    ("imbalance", _IMBALANCE, False),
+    ("shapley_mask", _TEXT, False),
+    ("shapley_by_mask", _MAPPING, False),
+    ("shapley_by_mask.*", _MAPPING, False),
+    ("shapley_by_mask.*.shapley", _MAPPING, False),
+    ("shapley_by_mask.*.shapley.*", _SHAPLEY, False),
+    ("shapley_by_mask.*.imbalance", _IMBALANCE, False),
+    ("flops", _MAPPING, False),
+    ("flops.total", _AMOUNT, False),
+    ("flops.total_with_artifacts", _AMOUNT, False),
+    ("train_time_s", _AMOUNT, False),
+    ("wall_time_s", _AMOUNT, False),
+    ("peak_memory_mb", _AMOUNT, False),
+    ("params", _MAPPING, False),
+    ("params.total", _AMOUNT, False),
+    ("peak_memory_kind", _or_none(_TEXT), False),
+    ("per_modality_heads", _or_none(_TEXT), False),
+    ("concurrent_jobs", _or_none(_integer(1, "an integer >= 1")), False),
+)
+#: The same for the ``config`` section of config.json (the unimodal row is named by method.modality).
+_CONFIG: tuple[tuple[str, Rule, bool], ...] = (
+    ("method", _MAPPING, False),
+    ("method.modality", _or_none(_name), False),
+    ("model", _or_none(_MAPPING), False),
+    ("model.mask", _TEXT, False),
+)
+#: And for probe.json: ``{modality: {"test_accuracy", "val_accuracy", ...}}``.
+_PROBE: tuple[tuple[str, Rule, bool], ...] = (
+    ("*", _MAPPING, False),
+    ("*.test_accuracy", _FRACTION, False),
+    ("*.val_accuracy", _FRACTION, False),
+)
+_ABSENT = object()
+
+
+def _fields(node: Any, path: list[str], where: str) -> Iterable[tuple[str, Any]]:
+    """(dotted name, value) of every field ``path`` names under ``node`` (``_ABSENT`` when missing); nothing
+    below a missing or non-mapping parent, which its own rule reports."""
+    if not path:
+        yield where, node
+        return
+    if not isinstance(node, dict):
+        return
+    head, rest = path[0], path[1:]
+    keys = sorted(node, key=str) if head == "*" else [head]
+    for key in keys:
+        name = f"{where}.{str(key)[:60]}" if where else str(key)[:60]
+        if key in node:
+            yield from _fields(node[key], rest, name)
+        elif not rest:
+            yield name, _ABSENT
+
+
+def _check(record: Any, spec: tuple[tuple[str, Rule, bool], ...], file: str) -> None:
+    """Raise :class:`_Unusable` naming ``file`` and the field at the first violation of ``spec``."""
+    if not isinstance(record, dict):
+        raise _Unusable(f"{file}: holds {_show(record)}, not a mapping")
+    for field_name, rule, required in spec:
+        for where, value in _fields(record, field_name.split("."), ""):
+            if value is _ABSENT:
+                if required:
+                    raise _Unusable(f"{file}: {where} is missing")
+            elif (why := rule(value)) is not None:
+                raise _Unusable(f"{file}: {where} {why}")
+
+
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """The JSON in ``path``; :class:`_Unusable` naming the file when it cannot be read or parsed."""
+    try:
+        # Run records are written as UTF-8, whatever the locale's encoding.
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise _Unusable(f"{path.name}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise _Unusable(f"{path.name}: not valid JSON ({str(exc)[:100]})") from None
+    except RecursionError:
+        raise _Unusable(f"{path.name}: not valid JSON (nested too deeply)") from None
+
+
+def _load(d: Path) -> Run:
+    """The run in directory ``d``, its records checked; :class:`_Unusable` when one is damaged or implausible."""
+    record = _read(d / "config.json")
+    _check(record, (("config", _MAPPING, True),), "config.json")
+    config = record["config"]
+    _check(config, _CONFIG, "config.json: config")
+    summary = _read(d / "summary.json")
+    _check(summary, _SUMMARY, "summary.json")
+    if "shapley_mask" not in summary:
+        # Runs written before the field existed scored Shapley values under their model.mask only.
+        summary["shapley_mask"] = (config.get("model") or {}).get("mask", "feature")
+    return Run(d, config, summary)
 
 
 def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     """Every usable run directory under ``root`` (recursively), each once, and one note per unusable one.
 
-    A directory counts if it holds ``config.json``; it is usable with ``done`` and a readable ``summary.json``.
+    A directory counts if it holds ``config.json``; it is usable with ``done`` and a ``summary.json``, both
+    records readable and plausible (every field the report reads present where required, of its type and
+    within its range: see ``_SUMMARY``). Unfinished directories are noted as skipped, the others as
+    rejected with the file and field at fault; a damaged ``probe.json`` is ignored with a note (the run
+    counts, without its probe).
     """
     root = Path(root)
     if not root.is_dir():
@@ -240,18 +437,25 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
             notes.append(f"skipped {d}: {why} (no done marker or summary.json)")
             continue
         try:
-            config = _read(d / "config.json")["config"]
-            summary = _read(d / "summary.json")
-            probe = _read(d / "probe.json") if (d / "probe.json").is_file() else None
-        except (OSError, ValueError, KeyError) as exc:
-            notes.append(f"skipped {d}: unreadable record ({exc})")
+            run = _load(d)
+        except _Unusable as exc:
+            notes.append(f"{REJECTED}{d}: {exc}")
             continue
-        if isinstance(summary, dict) and "shapley_mask" not in summary and isinstance(config, dict):
-            # Runs written before the field existed scored Shapley values under their model.mask only.
-            summary["shapley_mask"] = (config.get("model") or {}).get("mask", "feature")
-        runs.append(Run(d, config, summary, probe))
+        if (d / "probe.json").is_file():
+            try:
+                probe = _read(d / "probe.json")
+                _check(probe, _PROBE, "probe.json")
+                run = dataclasses.replace(run, probe=probe)
+            except _Unusable as exc:
+                notes.append(f"ignored the probe of {d}: {exc}; rerun `balancemm probe {d}`")
+        runs.append(run)
     if not runs:
-        raise BalanceMMError(f"none of the {len(dirs)} run directories under {root} is finished (no done marker)")
+        rejected = [n for n in notes if n.startswith(REJECTED)]
+        first = f"; {printable(rejected[0])}" if rejected else ""
+        raise BalanceMMError(
+            f"none of the {len(dirs)} run directories under {root} is usable ({len(notes) - len(rejected)} "
+            f"unfinished, {len(rejected)} rejected){first}"
+        )
     return runs, notes
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancemm.config import RunConfig, load_yaml, parse, resolve_config, to_dict
+from balancemm.config import RunConfig, load_yaml, parse, resolve_config, show, to_dict
 from balancemm.errors import ConfigError
 
 
@@ -88,22 +88,40 @@ class SweepSpec:
         def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
             value = raw.get(key, default)
             items = value.split(",") if isinstance(value, str) else value
-            if not items or not all(isinstance(v, str) and v.strip() for v in items):
+            if (
+                not isinstance(items, list | tuple)
+                or not items
+                or not all(isinstance(v, str) and v.strip() for v in items)
+            ):
                 raise ConfigError(f"{where}.{key} must be a list of names (or a comma-separated string)")
             return tuple(v.strip() for v in items)
 
+        def integer(v: Any) -> bool:
+            # YAML's true/false are bools, which Python counts as integers: a seed of true is a typo.
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def flag(key: str) -> bool:
+            # Strict: the string 'no' (or 'false') would otherwise count as true.
+            value = raw.get(key, False)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, not {show(value)}")
+            return value
+
         seeds = raw.get("seeds", 3)
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if integer(seeds):
             if seeds < 1:
                 raise ConfigError(f"{where}.seeds must be >= 1 (a count) or a list of seeds")
             seed_list = tuple(range(seeds))
-        elif isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds):
+        elif isinstance(seeds, list) and seeds and all(integer(s) and s >= 0 for s in seeds):
             seed_list = tuple(seeds)
         else:
-            raise ConfigError(f"{where}.seeds must be a count or a list of integers")
+            raise ConfigError(f"{where}.seeds must be a count or a list of integers >= 0, not {show(seeds)}")
         trials = raw.get("trials", 1)
-        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-            raise ConfigError(f"{where}.trials must be an integer >= 1")
+        if not integer(trials) or trials < 1:
+            raise ConfigError(f"{where}.trials must be an integer >= 1, not {show(trials)}")
+        draw_seed = raw.get("draw_seed", 0)
+        if not integer(draw_seed) or draw_seed < 0:
+            raise ConfigError(f"{where}.draw_seed must be an integer >= 0, not {show(draw_seed)}")
         search = raw.get("search", {}) or {}
         if not isinstance(search, Mapping) or not all(
             isinstance(space, Mapping) and all(isinstance(v, list) and v for v in space.values())
@@ -113,9 +131,6 @@ class SweepSpec:
         sets = raw.get("sets", [])
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
             raise ConfigError(f"{where}.sets must be a list of 'key=value' strings")
-        adapt = raw.get("adapt", False)
-        if not isinstance(adapt, bool):
-            raise ConfigError(f"{where}.adapt must be true or false")
         return cls(
             names("methods", ("all",)),
             names("datasets", ("embedded",)),
@@ -123,9 +138,9 @@ class SweepSpec:
             trials,
             {str(k): dict(v) for k, v in search.items()},
             tuple(sets),
-            int(raw.get("draw_seed", 0)),
-            bool(raw.get("probe", False)),
-            adapt,
+            draw_seed,
+            flag("probe"),
+            flag("adapt"),
         )
 
     @classmethod

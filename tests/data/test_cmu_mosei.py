@@ -4,7 +4,11 @@ and every method on its three modalities (runs, or refuses in one clear line).""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,3 +120,67 @@ def test_every_method_runs_on_three_modalities_or_refuses(
         pytest.skip(f"{method} refuses three modalities: {exc}")
     expected = ["text"] if method == "unimodal" else ["audio", "text", "visual"]
     assert summary["modalities"] == expected and "nonzero" in summary["test"]["subsets"]
+
+
+class _Payload:
+    """Unpickled by a plain ``pickle.load``, this writes ``marker``: what a crafted release file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, ...]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_is_refused_without_running_its_payload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "payload-ran"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    blob = pickle.dumps({"train": _Payload(marker), "valid": {}, "test": {}})
+    (raw / "mosei_senti_data_noalign.pkl").write_bytes(blob)
+    refused = r"mosei_senti_data_noalign\.pkl: refused to load: the pickle asks for posix\.system"
+    with pytest.raises(DataError, match=refused):
+        create_dataset("cmu_mosei", root=str(raw))
+    for argv in (
+        ["data", "prepare", "cmu_mosei", "--raw", str(raw), "--out", str(tmp_path / "prep"), "--quiet"],
+        ["train", "--method", "baseline", "--dataset", "cmu_mosei", "--quiet", "--out", str(tmp_path / "run"),
+         "--set", f"data.root={raw}", *SMALL],
+    ):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "posix.system" in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "prep").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_restricted_loader_reads_every_protocol_and_numpy_1_names(mosei: tuple[Path, dict], tmp_path: Path) -> None:
+    raw, data = mosei
+    expected = create_dataset("cmu_mosei", root=str(raw)).split("test").get_batch(torch.arange(8))
+    blobs = {f"p{p}": pickle.dumps(data, protocol=p) for p in (0, 2, 4, 5)}
+    # numpy 1.x (MulT's files) names its helpers numpy.core.*, numpy 2 numpy._core.*; protocol 2 writes
+    # them as text, so the other spelling is a plain replacement.
+    other = (b"numpy._core.", b"numpy.core.") if b"numpy._core." in blobs["p2"] else (b"numpy.core.", b"numpy._core.")
+    blobs["other_numpy"] = blobs["p2"].replace(*other)
+    for name, blob in blobs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mosei_senti_data_noalign.pkl").write_bytes(blob)
+        got = create_dataset("cmu_mosei", root=str(tmp_path / name)).split("test").get_batch(torch.arange(8))
+        assert all(torch.equal(got[m], expected[m]) for m in expected), name
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: [1, 2], "holds a list, not a dict of splits"),
+        (lambda data: {"train": data["train"]}, "no 'valid' split"),
+        (lambda data: {**data, "train": {**data["train"], "text": "abc"}}, "train.text is not a numeric"),
+        (lambda data: {**data, "test": {**data["test"], "labels": data["test"]["labels"][:3]}}, "test: different"),
+    ],
+)
+def test_a_pickle_without_the_release_layout_is_one_clear_error(
+    mosei: tuple[Path, dict], tmp_path: Path, damage: Any, message: str
+) -> None:
+    (tmp_path / "mosei_senti_data_noalign.pkl").write_bytes(pickle.dumps(damage(mosei[1])))
+    with pytest.raises(DataError, match=f"not a MulT CMU-MOSEI pickle \\({re.escape(message)}"):
+        create_dataset("cmu_mosei", root=str(tmp_path))
