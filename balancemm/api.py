@@ -7,14 +7,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from balancemm.config import RunConfig, deep_merge, resolve_config
+from balancemm.errors import ConfigError
 
 if TYPE_CHECKING:
     from balancemm.models import MultimodalClassifier
+
+# What a run directory holds (balancemm.engine.rundir). A folder with nothing else is a run's own even
+# without its config.json, e.g. one whose first training was killed before writing it.
+_RUN_ENTRIES = frozenset(
+    {"config.json", "results.jsonl", "summary.json", "checkpoints", "tb", "done", "failed", "probe.json", ".lock"}
+)
 
 
 def default_out(cfg: RunConfig, root: str | Path = "runs") -> Path:
     """``runs/<method>-<dataset>-seed<N>-<hash8>``: the same command always finds the same directory."""
     return Path(root) / f"{cfg.run.method}-{cfg.run.dataset}-seed{cfg.run.seed}-{cfg.digest()[:8]}"
+
+
+def check_run_out(out: str | Path) -> None:
+    """Refuse to train into a directory that holds files of its own and no run (a run holds its
+    ``config.json``): the run's files would land among someone else's. A new or empty directory, or the
+    run's own (it resumes, or the trainer refuses a different config), is fine."""
+    if not str(out).strip():  # Path("") would be the current directory
+        raise ConfigError("the run directory is an empty path; give a directory, or none for the default")
+    from balancemm.files import PARTIAL  # imports torch, as training does anyway
+
+    path = Path(out)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _RUN_ENTRIES and PARTIAL not in p.name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"{path} holds no run (no config.json) but other files ({shown}); choose a new or empty directory"
+        )
 
 
 def train(
@@ -50,7 +76,9 @@ def train(
     cfg = resolve_config(
         method, dataset, config_file=config, sets=sets, overrides=deep_merge(overrides or {}, extra), seed=seed
     )
-    return Trainer(cfg, out or default_out(cfg), device=device, progress=progress).fit()
+    out = default_out(cfg) if out is None else out
+    check_run_out(out)
+    return Trainer(cfg, out, device=device, progress=progress).fit()
 
 
 def create_model(dataset: str = "embedded", method: str = "baseline", **resolve: Any) -> MultimodalClassifier:

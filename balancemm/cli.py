@@ -7,19 +7,31 @@ Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from balancemm import __version__
 from balancemm.errors import BalanceMMError, SweepFailed
+
+SHOWN = 5  # problems named one by one on the terminal; the rest are counted
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the usage block too; one line is easier to read and to grep.
         self.exit(2, f"balancemm: error: {message} (see {self.prog} --help)\n")
+
+
+def _path(value: str) -> str:
+    """A path argument. An empty one (``--out ''``, often an unset shell variable) is refused: read as
+    "not given" it would silently mean the default, and as a path it would mean the current directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty path; give a file or directory name")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     for cmd in (t, c):
         cmd.add_argument("--method", help="registry name or alias, e.g. ogm_ge (or run.method in --config)")
         cmd.add_argument("--dataset", default=None, help="registry name (default: embedded, needs no download)")
-        cmd.add_argument("--config", default=None, help="YAML file with sections run/method/data/model/train")
+        cmd.add_argument(
+            "--config", type=_path, default=None, help="YAML file with sections run/method/data/model/train"
+        )
         cmd.add_argument(
             "--set",
             dest="sets",
@@ -43,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
             help="override config keys, e.g. --set train.epochs=5 method.alpha=0.3",
         )
         cmd.add_argument("--seed", type=int, default=None)
-    t.add_argument("--out", default=None, help="run directory (default: runs/<method>-<dataset>-seed<N>-<hash>)")
+    t.add_argument(
+        "--out",
+        type=_path,
+        default=None,
+        help="run directory: new, empty or the run's own (default: runs/<method>-<dataset>-seed<N>-<hash>)",
+    )
     t.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -52,17 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--group", default=None, help="only methods of this taxonomy group")
 
     sw = sub.add_parser("sweep", help="train a grid of methods × datasets × seeds × trials; reruns skip finished jobs")
-    sw.add_argument("spec", nargs="?", default=None, help="YAML file with methods/datasets/seeds/trials/search/sets")
+    sw.add_argument(
+        "spec", nargs="?", type=_path, default=None, help="YAML file with methods/datasets/seeds/trials/search/sets"
+    )
     sw.add_argument("--methods", default=None, help="comma-separated keys, or 'all' (default: all)")
     sw.add_argument("--datasets", default=None, help="comma-separated keys (default: embedded)")
     sw.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 3)")
     sw.add_argument("--trials", type=int, default=None, help="hyper-parameter trials per method (default: 1)")
     sw.add_argument("--adapt", action="store_true", help="start every job from its method's protocol adaptation")
     sw.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    sw.add_argument("--root", default="runs/sweep", help="where the job directories go (default: runs/sweep)")
+    sw.add_argument(
+        "--root", type=_path, default="runs/sweep", help="where the job directories go (default: runs/sweep)"
+    )
     sw.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per core or GPU slot; ray: all)")
     sw.add_argument("--launcher", choices=["local", "ray"], default="local", help="where jobs run (default: local)")
-    sw.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001")
+    sw.add_argument(
+        "--address", default=None, help="Ray cluster address, e.g. auto, head:6379 or ray://head:10001 (ray only)"
+    )
     sw.add_argument("--probe", action="store_true", help="linear-probe each multimodal run's encoders (Fig. 2)")
     sw.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
@@ -77,9 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="config keys for every job, e.g. --set data.root=data/cremad",
     )  # fmt: skip
-    be.add_argument("--root", default="runs/bench", help="where the job directories go (default: runs/bench)")
+    be.add_argument(
+        "--root", type=_path, default="runs/bench", help="where the job directories go (default: runs/bench)"
+    )
     be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core or GPU slot)")
-    be.add_argument("--report", default="reports/bench", help="where the report goes (default: reports/bench)")
+    be.add_argument(
+        "--report", type=_path, default="reports/bench", help="where the report goes (default: reports/bench)"
+    )
     be.add_argument("--quiet", action="store_true", help="no progress output")
     be.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
     for cmd in (sw, be):
@@ -97,13 +126,15 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     pr = sub.add_parser("probe", help="linear-probe each encoder of a finished run (Fig. 2's counterparts)")
-    pr.add_argument("run_dir")
+    pr.add_argument("run_dir", type=_path)
     pr.add_argument("--modality", default=None)
     pr.add_argument("--device", default="auto", help="where features are extracted: auto, cpu, cuda or cuda:N")
 
     rp = sub.add_parser("report", help="tables and figures from finished run directories (no torch needed)")
-    rp.add_argument("runs_dir", help="directory searched recursively for run directories")
-    rp.add_argument("--out", required=True, help="output directory (replaced atomically if it is a previous report)")
+    rp.add_argument("runs_dir", type=_path, help="directory searched recursively for run directories")
+    rp.add_argument(
+        "--out", type=_path, required=True, help="output directory (replaced atomically if it is a previous report)"
+    )
     rp.add_argument("--oracle", action="store_true", help="also a test-selected Table 2, labelled as a diagnostic")
     rp.add_argument("--allow-unfair", action="store_true", help="report even if the protocol check fails (flagged)")
     rp.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
@@ -111,10 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     dsub = da.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dp = dsub.add_parser("prepare", help="raw release → model-ready arrays (restartable: rerun to resume)")
     dp.add_argument("name", help="dataset, e.g. cremad, kinetics_sounds, vggsound, balanced_av")
-    dp.add_argument("--raw", required=True, help="the raw release folder (see the README's Datasets section)")
-    dp.add_argument("--out", required=True, help="where the prepared data goes (new or an unfinished prepare)")
+    dp.add_argument(
+        "--raw", type=_path, required=True, help="the raw release folder (see the README's Datasets section)"
+    )
+    dp.add_argument(
+        "--out", type=_path, required=True, help="where the prepared data goes (new or an unfinished prepare)"
+    )
     dp.add_argument("--profile", default=None, help="audio profile (default: the dataset's; see `data profiles`)")
-    dp.add_argument("--frame-size", type=int, default=224, help="shorter side of the stored frames (default 224)")
+    dp.add_argument(
+        "--frame-size",
+        type=int,
+        default=224,
+        help="largest shorter side of the stored frames; smaller frames are stored as they are (default 224)",
+    )
     dp.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per CPU core)")
     dp.add_argument(
         "--option", dest="options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -123,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--quiet", action="store_true", help="no progress bar")
     dc = dsub.add_parser("check", help="missing or unreadable clips, and whether results stay comparable")
     dc.add_argument("name")
-    dc.add_argument("--root", required=True, help="prepared folder or OGM-GE/BalanceMM layout")
+    dc.add_argument("--root", type=_path, required=True, help="prepared folder or OGM-GE/BalanceMM layout")
     dc.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="data.KEY=VALUE")
     dc.add_argument("--quiet", action="store_true", help="no progress bar")
     dsub.add_parser("profiles", help="the named audio preprocessing profiles and their parameters")
@@ -159,15 +199,37 @@ def format_summary(s: dict[str, Any], run_dir: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from balancemm.api import default_out
+    from balancemm.api import check_run_out, default_out
     from balancemm.config import resolve_config
     from balancemm.engine.trainer import Trainer
 
     cfg = resolve_config(args.method, args.dataset, config_file=args.config, sets=args.sets, seed=args.seed)
-    out = args.out or str(default_out(cfg))
-    summary = Trainer(cfg, out, device=args.device, progress=not args.quiet).fit()
+    out = args.out if args.out is not None else str(default_out(cfg))
+    check_run_out(out)
+    trainer = Trainer(cfg, out, device=args.device, progress=not args.quiet)
+    warning = missing_clips_warning(cfg.run.dataset, trainer.data.describe())
+    if warning:
+        print(f"balancemm: warning: {warning}", file=sys.stderr)
+    summary = trainer.fit()
     print(format_summary(summary, out))
     return 0
+
+
+def missing_clips_warning(dataset: str, facts: dict[str, Any]) -> str:
+    """One line naming the splits that lack listed clips (from the dataset's ``describe()``), or ``""``.
+
+    The run records the counts in its summary, but a user reading the console would otherwise learn of an
+    incomplete test split (whose numbers cannot sit beside published ones) only by opening that file.
+    """
+    missing = {split: n for split, n in facts.get("missing", {}).items() if n}
+    if not missing:
+        return ""
+    counts = ", ".join(f"{split} {n:,}" for split, n in missing.items())
+    return (
+        f"{sum(missing.values()):,} listed clips have no data ({counts}); "
+        f"`balancemm data check {dataset} --root {facts.get('root')}` names them and says whether results "
+        "stay comparable with published numbers"
+    )
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -182,16 +244,17 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    if args.what == "methods":
-        from balancemm.methods import GROUPS, METHODS
+    # The registries' static index: importing the registries themselves would import torch.
+    from balancemm.registry import DATASET_INDEX, METHOD_GROUPS, METHOD_INDEX
 
-        if args.group is not None and args.group not in GROUPS:
-            raise BalanceMMError(f"unknown group {args.group!r}; valid: {', '.join(GROUPS)}")
+    if args.what == "methods":
+        if args.group is not None and args.group not in METHOD_GROUPS:
+            raise BalanceMMError(f"unknown group {args.group!r}; valid: {', '.join(METHOD_GROUPS)}")
         rows = [
             (group, e.name, str(e.meta.get("paper", "")), ", ".join(e.aliases))
-            for group in GROUPS
+            for group in METHOD_GROUPS
             if args.group in (None, group)
-            for e in METHODS
+            for e in METHOD_INDEX
             if e.meta.get("group") == group
         ]
         # Columns as wide as their longest entry, so long paper notes never run into the aliases.
@@ -199,17 +262,24 @@ def _list(args: argparse.Namespace) -> int:
         for row in [("group", "method", "paper", "aliases"), *rows]:
             print("".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + row[3])
     else:
-        from balancemm.data import DATASETS
-
         print(f"{'dataset':17s}{'modalities':12s}{'data':22s}description")
         # Datasets that run out of the box first; the others need `balancemm data prepare`.
-        for e in sorted(DATASETS, key=lambda e: bool(e.meta.get("needs_files"))):
+        for e in sorted(DATASET_INDEX, key=lambda e: bool(e.meta.get("needs_files"))):
             data = "data prepare / files" if e.meta.get("needs_files") else "built in"
             print(f"{e.name:17s}{e.meta.get('modality_count', '?')!s:12s}{data:22s}{e.meta.get('description', '')}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from balancemm.report import _check_out
+
+    # Both would otherwise stop the report only after every job has trained.
+    try:
+        _check_out(Path(args.report))
+    except BalanceMMError as exc:  # the report's own check names its option --out; here it is --report
+        raise BalanceMMError(str(exc).replace("--out", "--report", 1)) from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BalanceMMError("bench draws the report's figures, which need matplotlib: pip install 'balancemm[report]'")
     raw = {
         "methods": "all",
         "datasets": args.dataset,
@@ -229,6 +299,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from balancemm.sweep.launchers import check_address
+
+    check_address(args.launcher, args.address)  # before planning: an unreachable cluster fails in seconds
     raw: dict[str, Any] = {}
     if args.spec is not None:
         from balancemm.config import load_yaml
@@ -248,7 +321,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launcher: str, address: str | None) -> int:
     """Plan and run (or, with --dry-run, list) the sweep ``raw``; ``args`` gives root, jobs, device,
     gpus_per_job, quiet."""
-    from balancemm.sweep import SweepSpec, is_done, plan_jobs, run_sweep
+    from balancemm.sweep import SweepSpec, check_data, is_done, plan_jobs, run_sweep
 
     if args.jobs is not None and args.jobs < 1:
         raise BalanceMMError("--jobs must be at least 1")
@@ -258,6 +331,7 @@ def _run_sweep(raw: dict[str, Any], where: str, args: argparse.Namespace, launch
 
         local_placement(args.device, args.gpus_per_job)  # a dry run refuses what the real one would
     if args.dry_run:
+        check_data(jobs)  # run_sweep checks it for a real run
         # Columns as wide as their longest entry, so every job's settings line up.
         rows = [(job.label, job.hparams) for job in jobs]
         label_w, hp_w = (max((len(r[i]) for r in rows), default=0) for i in range(2))
@@ -366,6 +440,11 @@ def _data(args: argparse.Namespace) -> int:
         print(head + ", ".join(f"{s} {n:,}" for s, n in manifest["sizes"].items()))
         return 0
     failed, unmatched = len(manifest["failed"]), len(manifest["unmatched"])
+    # The failed were named as they failed; the clips without media only now (an orphan file, say).
+    for reason in list(manifest["unmatched"].values())[:SHOWN]:
+        print(f"not prepared: {reason}", file=sys.stderr)
+    if unmatched > SHOWN:
+        print(f"… and {unmatched - SHOWN:,} more listed without media (see manifest.json)", file=sys.stderr)
     print(
         head
         + f"{len(manifest['clips']):,} clips; {failed:,} failed, {unmatched:,} listed without media"

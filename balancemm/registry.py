@@ -92,3 +92,81 @@ METHOD_GROUPS = ("reference", "data", "feed-forward", "objective", "optimization
 DATASETS: Registry[Any] = Registry("dataset")
 ENCODERS: Registry[Any] = Registry("encoder")
 FUSIONS: Registry[Any] = Registry("fusion")
+
+# The built-in methods and datasets as ``balancemm list`` prints them, in registration order: filling the
+# registries imports every method and dataset module and with them torch (seconds), only to print a table.
+# tests/test_early_validation.py holds these equal to the registries, so a new entry is added here too.
+METHOD_INDEX: tuple[Entry[None], ...] = (
+    Entry("agm", None, ("AGM", "AGMTrainer"), {"group": "optimization", "paper": "Li et al., ICCV 2023"}),
+    Entry(
+        "amco",
+        None,
+        ("AMCo", "AMCoTrainer"),
+        {"group": "feed-forward", "paper": "Zhou et al., ICASSP 2023 (reconstruction: no code released)"},
+    ),
+    Entry(
+        "baseline", None, ("baselineTrainer",), {"group": "reference", "paper": "concatenation fusion + cross-entropy"}
+    ),
+    Entry("cml", None, ("CML", "CMLTrainer"), {"group": "objective", "paper": "Ma et al., ICML 2023"}),
+    Entry(
+        "gblending", None, ("GBlending", "GBlendingTrainer"), {"group": "objective", "paper": "Wang et al., CVPR 2020"}
+    ),
+    Entry("greedy", None, ("Greedy", "GreedyTrainer"), {"group": "feed-forward", "paper": "Wu et al., ICML 2022"}),
+    Entry("lfm", None, ("LFM", "LFMTrainer"), {"group": "objective", "paper": "Yang et al., NeurIPS 2024"}),
+    Entry("mbsd", None, ("MBSD", "MBSDTrainer"), {"group": "objective", "paper": "Liu et al., WSDM 2023"}),
+    Entry("mla", None, ("MLA", "MLATrainer"), {"group": "feed-forward", "paper": "Zhang et al., CVPR 2024 (MLA)"}),
+    Entry("mmcosine", None, ("MMCosine", "MMCosineTrainer"), {"group": "objective", "paper": "Xu et al., ICASSP 2023"}),
+    Entry("mmpareto", None, ("MMPareto", "MMParetoTrainer"), {"group": "objective", "paper": "Wei & Hu, ICML 2024"}),
+    Entry(
+        "modality_valuation",
+        None,
+        ("Sample", "SampleTrainer", "ModalityValuation"),
+        {"group": "data", "paper": "Wei et al., CVPR 2024"},
+    ),
+    Entry(
+        "ogm_ge",
+        None,
+        ("OGM", "OGM_GE", "OGMTrainer"),
+        {"group": "optimization", "paper": "Peng et al., CVPR 2022 (OGM-GE)"},
+    ),
+    Entry("opm", None, ("OPM", "OPMTrainer"), {"group": "feed-forward", "paper": "Wei et al., TPAMI 2024 (OPM)"}),
+    Entry("pmr", None, ("PMR", "PMRTrainer"), {"group": "optimization", "paper": "Fan et al., CVPR 2023"}),
+    Entry(
+        "reconboost",
+        None,
+        ("ReconBoost", "ReconBoostTrainer"),
+        {"group": "optimization", "paper": "Hua et al., ICML 2024"},
+    ),
+    Entry(
+        "relearning",
+        None,
+        ("ReLearning", "ReLearningTrainer", "Diagnosing"),
+        {"group": "optimization", "paper": "Wei et al., ECCV 2024 (Diagnosing & Re-learning)"},
+    ),
+    Entry("umt", None, ("UMT", "UMTTrainer"), {"group": "objective", "paper": "Du et al., ICML 2023"}),
+    Entry("unimodal", None, ("unimodalTrainer",), {"group": "reference", "paper": "one modality alone"}),
+)
+_TWO_FROM_FILES = {"modality_count": 2, "needs_files": True}
+DATASET_INDEX: tuple[Entry[None], ...] = (
+    Entry("balanced_av", None, (), {**_TWO_FROM_FILES, "description": "BalancedAV: audio + visual, 30 classes"}),
+    Entry("cmu_mosei", None, ("mosei",), {"modality_count": 3, "needs_files": True, "description": "CMU-MOSEI"}),
+    Entry("cremad", None, (), {**_TWO_FROM_FILES, "description": "CREMA-D: audio + visual, 6 emotions (raw release)"}),
+    Entry("embedded", None, (), {"modality_count": 2, "description": "digits (visual) + synthesised tones (audio)"}),
+    Entry(
+        "embedded3", None, (), {"modality_count": 3, "description": "embedded + a synthetic word-vector text modality"}
+    ),
+    Entry(
+        "food101",
+        None,
+        ("food",),
+        {**_TWO_FROM_FILES, "description": "UPMC Food-101: image + recipe title, 101 dishes"},
+    ),
+    Entry(
+        "kinetics_sounds",
+        None,
+        ("ks",),
+        {**_TWO_FROM_FILES, "description": "Kinetics-Sounds: audio + visual, 31 classes"},
+    ),
+    Entry("ucf101", None, ("ucf",), {**_TWO_FROM_FILES, "description": "UCF-101: RGB + optical flow, 101 actions"}),
+    Entry("vggsound", None, ("vgg",), {**_TWO_FROM_FILES, "description": "VGGSound: audio + visual, 309 classes"}),
+)

@@ -5,8 +5,9 @@ A dataset root is one of two kinds:
 
 * **prepared** by ``balancemm data prepare`` (:mod:`balancemm.data.prepare`): ``manifest.json`` plus
   ``clips/<id>.npz`` holding the clip's arrays — for audio-visual data ``audio`` (the profile's array,
-  float32) and ``frames`` (every 1-fps frame, decoded, ``[T, H, W, 3]`` uint8 with the shorter side
-  resized at prepare time). A sample costs one file read and a resize: no media decoding per epoch.
+  float32, without the padding of short clips, added back here) and ``frames`` (every 1-fps frame,
+  decoded, ``[T, H, W, 3]`` uint8, the shorter side shrunk at prepare time but never enlarged). A
+  sample costs one file read and a resize: no media decoding per epoch.
 * a **layout users already have** (OGM-GE / BalanceMM): for audio-visual data one audio file per clip
   (``.npy``, ``.pt``, ``.pkl``, or ``.wav`` turned into the profile's array on the fly, as OGM-GE's
   CREMA-D loader does) and one folder of frame images per clip (or BalancedAV's ``.hdf5`` of JPEG
@@ -22,6 +23,7 @@ a ``crop`` (VGGSound) a time window (random in training, centred otherwise).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -38,7 +40,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName, stratified_split
 from balancemm.data.media import decode_audio, decode_image
-from balancemm.data.profiles import AUDIO_PROFILES
+from balancemm.data.profiles import AUDIO_PROFILES, AudioProfile, profile_from_params
 from balancemm.data.transforms import frame_indices, frames_to_tensor
 from balancemm.errors import DataError
 
@@ -270,28 +272,36 @@ class ClipDataset(MultimodalDataset):
     def modalities_for(cls, options: Any) -> tuple[str, ...]:
         return cls.MODALITIES
 
-    def __init__(self, options: Any) -> None:
-        self.options = options
-        self.root = open_root(
+    @classmethod
+    def locate(cls, options: Any) -> tuple[Path, str, dict[str, Any]]:
+        """``data.root`` checked without listing or reading a clip: the root, its layout (``prepared`` or
+        ``files``) and, if prepared, its manifest, which must be this dataset's under ``data.profile``.
+        Cheap, so a sweep checks every root this way before it starts a job."""
+        root = open_root(
             options.root,
-            f"prepare the data with `balancemm data prepare {self.name} --raw DIR --out DIR` and pass "
+            f"prepare the data with `balancemm data prepare {cls.name} --raw DIR --out DIR` and pass "
             "--set data.root=DIR (or point it at the layout you already have)",
         )
         layout = options.layout
         if layout == "auto":
-            layout = "prepared" if (self.root / MANIFEST).is_file() else "files"
-        self.layout = layout
-        self.modalities = self.MODALITIES
-        self.manifest: dict[str, Any] = {}
+            layout = "prepared" if (root / MANIFEST).is_file() else "files"
+        manifest: dict[str, Any] = {}
         if layout == "prepared":
-            self.manifest = read_manifest(self.root, self.name)
-            profile = self.manifest["profile"]
-            if options.profile != profile["name"]:
+            manifest = read_manifest(root, cls.name)
+            profile = manifest["profile"]["name"]
+            if options.profile != profile:
                 raise DataError(
-                    f"{self.root} was prepared with {self.PROFILE_KIND} {profile['name']!r}, but data.profile is "
+                    f"{root} was prepared with {cls.PROFILE_KIND} {profile!r}, but data.profile is "
                     f"{options.profile!r}; prepare again with --profile {options.profile} into another --out"
                 )
-            self.profile_params: dict[str, Any] = profile
+        return root, layout, manifest
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.root, self.layout, self.manifest = self.locate(options)
+        self.modalities = self.MODALITIES
+        if self.layout == "prepared":
+            self.profile_params: dict[str, Any] = self.manifest["profile"]
             reader: ClipReader = PreparedReader(self.root)
         else:
             reader, self.profile_params = self.files_reader()
@@ -336,6 +346,17 @@ class ClipDataset(MultimodalDataset):
     def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
         """Rows of the stored array ``key`` (of length n) to load; None = all (not frame-like)."""
         return None
+
+    def why_missing(self, clip_id: str) -> str:
+        """Why a listed clip has no data: for prepared data, the reason ``data prepare`` recorded."""
+        if not self.manifest:
+            return "no files"
+        failed, unmatched = self.manifest.get("failed", {}), self.manifest.get("unmatched", {})
+        if clip_id in failed:
+            return f"skipped by data prepare: {failed[clip_id]}"
+        if clip_id in unmatched:
+            return f"incomplete in the raw release: {unmatched[clip_id]}"
+        return "not in the raw release that data prepare read"
 
     def carve_val(self, train: list[Clip]) -> tuple[list[Clip], list[Clip]]:
         """Stratified, seeded ``val_fraction`` of train (``data.seed``)."""
@@ -400,8 +421,16 @@ class AVDataset(ClipDataset):
     def choose(self, key: str, n: int, rng: np.random.Generator | None) -> list[int] | None:
         return frame_indices(n, self.options.frames, rng) if key == "frames" else None
 
+    @functools.cached_property
+    def stored_audio(self) -> AudioProfile | None:
+        """The recipe of prepared audio, which pads what ``data prepare`` stored compactly; None otherwise
+        (a files layout's arrays are used as stored, its .wav files come out of the recipe complete)."""
+        return profile_from_params(self.profile_params) if self.layout == "prepared" else None
+
     def to_inputs(self, arrays: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, Tensor]:
         audio = arrays["audio"]
+        if self.stored_audio is not None:
+            audio = self.stored_audio.complete(audio)
         crop = self.profile_params.get("crop")
         if crop is not None and audio.shape[-1] > crop:
             spare = audio.shape[-1] - crop

@@ -17,7 +17,8 @@ def check(name: str, root: str, options: Mapping[str, Any] | None = None, progre
     """Build dataset ``name`` on ``root`` (plus data ``options``) and read every clip once.
 
     Returns ``{"splits": {split: {"listed", "present", "missing", "unreadable"}}, "comparable": bool,
-    "why": str, "describe": {...}}``; ``missing`` / ``unreadable`` map clip ids to reasons.
+    "why": str, "describe": {...}}``; ``missing`` / ``unreadable`` map clip ids to reasons (for a missing
+    clip of prepared data, the reason ``data prepare`` recorded: a file it could not decode, an orphan file).
     """
     from tqdm import tqdm
 
@@ -28,6 +29,7 @@ def check(name: str, root: str, options: Mapping[str, Any] | None = None, progre
     if comparability is None:
         raise DataError(f"dataset {name} has no files to check")
     listed: dict[str, int] = getattr(data, "listed", {})
+    why_missing = getattr(data, "why_missing", lambda clip_id: "no files")
     report: dict[str, Any] = {"splits": {}, "describe": {"name": data.name, **data.describe()}}
     for split_name in SPLITS:
         split = data.split(split_name)
@@ -42,7 +44,7 @@ def check(name: str, root: str, options: Mapping[str, Any] | None = None, progre
             "listed": listed.get(split_name, len(split)),
             "carved": bool(listed) and split_name not in listed,  # validation carved from train
             "present": len(split) - len(unreadable),
-            "missing": getattr(data, "missing", {}).get(split_name, []),
+            "missing": {c: why_missing(c) for c in getattr(data, "missing", {}).get(split_name, [])},
             "unreadable": unreadable,
         }
     comparable, why = comparability()
@@ -76,8 +78,7 @@ def format_check(report: Mapping[str, Any]) -> str:
         for what in ("missing", "unreadable"):
             items = list(s[what])
             for clip in items[:SHOWN]:
-                reason = s[what][clip] if isinstance(s[what], Mapping) else "no files"
-                lines.append(f"        {what} {clip}: {reason}")
+                lines.append(f"        {what} {clip}: {s[what][clip]}")
             if len(items) > SHOWN:
                 lines.append(f"        … and {len(items) - SHOWN:,} more {what}")
     verdict = "comparable with published numbers" if report["comparable"] else "NOT comparable with published numbers"

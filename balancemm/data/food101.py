@@ -244,7 +244,7 @@ class Food101Preparer(Preparer):
 
     def storage(self, frame_size: int) -> dict[str, Any]:
         return {
-            "image": {"short_side": frame_size, "dtype": "uint8", "layout": "[H, W, 3] RGB"},
+            "image": {"max_short_side": frame_size, "dtype": "uint8", "layout": "[H, W, 3] RGB, never enlarged"},
             "text": {"dtype": "int64", "layout": "[max_length] token ids, 0-padded"},
         }
 

@@ -139,9 +139,13 @@ def decode_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 
 
 def _resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    """Shrink ``image`` so its shorter side is ``short_side``; a smaller image is kept as it is, since the
+    loader resizes to the model's input anyway and an upscaled copy only costs disk (many times the raw)."""
     from PIL import Image
 
     w, h = image.size
+    if min(w, h) <= short_side:
+        return image
     scale = short_side / min(w, h)
     size = (short_side, round(h * scale)) if w <= h else (round(w * scale), short_side)
     return image if size == (w, h) else image.resize(size, Image.Resampling.BILINEAR)
@@ -159,8 +163,9 @@ def decode_frames(path: str | Path, fps: float = 1.0, short_side: int | None = N
 
     Args:
         fps: frames kept per second of video.
-        short_side: if given, each kept frame is resized (PIL bilinear) so its shorter side is
-            ``short_side`` pixels, the aspect ratio kept (the longer side rounded).
+        short_side: if given, each kept frame whose shorter side is longer is shrunk (PIL bilinear) so its
+            shorter side is ``short_side`` pixels, the aspect ratio kept (the longer side rounded); smaller
+            frames are never enlarged.
     Returns:
         ``[T, H, W, 3]`` uint8 RGB.
     Raises:

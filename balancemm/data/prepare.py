@@ -5,6 +5,9 @@ official split) and turns one clip into arrays. This module runs it over every c
 
 * **one file per clip**, ``<out>/clips/<id>.npz`` (``audio`` float32, ``frames`` uint8), written to a
   temporary name and renamed, so a killed prepare never leaves a half-written clip that later loads;
+* **no larger than the source**: frames are shrunk to the frame size but never enlarged, and audio
+  profiles that pad (``kaldi_fbank``) store only the clip's own frames; the loader resizes and pads, so
+  the tensors a model sees are the same as from full-size arrays, at a fraction of the disk;
 * **restartable**: clips whose file exists are skipped; ``prepare.json`` pins the parameters, so a
   restart with another profile is refused instead of mixing two recipes in one folder;
 * **parallel** over clips (spawned worker processes, one torch thread each), with a progress bar;
@@ -36,8 +39,10 @@ from balancemm.data.profiles import audio_profile
 from balancemm.errors import DataError
 from balancemm.files import PARTIAL, atomic_file, write_atomic
 
-FORMAT = "balancemm-prepared/1"
+FORMAT = "balancemm-prepared/2"  # 2: frames never enlarged, audio stored without the profile's padding
 FRAME_RATE = 1.0  # frames per second kept from each video, the field's convention (specs/datasets.md §3)
+FRAMES_LAYOUT = "[T, H, W, 3] RGB, shorter side at most max_short_side (smaller sources as they are)"
+AUDIO_LAYOUT = "the profile's output_shape, less the padding the loader adds back (AudioProfile.compact)"
 
 
 @dataclass(frozen=True)
@@ -131,16 +136,17 @@ class Preparer(ReleasePreparer):
     def storage(self, frame_size: int) -> dict[str, Any]:
         """What each stored array holds, for the manifest (audio-visual clips by default)."""
         return {
-            "frames": {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"},
-            "audio": {"dtype": "float32", "layout": "the profile's output_shape"},
+            "frames": {"fps": FRAME_RATE, "max_short_side": frame_size, "dtype": "uint8", "layout": FRAMES_LAYOUT},
+            "audio": {"dtype": "float32", "layout": AUDIO_LAYOUT},
         }
 
     def process(self, clip: RawClip, profile: str, short_side: int) -> dict[str, np.ndarray]:
-        """``{"audio": [F, T] float32, "frames": [T, H, W, 3] uint8}`` for one clip."""
+        """``{"audio": float32, "frames": [T, H, W, 3] uint8}`` for one clip: the profile's compact array
+        and the frames with their shorter side at most ``short_side``."""
         recipe = audio_profile(profile)
         wave = decode_audio(clip.audio or clip.video, recipe.sample_rate)
         frames = decode_frames(clip.video, FRAME_RATE, short_side)
-        return {"audio": recipe(wave).astype(np.float32), "frames": frames}
+        return {"audio": recipe.compact(wave), "frames": frames}
 
     def prepare_all(
         self, raw: Path, out: Path, *, profile: str, frame_size: int, workers: int, progress: bool
@@ -193,7 +199,8 @@ def prepare(
 
     Args:
         profile: audio profile name (default: the dataset's).
-        frame_size: shorter side, in pixels, of the stored frames (the models crop/resize from it).
+        frame_size: the largest shorter side, in pixels, of the stored frames (smaller frames are stored as
+            they are; the loader crops and resizes to the model's input).
         workers: processes decoding clips in parallel (1: in this process).
         options: dataset-specific settings (``--option KEY=VALUE``), see :meth:`Preparer.configure`.
     """

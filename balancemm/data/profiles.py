@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -175,7 +176,16 @@ class AudioProfile(ABC):
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
         """``[N]`` mono waveform at ``sample_rate`` (any length ≥ 1) → ``output_shape`` float32."""
+        return self.complete(self.compact(wave))
+
+    def compact(self, wave: np.ndarray) -> np.ndarray:
+        """What ``data prepare`` stores: the output without the padding :meth:`complete` restores when the
+        clip is loaded (the whole output for recipes that pad nothing), float32."""
         return self._compute(_check_wave(wave)).astype(np.float32)
+
+    def complete(self, stored: np.ndarray) -> np.ndarray:
+        """A :meth:`compact` array → ``output_shape``; an array already complete is returned as it is."""
+        return stored
 
     def params(self) -> dict[str, Any]:
         """Every parameter of the recipe, JSON-able, for the prepared data's manifest."""
@@ -231,7 +241,11 @@ class SpectrogramProfile(AudioProfile):
 class KaldiFbankProfile(AudioProfile):
     """Remove the mean, :func:`kaldi_fbank`, zero-pad or cut to ``frames``, normalise as
     (x − norm_mean) / (2 · norm_std): ``[frames time, num_mel_bins mel]`` — time first, the orientation
-    BalanceBenchmark's and AST's loaders store and read."""
+    BalanceBenchmark's and AST's loaders store and read.
+
+    :meth:`compact` leaves the padding out (a 3 s clip has 298 of the 1,024 frames): prepared data stores
+    only the clip's own frames, and :meth:`complete` pads them with :attr:`pad_value` when loaded, giving
+    the same array bit for bit."""
 
     recipe: ClassVar[str] = "kaldi_fbank"
 
@@ -250,6 +264,15 @@ class KaldiFbankProfile(AudioProfile):
     def output_shape(self) -> tuple[int, int]:
         return (self.frames, self.num_mel_bins)
 
+    @property
+    def pad_value(self) -> float:
+        """A zero (padding) filter-bank frame after the normalisation."""
+        return (0.0 - self.norm_mean) / (2 * self.norm_std)
+
+    def complete(self, stored: np.ndarray) -> np.ndarray:
+        short = self.frames - stored.shape[0]
+        return np.pad(stored, ((0, short), (0, 0)), constant_values=self.pad_value) if short > 0 else stored
+
     def _compute(self, wave: np.ndarray) -> np.ndarray:
         fbank = kaldi_fbank(
             wave - wave.mean(),
@@ -261,7 +284,6 @@ class KaldiFbankProfile(AudioProfile):
             self.low_freq,
             self.high_freq,
         )[: self.frames]
-        fbank = np.pad(fbank, ((0, self.frames - fbank.shape[0]), (0, 0)))
         return (fbank - self.norm_mean) / (2 * self.norm_std)
 
 
@@ -300,6 +322,19 @@ AUDIO_PROFILES: dict[str, AudioProfile] = {
         ),
     )
 }
+
+
+_RECIPES: dict[str, type[AudioProfile]] = {c.recipe: c for c in (StftProfile, SpectrogramProfile, KaldiFbankProfile)}
+
+
+def profile_from_params(params: Mapping[str, Any]) -> AudioProfile | None:
+    """The profile whose :meth:`AudioProfile.params` are ``params`` (a prepared manifest's ``profile``), or
+    None for arrays made by no recipe of ours (BalancedAV's ``released`` spectrograms)."""
+    cls = _RECIPES.get(params.get("recipe", ""))
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in names})
 
 
 def audio_profile(name: str) -> AudioProfile:

@@ -68,7 +68,7 @@ from balancemm.data.base import SplitName
 from balancemm.data.flow import FLOW_BOUND, flow_profile, flow_to_tensor, frame_flow
 from balancemm.data.kinetics_sounds import index_videos
 from balancemm.data.media import decode_frame_pairs, decode_image
-from balancemm.data.prepare import FRAME_RATE, Preparer, RawClip, RawRelease
+from balancemm.data.prepare import FRAME_RATE, FRAMES_LAYOUT, Preparer, RawClip, RawRelease
 from balancemm.data.transforms import frame_indices, frames_to_tensor
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
@@ -180,7 +180,7 @@ class Ucf101Preparer(Preparer):
         return flow_profile(name).params()
 
     def storage(self, frame_size: int) -> dict[str, Any]:
-        frames = {"fps": FRAME_RATE, "short_side": frame_size, "dtype": "uint8", "layout": "[T, H, W, 3] RGB"}
+        frames = {"fps": FRAME_RATE, "max_short_side": frame_size, "dtype": "uint8", "layout": FRAMES_LAYOUT}
         flow = {"dtype": "uint8", "layout": "[T, H, W, 2] (u, v) to the next native frame", "bound": FLOW_BOUND}
         return {"frames": frames, "flow": flow}
 

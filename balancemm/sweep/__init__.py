@@ -7,6 +7,7 @@ GPUs, and reports each job as it finishes.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,29 @@ from tqdm.auto import tqdm
 from balancemm.sweep.launchers import Outcome, default_parallel, is_done, make_launcher, schedule, summary_line
 from balancemm.sweep.spec import Job, SweepSpec, plan_jobs
 
-__all__ = ["Job", "Outcome", "SweepSpec", "default_parallel", "is_done", "plan_jobs", "run_sweep"]
+__all__ = ["Job", "Outcome", "SweepSpec", "check_data", "default_parallel", "is_done", "plan_jobs", "run_sweep"]
+
+
+def check_data(jobs: Sequence[Job]) -> None:
+    """Check each dataset root of the sweep once (``data.root`` set, a directory, prepared for this dataset
+    and audio profile), so a bad root is one error before any job starts, not the same failure in every job.
+    Listing and reading clips is left to the jobs."""
+    from balancemm.data import DATASETS
+    from balancemm.data.av import open_root
+
+    seen = set()
+    for job in jobs:
+        dataset, options = job.config.run.dataset, job.config.data
+        key = (dataset, json.dumps(job.config.to_dict()["data"], sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = DATASETS.get(dataset)
+        locate = getattr(cls, "locate", None)
+        if locate is not None:
+            locate(options)
+        elif DATASETS.entry(dataset).meta.get("needs_files"):  # a dataset of files without the full check
+            open_root(options.root, f"pass --set data.root=DIR (see `balancemm data prepare {dataset}`)")
 
 
 def run_sweep(
@@ -41,6 +64,7 @@ def run_sweep(
     for ``ray`` to every job at once (the cluster's scheduler places them as CPUs and GPUs free up).
     """
     root = Path(root)
+    check_data(jobs)
     runner = make_launcher(
         launcher, root, threads_per_job, address, device=device, gpus_per_job=gpus_per_job, parallel=parallel
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,11 @@ from balancemm.engine.rundir import RunDir, read_json, write_json
 from balancemm.errors import ConfigError
 from balancemm.sweep.spec import Job
 from balancemm.sweep.worker import BUSY
+
+# How long a Ray head given as host:port may take to accept a TCP connection. ray.init itself retries an
+# unreachable address for minutes, printing its log lines meanwhile.
+CONNECT_TIMEOUT_S = 5.0
+ERROR_PREFIX = "balancemm: error: "  # how a worker prints a user error (see balancemm.sweep.worker)
 
 
 def default_parallel(threads_per_job: int = 1) -> int:
@@ -136,6 +142,37 @@ def ray_placement(device: str, gpus_per_job: float | None, cluster_gpus: float) 
     on_gpu = name == "cuda" or (name == "auto" and cluster_gpus > 0)
     share = _gpu_share(gpus_per_job, on_gpu, "--device cpu" if name == "cpu" else "the Ray cluster has no GPU")
     return Placement("cuda", share) if on_gpu else Placement()
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The host and port of a Ray address (``host:port``, ``[v6]:port`` or ``ray://host:port``), or None for
+    the addresses Ray resolves itself (``auto``, ``local``, a bare host)."""
+    rest = address.strip().removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_address(launcher: str, address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address the launcher would ignore (``local``) or cannot reach: a ``host:port`` Ray address
+    must accept a TCP connection within ``timeout_s``."""
+    if address is None:
+        return
+    if launcher != "ray":
+        raise ConfigError(f"--address {address} is the address of a Ray cluster; add --launcher ray or drop --address")
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({reason}); check the head node's address and port, "
+            "and that the cluster is up (`ray status` on the head)"
+        ) from None
 
 
 def job_payload(job: Job, device: str, concurrent_jobs: int | None = None) -> dict[str, Any]:
@@ -329,7 +366,8 @@ def schedule(
                     elif run.failed.is_file():
                         reason = run.failed.read_text().strip()
                     else:
-                        reason = line or f"exit code {code}"
+                        # The worker's own one-line error, without its prefix: the sweep adds its own.
+                        reason = line.removeprefix(ERROR_PREFIX) or f"exit code {code}"
                     outcome.failed.append((job, reason))
                     if on_fail is not None:
                         on_fail(job, reason)
@@ -351,11 +389,13 @@ def make_launcher(
 ) -> Launcher:
     """The launcher called ``name`` (local or ray), its jobs placed on ``device``.
 
-    A bad launcher, device, GPU share or number of jobs at once, or an unwritable root, is one clear
-    error; nothing is written before the launcher is known to be usable.
+    A bad launcher, device, GPU share or number of jobs at once, an address the launcher would ignore or
+    cannot reach, or an unwritable root, is one clear error; nothing is written before the launcher is known
+    to be usable.
     """
     if name not in ("local", "ray"):
         raise ConfigError(f"unknown launcher {name!r}; valid: local, ray")
+    check_address(name, address)
     launcher: Launcher
     if name == "local":
         launcher = LocalLauncher(root, threads, local_placement(device, gpus_per_job), parallel)

@@ -55,7 +55,7 @@ def test_cremad_prepare_writes_arrays_and_a_manifest(cremad: tuple[Path, Path]) 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"] == "cremad" and len(manifest["clips"]) == 36 and manifest["failed"] == {}
     assert manifest["profile"]["name"] == "ogmge_stft" and manifest["profile"]["sample_rate"] == 22050
-    assert manifest["frames"]["short_side"] == 32 and manifest["classes"][0] == "NEU"
+    assert manifest["frames"]["max_short_side"] == 32 and manifest["classes"][0] == "NEU"
     assert manifest["splits"] == {}  # CREMA-D has no official split
     with np.load(out / "clips" / "1001_DFA_ANG_XX.npz") as npz:
         assert npz["audio"].shape == (257, 188) and npz["audio"].dtype == np.float32
@@ -69,7 +69,7 @@ def test_cremad_csv_split_check_and_one_epoch(cremad: tuple[Path, Path], tmp_pat
     for name in ("train.csv", "test.csv"):  # users copy OGM-GE's CSVs beside the prepared data
         (out / name).write_bytes((raw / name).read_bytes())
     report = check("cremad", str(out), {"profile": "ogmge_stft", **TINY}, progress=False)
-    assert report["splits"]["test"]["present"] == 12 and report["splits"]["test"]["missing"] == []
+    assert report["splits"]["test"]["present"] == 12 and report["splits"]["test"]["missing"] == {}
     assert report["splits"]["train"]["present"] + report["splits"]["val"]["present"] == 24
     assert not report["comparable"] and "differ in size" in report["why"]  # 24 / 12, not 6,698 / 744
     summary = train_cli("cremad", out, tmp_path / "run", "data.profile=ogmge_stft")
@@ -205,7 +205,8 @@ def test_kinetics_sounds_raw_to_run(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert manifest["classes"] == list(av_raw.KS_CLASSES)  # from the per-class folders
     assert [c for c, _ in manifest["splits"]["test"]] == [c for c, _ in rows["test"]]
     with np.load(out / "clips" / f"{rows['train'][0][0]}.npz") as npz:
-        assert npz["audio"].shape == (1024, 128) and npz["frames"].shape == (3, 32, 43, 3)
+        # 3 s of audio: its 300 filter-bank frames are stored, the padding to 1,024 is added when loaded
+        assert npz["audio"].shape == (300, 128) and npz["frames"].shape == (3, 32, 43, 3)
     assert main(["data", "check", "kinetics_sounds", "--root", str(out), "--set", "data.val_fraction=0.25",
                  "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
