@@ -157,3 +157,30 @@ def test_unwritable_paths_are_one_line(tmp_path: Path) -> None:
     )
     assert res.returncode == 2 and "set BALANCEMM_CACHE to a writable directory" in res.stderr
     assert res.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_a_run_locked_by_another_process_is_refused_until_that_process_dies(tmp_path: Path) -> None:
+    from balancemm.engine.rundir import RunDir
+
+    run, sets = tmp_path / "run", ["train.epochs=1"]
+    cfg = resolve_config("baseline", sets=sets)
+    RunDir(run).create({"config": cfg.to_dict(), "config_hash": cfg.digest()})  # as a training process would
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    hold += (
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print(flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run / ".lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"\n"  # it holds the lock
+        res = bmm("train", "--method", "baseline", "--quiet", "--out", str(run), "--set", *sets)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 75, res.stderr
+    assert res.stderr == (
+        f"balancemm: error: {run} is in use by another balancemm process (pid {holder.pid}) training or probing it; "
+        "wait for it to finish, then run the command again\n"
+    )
+    assert not (run / "results.jsonl").exists()
+    res = bmm("train", "--method", "baseline", "--quiet", "--out", str(run), "--set", *sets)
+    assert res.returncode == 0 and (run / "done").is_file(), res.stderr  # the kernel released the lock

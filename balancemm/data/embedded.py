@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +43,7 @@ from torch import Tensor
 from balancemm.config import rng
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName, stratified_split
 from balancemm.errors import DataError
-from balancemm.files import atomic_file
+from balancemm.files import DamagedFile, load_checked, remove_partials, save_checked
 from balancemm.registry import DATASETS
 
 _SAMPLE_RATE = 4000  # Hz
@@ -129,11 +130,11 @@ def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dic
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     key = json.dumps({"source": source, "modalities": modalities, **asdict(options)}, sort_keys=True)
     path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    remove_partials(path.parent)  # those of builds killed while writing
     if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+        cached = _load_cache(path, modalities)
+        if cached is not None:
+            return cached
     from sklearn.datasets import load_digits  # heavy import, only on a cache miss
 
     digits = load_digits()
@@ -157,14 +158,32 @@ def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dic
     built = {"inputs": inputs, "labels": labels, "splits": {"train": train, "val": val, "test": test}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as fh:  # a concurrent or killed build never leaves a half-written cache
-            torch.save(built, fh)
+        save_checked(built, path)  # atomic: a concurrent or killed build never leaves a half-written cache
     except OSError as exc:
         raise DataError(
             f"cannot write the dataset cache in {path.parent} ({exc.strerror or exc}); "
             "set BALANCEMM_CACHE to a writable directory"
         ) from None
     return built
+
+
+def _load_cache(path: Path, modalities: tuple[str, ...]) -> dict[str, Any] | None:
+    """The cached dataset, or None (after a one-line warning) when the cache is damaged or not one:
+    it is then rebuilt, never trusted, since it would change every later run's numbers."""
+    try:
+        cached = load_checked(path)
+    except DamagedFile as exc:
+        problem = exc.problem
+    else:
+        parts = cached if isinstance(cached, dict) else {}
+        inputs, splits = parts.get("inputs"), parts.get("splits")
+        if isinstance(inputs, dict) and isinstance(splits, dict):
+            tensors = [parts.get("labels"), *(inputs.get(m) for m in modalities), *splits.values()]
+            if set(splits) == {"train", "val", "test"} and all(isinstance(t, Tensor) for t in tensors):
+                return parts
+        problem = "does not hold the embedded dataset"
+    print(f"balancemm: warning: the dataset cache {path} {problem}; rebuilding it", file=sys.stderr)
+    return None
 
 
 @DATASETS.register("embedded", modality_count=2, description="digits (visual) + synthesised tones (audio)")

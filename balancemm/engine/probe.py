@@ -15,6 +15,8 @@ import torch
 
 from balancemm.data import Batches, MultimodalDataset, create_dataset
 from balancemm.device import resolve_device
+from balancemm.errors import ConfigError
+from balancemm.files import DamagedFile
 from balancemm.models import MultimodalClassifier
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -65,17 +67,28 @@ def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality:
 def probe_run(path: str | Path, modality: str | None = None, device: str = "auto") -> dict[str, dict[str, Any]]:
     """Probe every modality (or one) of the selected checkpoint of a finished run directory.
 
-    The results are also merged into ``<run>/probe.json``, where reports read them without torch.
+    The results are also merged into ``<run>/probe.json``, where reports read them without torch. The
+    run directory is locked meanwhile, so a probe never runs beside a training of the run or another probe
+    (which would lose one's results in probe.json).
     """
     from balancemm.engine.artifacts import load_run
-    from balancemm.engine.rundir import read_json, write_json
+    from balancemm.engine.rundir import RunDir, read_json, write_json
 
+    run = RunDir(path)
+    if run.config.is_file():
+        run.read_config()  # a damaged config.json is named with what to do about it
     where = resolve_device(device)
     cfg, method = load_run(path)
+    modalities = list(method.model.modalities)
+    if modality is not None and modality not in modalities:
+        raise ConfigError(f"{run.path} has no modality {modality!r}; its modalities: {', '.join(modalities)}")
     method.to(where)
-    data = create_dataset(cfg.run.dataset, cfg.data)
-    wanted = [modality] if modality else list(method.model.modalities)
-    results = {m: linear_probe(method.model, data, m) for m in wanted}
-    saved = Path(path) / "probe.json"
-    write_json(saved, {**(read_json(saved) if saved.is_file() else {}), **results})
+    with run.locked():
+        data = create_dataset(cfg.run.dataset, cfg.data)
+        results = {m: linear_probe(method.model, data, m) for m in ([modality] if modality else modalities)}
+        saved = run.path / "probe.json"
+        earlier = read_json(saved) if saved.is_file() else {}
+        if not isinstance(earlier, dict):
+            raise DamagedFile(saved, "is not a JSON object")
+        write_json(saved, {**earlier, **results})
     return results

@@ -115,3 +115,27 @@ def test_method_state_survives_an_interrupt_between_epochs(
     for key in SAME:
         assert resumed[key] == whole[key], key
     assert _same_weights(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from balancemm.engine.rundir import RunDir
+
+    sets = ["train.epochs=2"]
+    real = RunDir.save
+
+    def killed(self: RunDir, path: Path, state: dict[str, Any]) -> None:
+        if path == self.last:  # epoch 0's validation record and best.pt are written, last.pt is not
+            raise KeyboardInterrupt
+        real(self, path, state)
+
+    monkeypatch.setattr(RunDir, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        balancemm.train("baseline", out=tmp_path / "cut", sets=sets)
+    assert not (tmp_path / "cut/checkpoints/last.pt").exists() and len(_val_lines(tmp_path / "cut")) == 1
+    monkeypatch.setattr(RunDir, "save", real)
+    balancemm.train("baseline", out=tmp_path / "cut", sets=sets)
+    whole = balancemm.train("baseline", out=tmp_path / "whole", sets=sets)
+    assert _val_lines(tmp_path / "cut") == _val_lines(tmp_path / "whole")  # epoch 0 recorded once
+    assert json.loads((tmp_path / "cut/summary.json").read_text())["test"] == whole["test"]
