@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +133,21 @@ def test_with_only_masks_by_name() -> None:
     assert only.present_of("text").all() and not only.present_of("audio").any()
     with pytest.raises(KeyError):
         b.with_only(["depth"])
+
+
+def test_the_embedded_data_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    # Built in fresh processes with 1 and 2 threads and separate caches: the same bytes, so a run's numbers
+    # never depend on which process (a 1-thread sweep worker, a 2-thread `train`) built the cache.
+    code = (
+        "import hashlib, sys, torch; torch.set_num_threads(int(sys.argv[1])); import balancemm;"
+        "d = balancemm.create_dataset('embedded3'); h = hashlib.sha256();"
+        "[h.update(d.split(s).inputs[m].numpy().tobytes()) for s in ('train', 'val', 'test') for m in d.modalities];"
+        "print(h.hexdigest())"
+    )
+    digests = []
+    for threads in (1, 2):
+        env = dict(os.environ, BALANCEMM_CACHE=str(tmp_path / f"cache{threads}"))
+        res = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        digests.append(res.stdout.strip())
+    assert digests[0] == digests[1]

@@ -124,17 +124,8 @@ def _render_text(labels: Tensor, informativeness: float, g: torch.Generator) -> 
     return seq.transpose(1, 2).contiguous()
 
 
-def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dict[str, Any]:
-    """Build (or load from cache) every tensor of the dataset: inputs, labels and split indices."""
-    # The cache key covers this file's source, so a changed construction never reuses a stale cache.
-    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    key = json.dumps({"source": source, "modalities": modalities, **asdict(options)}, sort_keys=True)
-    path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    remove_partials(path.parent)  # those of builds killed while writing
-    if path.is_file():
-        cached = _load_cache(path, modalities)
-        if cached is not None:
-            return cached
+def _construct(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dict[str, Any]:
+    """Every tensor of the dataset, built from ``options.seed`` (no cache)."""
     from sklearn.datasets import load_digits  # heavy import, only on a cache miss
 
     digits = load_digits()
@@ -155,7 +146,29 @@ def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dic
         x = raw[m]
         mean, std = x[train].mean(), x[train].std()
         inputs[m] = ((x - mean) / std).float()
-    built = {"inputs": inputs, "labels": labels, "splits": {"train": train, "val": val, "test": test}}
+    return {"inputs": inputs, "labels": labels, "splits": {"train": train, "val": val, "test": test}}
+
+
+def build_embedded(options: EmbeddedOptions, modalities: tuple[str, ...]) -> dict[str, Any]:
+    """Build (or load from cache) every tensor of the dataset: inputs, labels and split indices."""
+    # The cache key covers this file's source, so a changed construction never reuses a stale cache.
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    key = json.dumps({"source": source, "modalities": modalities, **asdict(options)}, sort_keys=True)
+    path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    remove_partials(path.parent)  # those of builds killed while writing
+    if path.is_file():
+        cached = _load_cache(path, modalities)
+        if cached is not None:
+            return cached
+    # One thread: reductions (the audio rendering's, the standardisation's) round differently with more,
+    # so the data, and every number trained on it, would depend on whether a 1-thread sweep worker or a
+    # 2-thread `train` happened to build the cache first.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        built = _construct(options, modalities)
+    finally:
+        torch.set_num_threads(threads)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checked(built, path)  # atomic: a concurrent or killed build never leaves a half-written cache
