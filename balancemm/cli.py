@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from balancemm import __version__
-from balancemm.errors import BalanceMMError, SweepFailed
+from balancemm.errors import BalanceMMError, ConfigError, SweepFailed
 
 SHOWN = 5  # problems named one by one on the terminal; the rest are counted
 
@@ -310,7 +310,10 @@ def _sweep(args: argparse.Namespace) -> int:
     for key in ("methods", "datasets", "seeds", "trials"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
-    raw["sets"] = [*raw.get("sets", []), *args.sets]
+    listed = raw.get("sets", [])
+    if not isinstance(listed, list):  # a string would be split into characters; SweepSpec names the rest
+        raise ConfigError(f"{args.spec}: sets must be a list of 'key=value' strings")
+    raw["sets"] = [*listed, *args.sets]
     if args.probe:
         raw["probe"] = True
     if args.adapt:

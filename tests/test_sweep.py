@@ -347,3 +347,17 @@ def test_a_sweep_file_with_a_string_draw_seed_is_one_line(tmp_path: Path, capsys
     assert main(["sweep", str(spec), "--root", str(tmp_path / "r"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "draw_seed must be an integer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sets", ["5", '"abc"'])
+def test_a_sweep_file_whose_sets_is_not_a_list_is_one_line(
+    tmp_path: Path, sets: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from balancemm.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"methods: [baseline]\nsets: {sets}\n")
+    assert main(["sweep", str(spec), "--root", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"balancemm: error: {spec}: sets must be a list of 'key=value' strings\n"
+    assert not (tmp_path / "r").exists()
