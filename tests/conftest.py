@@ -158,3 +158,28 @@ def tiny(request: pytest.FixtureRequest) -> TinyDataset:
 @pytest.fixture
 def run_root(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+class ScriptedLauncher:
+    """A sweep launcher whose every job ends at the next ``wait`` with ``code`` and ``output``: the
+    scheduler's handling of what a worker reports, without starting one."""
+
+    parallel = 1
+
+    def __init__(self, code: int, output: str = "") -> None:
+        from balancemm.sweep.launchers import Placement
+
+        self.placement = Placement()
+        self.code, self.output = code, output
+        self.started: list[Any] = []
+
+    def start(self, job: Any) -> None:
+        self.started.append(job)
+
+    def wait(self) -> list[tuple[Any, int, str]]:
+        ended = [(job, self.code, self.output) for job in self.started]
+        self.started.clear()
+        return ended
+
+    def stop(self) -> None:
+        self.started.clear()

@@ -20,8 +20,8 @@ from balancemm.methods import METHODS
 from balancemm.registry import DATASET_INDEX, METHOD_INDEX
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep
 from balancemm.sweep import launchers as launchers_module
-from balancemm.sweep.launchers import Placement, _host_port, check_address, make_launcher, schedule
-from balancemm.sweep.spec import Job
+from balancemm.sweep.launchers import _host_port, check_address, make_launcher, schedule
+from tests.conftest import ScriptedLauncher
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -81,26 +81,9 @@ def test_run_sweep_checks_the_data_root_of_every_dataset(tmp_path: Path) -> None
 
 
 def test_a_failed_job_reason_is_not_prefixed_twice(tmp_path: Path) -> None:
-    class FailingLauncher:
-        parallel = 1
-        placement = Placement()
-
-        def __init__(self) -> None:
-            self.started: list[Job] = []
-
-        def start(self, job: Job) -> None:
-            self.started.append(job)
-
-        def wait(self) -> list[tuple[Job, int, str]]:
-            ended = [(job, 2, "balancemm: error: data.root /x is not a directory") for job in self.started]
-            self.started.clear()
-            return ended
-
-        def stop(self) -> None:
-            self.started.clear()
-
     jobs = plan_jobs(SweepSpec.from_mapping({"methods": "baseline", "seeds": 1}), tmp_path)
-    ((_, reason),) = schedule(jobs, FailingLauncher(), parallel=1).failed
+    launcher = ScriptedLauncher(2, "balancemm: error: data.root /x is not a directory")
+    ((_, reason),) = schedule(jobs, launcher, parallel=1).failed
     assert reason == "data.root /x is not a directory"
 
 

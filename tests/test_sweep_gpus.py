@@ -24,6 +24,7 @@ from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
 from balancemm.sweep import launchers as launchers_module
 from balancemm.sweep.launchers import Placement, RayLauncher, default_parallel, job_payload, make_launcher, schedule
 from balancemm.sweep.spec import Job
+from tests.conftest import ScriptedLauncher
 
 QUICK = ["train.epochs=1"]
 SUMMARY = {"test": {"accuracy": 0.5}, "imbalance": None, "modalities": ["audio", "visual"]}
@@ -255,28 +256,9 @@ def test_ray_tasks_keep_their_gpu_and_cpu_tasks_see_none(monkeypatch: pytest.Mon
 
 
 def test_a_run_directory_the_driver_cannot_see_is_a_clear_failure(tmp_path: Path) -> None:
-    class ElsewhereLauncher:
-        """Its workers succeed but write on another node's disk: nothing appears under the driver's root."""
-
-        parallel = 1
-        placement = Placement()
-
-        def __init__(self) -> None:
-            self.started: list[Job] = []
-
-        def start(self, job: Job) -> None:
-            self.started.append(job)
-
-        def wait(self) -> list[tuple[Job, int, str]]:
-            ended = [(job, 0, "") for job in self.started]
-            self.started.clear()
-            return ended
-
-        def stop(self) -> None:
-            self.started.clear()
-
     (job,) = baseline_jobs(tmp_path, 1)
-    outcome = schedule([job], ElsewhereLauncher(), parallel=1)
+    # Its worker succeeds but writes on another node's disk: nothing appears under the driver's root.
+    outcome = schedule([job], ScriptedLauncher(0), parallel=1)
     ((failed, reason),) = outcome.failed
     assert failed == job and not outcome.finished
     assert reason.startswith("the worker finished, but its run directory") and "not visible from the driver" in reason
