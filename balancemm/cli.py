@@ -244,8 +244,9 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    # The registries' static index: importing the registries themselves would import torch.
-    from balancemm.registry import DATASET_INDEX, METHOD_GROUPS, METHOD_INDEX
+    # The catalog, not the registries: importing the implementations would import torch (seconds).
+    from balancemm.catalog import DATASET_OPTIONS, METHOD_HPARAMS
+    from balancemm.registry import METHOD_GROUPS
 
     if args.what == "methods":
         if args.group is not None and args.group not in METHOD_GROUPS:
@@ -254,7 +255,7 @@ def _list(args: argparse.Namespace) -> int:
             (group, e.name, str(e.meta.get("paper", "")), ", ".join(e.aliases))
             for group in METHOD_GROUPS
             if args.group in (None, group)
-            for e in METHOD_INDEX
+            for e in METHOD_HPARAMS
             if e.meta.get("group") == group
         ]
         # Columns as wide as their longest entry, so long paper notes never run into the aliases.
@@ -264,9 +265,9 @@ def _list(args: argparse.Namespace) -> int:
     else:
         print(f"{'dataset':17s}{'modalities':12s}{'data':22s}description")
         # Datasets that run out of the box first; the others need `balancemm data prepare`.
-        for e in sorted(DATASET_INDEX, key=lambda e: bool(e.meta.get("needs_files"))):
+        for e in sorted(DATASET_OPTIONS, key=lambda e: bool(e.meta.get("needs_files"))):
             data = "data prepare / files" if e.meta.get("needs_files") else "built in"
-            print(f"{e.name:17s}{e.meta.get('modality_count', '?')!s:12s}{data:22s}{e.meta.get('description', '')}")
+            print(f"{e.name:17s}{len(e.meta['modalities'])!s:12s}{data:22s}{e.meta.get('description', '')}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,17 +32,38 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Name → object map with aliases, metadata filters and helpful errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, catalog: Registry[Any] | None = None, schema: str | None = None) -> None:
+        """``catalog``: the torch-free registry that holds this kind's names, aliases, metadata and
+        ``schema`` (the class attribute naming its options dataclass, e.g. ``"HParams"``); see
+        :meth:`register`."""
         self.kind = kind
+        self.catalog, self.schema = catalog, schema
         self._entries: dict[str, Entry[T]] = {}
         self._lookup: dict[str, str] = {}
 
     def register(self, name: str, *, aliases: tuple[str, ...] = (), **meta: Any) -> Callable[[T], T]:
-        """Decorator: ``@METHODS.register("ogm_ge", group="optimization", aliases=("OGM",))``."""
+        """Decorator: ``@METHODS.register("ogm_ge", group="optimization", aliases=("OGM",))``.
+
+        In a registry with a catalog, a name the catalog already holds (every built-in) is registered
+        with the catalog's aliases and metadata, and its schema attribute must be the catalogued class;
+        any other name (a plugin, a test double) is entered into the catalog too, so the config sees it.
+        """
         if name != name.lower() or " " in name:
             raise ValueError(f"{self.kind} keys are lower snake case, got {name!r}")
 
         def decorator(obj: T) -> T:
+            nonlocal aliases, meta
+            if self.catalog is not None:
+                schema = getattr(obj, self.schema) if self.schema else None
+                listed = self.catalog._entries.get(name)
+                if listed is None:
+                    self.catalog.register(name, aliases=aliases, **meta)(schema)
+                elif aliases or meta:
+                    raise ValueError(f"{self.kind} {name!r} is catalogued: its aliases and metadata are the catalog's")
+                elif listed.obj is not schema:
+                    raise ValueError(f"{self.kind} {name!r}: {self.schema} must be the catalogued {listed.obj!r}")
+                else:
+                    aliases, meta = listed.aliases, listed.meta
             for key in {k.lower() for k in (name, *aliases)}:
                 if key in self._lookup:
                     raise ValueError(f"{self.kind} {key!r} is registered twice")
@@ -83,90 +105,32 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    @contextmanager
+    def temporary(self) -> Iterator[Registry[T]]:
+        """Registrations made inside the ``with`` block (here and in the catalog) are undone when it
+        ends: ``with METHODS.temporary(): METHODS.register("toy")(Toy)``, for tests and notebooks."""
+        saved = [(r, dict(r._entries), dict(r._lookup)) for r in (self, self.catalog) if r is not None]
+        try:
+            yield self
+        finally:
+            for registry, entries, lookup in saved:
+                registry._entries, registry._lookup = entries, lookup
 
-# The registries themselves; each layer's package __init__ fills its own with explicit imports.
-METHODS: Registry[Any] = Registry("method")
+
+# The torch-free catalog: every method's hyper-parameters (``HParams``), every dataset's and encoder's
+# options and every fusion's name, with aliases and metadata. ``balancemm.catalog`` fills it with the
+# built-ins; the config, ``balancemm list`` and ``balancemm config`` read it without importing torch.
+METHOD_HPARAMS: Registry[type] = Registry("method")
+DATASET_OPTIONS: Registry[type] = Registry("dataset")  # meta: modalities, needs_files, description
+ENCODER_OPTIONS: Registry[type] = Registry("encoder")
+FUSION_NAMES: Registry[None] = Registry("fusion")
+
+# The implementations; each layer's package __init__ fills its own with explicit imports.
+METHODS: Registry[Any] = Registry("method", catalog=METHOD_HPARAMS, schema="HParams")
+DATASETS: Registry[Any] = Registry("dataset", catalog=DATASET_OPTIONS, schema="Options")
+ENCODERS: Registry[Any] = Registry("encoder", catalog=ENCODER_OPTIONS, schema="Options")
+FUSIONS: Registry[Any] = Registry("fusion", catalog=FUSION_NAMES)
+
 #: The paper's taxonomy, in its section order, after the references; here (torch-free) so the CLI,
 #: the methods package and the report share one list.
 METHOD_GROUPS = ("reference", "data", "feed-forward", "objective", "optimization")
-DATASETS: Registry[Any] = Registry("dataset")
-ENCODERS: Registry[Any] = Registry("encoder")
-FUSIONS: Registry[Any] = Registry("fusion")
-
-# The built-in methods and datasets as ``balancemm list`` prints them, in registration order: filling the
-# registries imports every method and dataset module and with them torch (seconds), only to print a table.
-# tests/test_early_validation.py holds these equal to the registries, so a new entry is added here too.
-METHOD_INDEX: tuple[Entry[None], ...] = (
-    Entry("agm", None, ("AGM", "AGMTrainer"), {"group": "optimization", "paper": "Li et al., ICCV 2023"}),
-    Entry(
-        "amco",
-        None,
-        ("AMCo", "AMCoTrainer"),
-        {"group": "feed-forward", "paper": "Zhou et al., ICASSP 2023 (reconstruction: no code released)"},
-    ),
-    Entry(
-        "baseline", None, ("baselineTrainer",), {"group": "reference", "paper": "concatenation fusion + cross-entropy"}
-    ),
-    Entry("cml", None, ("CML", "CMLTrainer"), {"group": "objective", "paper": "Ma et al., ICML 2023"}),
-    Entry(
-        "gblending", None, ("GBlending", "GBlendingTrainer"), {"group": "objective", "paper": "Wang et al., CVPR 2020"}
-    ),
-    Entry("greedy", None, ("Greedy", "GreedyTrainer"), {"group": "feed-forward", "paper": "Wu et al., ICML 2022"}),
-    Entry("lfm", None, ("LFM", "LFMTrainer"), {"group": "objective", "paper": "Yang et al., NeurIPS 2024"}),
-    Entry("mbsd", None, ("MBSD", "MBSDTrainer"), {"group": "objective", "paper": "Liu et al., WSDM 2023"}),
-    Entry("mla", None, ("MLA", "MLATrainer"), {"group": "feed-forward", "paper": "Zhang et al., CVPR 2024 (MLA)"}),
-    Entry("mmcosine", None, ("MMCosine", "MMCosineTrainer"), {"group": "objective", "paper": "Xu et al., ICASSP 2023"}),
-    Entry("mmpareto", None, ("MMPareto", "MMParetoTrainer"), {"group": "objective", "paper": "Wei & Hu, ICML 2024"}),
-    Entry(
-        "modality_valuation",
-        None,
-        ("Sample", "SampleTrainer", "ModalityValuation"),
-        {"group": "data", "paper": "Wei et al., CVPR 2024"},
-    ),
-    Entry(
-        "ogm_ge",
-        None,
-        ("OGM", "OGM_GE", "OGMTrainer"),
-        {"group": "optimization", "paper": "Peng et al., CVPR 2022 (OGM-GE)"},
-    ),
-    Entry("opm", None, ("OPM", "OPMTrainer"), {"group": "feed-forward", "paper": "Wei et al., TPAMI 2024 (OPM)"}),
-    Entry("pmr", None, ("PMR", "PMRTrainer"), {"group": "optimization", "paper": "Fan et al., CVPR 2023"}),
-    Entry(
-        "reconboost",
-        None,
-        ("ReconBoost", "ReconBoostTrainer"),
-        {"group": "optimization", "paper": "Hua et al., ICML 2024"},
-    ),
-    Entry(
-        "relearning",
-        None,
-        ("ReLearning", "ReLearningTrainer", "Diagnosing"),
-        {"group": "optimization", "paper": "Wei et al., ECCV 2024 (Diagnosing & Re-learning)"},
-    ),
-    Entry("umt", None, ("UMT", "UMTTrainer"), {"group": "objective", "paper": "Du et al., ICML 2023"}),
-    Entry("unimodal", None, ("unimodalTrainer",), {"group": "reference", "paper": "one modality alone"}),
-)
-_TWO_FROM_FILES = {"modality_count": 2, "needs_files": True}
-DATASET_INDEX: tuple[Entry[None], ...] = (
-    Entry("balanced_av", None, (), {**_TWO_FROM_FILES, "description": "BalancedAV: audio + visual, 30 classes"}),
-    Entry("cmu_mosei", None, ("mosei",), {"modality_count": 3, "needs_files": True, "description": "CMU-MOSEI"}),
-    Entry("cremad", None, (), {**_TWO_FROM_FILES, "description": "CREMA-D: audio + visual, 6 emotions (raw release)"}),
-    Entry("embedded", None, (), {"modality_count": 2, "description": "digits (visual) + synthesised tones (audio)"}),
-    Entry(
-        "embedded3", None, (), {"modality_count": 3, "description": "embedded + a synthetic word-vector text modality"}
-    ),
-    Entry(
-        "food101",
-        None,
-        ("food",),
-        {**_TWO_FROM_FILES, "description": "UPMC Food-101: image + recipe title, 101 dishes"},
-    ),
-    Entry(
-        "kinetics_sounds",
-        None,
-        ("ks",),
-        {**_TWO_FROM_FILES, "description": "Kinetics-Sounds: audio + visual, 31 classes"},
-    ),
-    Entry("ucf101", None, ("ucf",), {**_TWO_FROM_FILES, "description": "UCF-101: RGB + optical flow, 101 actions"}),
-    Entry("vggsound", None, ("vgg",), {**_TWO_FROM_FILES, "description": "VGGSound: audio + visual, 309 classes"}),
-)

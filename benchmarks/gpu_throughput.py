@@ -68,10 +68,6 @@ class Synthetic(MultimodalDataset):
     Options: ClassVar[type] = object
     name: ClassVar[str] = "synthetic"
 
-    @classmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return ("audio", "visual")
-
     def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, num_classes: int = 6) -> None:
         g = torch.Generator().manual_seed(0)
         self.modalities, self.num_classes = ("audio", "visual"), num_classes

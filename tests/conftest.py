@@ -11,13 +11,14 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from balancemm.config import EncoderConfig, parse
+from balancemm.config import EncoderConfig
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch
 from balancemm.methods import METHODS, Method, RunContext
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.models.encoders.cnn import CompactCNNOptions
 from balancemm.precision import Precision
+from balancemm.schema import parse
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,10 +41,6 @@ class TinyDataset(MultimodalDataset):
 
     Options: ClassVar[type] = object
     name: ClassVar[str] = "tiny"
-
-    @classmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return ()
 
     def __init__(self, num_modalities: int = 2, n: int = 24, num_classes: int = 3, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,6 @@ from balancemm.cli import main
 from balancemm.config import resolve_config
 from balancemm.methods import METHODS, Needs
 from balancemm.methods.baseline import Baseline
-from balancemm.registry import Entry
 
 
 def bmm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,11 +109,12 @@ def test_unsupported_modality_count_is_one_line(
     class TwoOnly(Baseline):
         needs = Needs(max_modalities=2)
 
-    monkeypatch.setitem(METHODS._entries, "baseline", Entry("baseline", TwoOnly, (), {"group": "reference"}))
     out = tmp_path / "run"
-    assert main(["train", "--method", "baseline", "--dataset", "embedded3", "--out", str(out), "--quiet"]) == 2
+    with METHODS.temporary():
+        METHODS.register("two_only", group="reference")(TwoOnly)
+        assert main(["train", "--method", "two_only", "--dataset", "embedded3", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["balancemm: error: method baseline supports 2 to 2 modalities, but dataset embedded3 has 3"]
+    assert err == ["balancemm: error: method two_only supports 2 to 2 modalities, but dataset embedded3 has 3"]
     assert not out.exists()
 
 

@@ -17,7 +17,7 @@ from balancemm.api import check_run_out
 from balancemm.data import DATASETS
 from balancemm.errors import ConfigError, DataError
 from balancemm.methods import METHODS
-from balancemm.registry import DATASET_INDEX, METHOD_INDEX
+from balancemm.registry import DATASET_OPTIONS, ENCODER_OPTIONS, FUSION_NAMES, METHOD_HPARAMS
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep
 from balancemm.sweep import launchers as launchers_module
 from balancemm.sweep.launchers import _host_port, check_address, make_launcher, schedule
@@ -235,14 +235,15 @@ def test_missing_clips_warning_names_the_splits() -> None:
 # -- first contact: no torch for list and --help ------------------------------------------------------
 
 
-def test_list_and_help_do_not_import_torch() -> None:
+def test_list_config_and_help_do_not_import_torch() -> None:
     code = """
 import sys
 from balancemm.cli import main
 main(["list", "methods"])
 main(["list", "methods", "--group", "objective"])
 main(["list", "datasets"])
-for argv in (["--help"], ["train", "--help"], ["sweep", "--help"], ["data", "prepare", "--help"]):
+for argv in (["--help"], ["train", "--help"], ["sweep", "--help"], ["data", "prepare", "--help"],
+             ["config", "--method", "ogm_ge", "--dataset", "cremad", "--set", "model.encoders.audio.width=32"]):
     try:
         main(argv)
     except SystemExit:
@@ -251,15 +252,50 @@ assert "torch" not in sys.modules, "torch was imported"
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "ogm_ge" in res.stdout and "kinetics_sounds" in res.stdout
+    assert "ogm_ge" in res.stdout and "kinetics_sounds" in res.stdout and "modulation_ends: 50" in res.stdout
 
 
-def test_the_static_index_is_the_registries() -> None:
-    """``balancemm list`` reads the index in balancemm/registry.py: a method or dataset added to a registry
-    must be added there too, with the same aliases and metadata, in registration order."""
+def test_the_catalog_is_the_registries() -> None:
+    """The config, ``list`` and ``config`` read the torch-free catalog; the implementations register under
+    the same names, in the same order, with the catalogued options class (the registry checks each)."""
+    from balancemm.models import ENCODERS, FUSIONS
 
     def rows(entries: Any) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
         return [(e.name, e.aliases, e.meta) for e in entries]
 
-    assert rows(METHOD_INDEX) == rows(METHODS)
-    assert rows(DATASET_INDEX) == rows(DATASETS)
+    assert rows(METHOD_HPARAMS) == rows(METHODS)
+    assert rows(DATASET_OPTIONS) == rows(DATASETS)
+    assert sorted(rows(ENCODER_OPTIONS)) == sorted(rows(ENCODERS))
+    assert sorted(rows(FUSION_NAMES)) == sorted(rows(FUSIONS))
+    assert all(e.obj.HParams is METHOD_HPARAMS.get(e.name) for e in METHODS)
+
+
+def test_each_dataset_yields_its_catalogued_modalities() -> None:
+    """The catalog says which modalities a dataset yields before any file is read; the loaders must agree."""
+    for name in ("embedded", "embedded3"):
+        assert DATASETS.get(name)().modalities == DATASET_OPTIONS.entry(name).meta["modalities"]
+    for e in DATASETS:
+        declared = getattr(e.obj, "MODALITIES", None)  # the file-backed datasets declare theirs up front
+        if declared is not None:
+            assert tuple(declared) == e.meta["modalities"], e.name
+
+
+def test_a_registration_that_disagrees_with_the_catalog_is_refused() -> None:
+    class Other:
+        HParams = int
+
+    with pytest.raises(ValueError, match="must be the catalogued"):
+        METHODS.register("ogm_ge")(Other)
+    with pytest.raises(ValueError, match="is catalogued"):
+        METHODS.register("ogm_ge", group="data")(METHODS.get("ogm_ge"))
+    assert METHODS.get("ogm_ge").__name__ == "OGMGE"
+
+
+def test_a_temporary_registration_is_undone_in_the_catalog_too() -> None:
+    class Toy:
+        HParams = int
+
+    with METHODS.temporary():
+        METHODS.register("toy_method", group="objective")(Toy)
+        assert METHOD_HPARAMS.get("toy_method") is int and METHODS.get("toy_method") is Toy
+    assert "toy_method" not in METHODS and "toy_method" not in METHOD_HPARAMS

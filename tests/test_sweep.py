@@ -17,10 +17,11 @@ import pytest
 
 from balancemm.api import default_out
 from balancemm.cli import main
-from balancemm.config import parse, resolve_config
+from balancemm.config import resolve_config
 from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
 from balancemm.methods import METHODS, list_methods
+from balancemm.schema import parse
 from balancemm.sweep import Job, SweepSpec, plan_jobs, run_sweep, worker
 from balancemm.sweep.launchers import Placement, RayLauncher, job_payload
 from tests.conftest import TinyDataset, build_method

@@ -37,7 +37,7 @@ def create_dataset(name: str, options: Any = None, **overrides: Any) -> Multimod
     ``options`` is the dataset's ``Options`` instance; keyword overrides are validated like config
     keys (``None`` values are dropped, as in timm's factories).
     """
-    from balancemm.config import parse, to_dict
+    from balancemm.schema import parse, to_dict
 
     cls = DATASETS.get(name)
     base = to_dict(options) if options is not None else {}

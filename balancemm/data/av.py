@@ -29,15 +29,14 @@ import os
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName, stratified_split
 from balancemm.data.media import decode_audio, decode_image
 from balancemm.data.profiles import AUDIO_PROFILES, AudioProfile, profile_from_params
@@ -50,24 +49,6 @@ CLIPS_DIR = "clips"
 MODALITIES = ("audio", "visual")
 AUDIO_EXTENSIONS = (".npy", ".pt", ".pkl", ".wav")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-@dataclass(frozen=True)
-class AVOptions:
-    """Options every audio-visual dataset has; each dataset subclasses it to set its own defaults."""
-
-    root: str = ""  # a prepared folder (manifest.json) or an OGM-GE/BalanceMM layout
-    layout: Literal["auto", "prepared", "files"] = "auto"  # auto: prepared when root has manifest.json
-    # The audio recipe (balancemm.data.profiles). Part of the run's identity: prepared data made with
-    # another profile is refused, so two recipes never share a run id. In the files layout it names the
-    # recipe of the stored arrays and turns .wav files into arrays.
-    profile: str = "kaldi_fbank"
-    audio_dir: str = "audio"  # files layout: <root>/<audio_dir>/<id>.{npy,pt,pkl,wav}; {split} → train|test
-    visual_dir: str = "visual"  # files layout: <root>/<visual_dir>/<id>/*.jpg or <id>.hdf5
-    frames: int = field(default=3, metadata=rng(ge=1, le=16))  # frames sampled per clip
-    image_size: int = field(default=224, metadata=rng(ge=8))
-    val_fraction: float = field(default=0.1, metadata=rng(gt=0, lt=0.5))  # carved from train when no official val
-    seed: int = field(default=0, metadata=rng(ge=0))  # the validation carve-out (and seeded splits)
 
 
 @dataclass(frozen=True)
@@ -267,10 +248,6 @@ class ClipDataset(MultimodalDataset):
     PUBLISHED: ClassVar[dict[str, int]]  # split sizes of the comparison literature
     PUBLISHED_SOURCE: ClassVar[str]
     PROFILE_KIND: ClassVar[str] = "audio profile"  # what ``data.profile`` names, for messages
-
-    @classmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return cls.MODALITIES
 
     @classmethod
     def locate(cls, options: Any) -> tuple[Path, str, dict[str, Any]]:

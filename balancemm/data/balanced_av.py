@@ -19,14 +19,13 @@ names it when there are several), ``DIR/audio/<key>.pkl`` and ``DIR/visual/<key>
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from balancemm.config import rng
-from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, load_array, manifest_listing, resolve
+from balancemm.catalog.datasets import BalancedAVOptions
+from balancemm.data.av import AVDataset, Clip, Listing, load_array, manifest_listing, resolve
 from balancemm.data.media import decode_image
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.errors import DataError
@@ -38,13 +37,6 @@ RELEASED = {
     "version": 1,
     "description": "the spectrograms shipped in BalancedAV's .pkl files, stored unchanged (recipe undocumented)",
 }
-
-
-@dataclass(frozen=True)
-class BalancedAVOptions(AVOptions):
-    profile: str = "released"
-    json: str = ""  # the release's JSON, relative to root; "" = the only *.json in root
-    frames: int = field(default=3, metadata=rng(ge=1, le=16))
 
 
 def read_release_json(path: Path) -> tuple[dict[str, list[Clip]], list[str]]:
@@ -112,9 +104,7 @@ class BalancedAVPreparer(Preparer):
         return {"audio": audio, "frames": np.stack(frames)}
 
 
-@DATASETS.register(
-    "balanced_av", modality_count=2, needs_files=True, description="BalancedAV: audio + visual, 30 classes"
-)
+@DATASETS.register("balanced_av")
 class BalancedAV(AVDataset):
     Options = BalancedAVOptions
     name = "balanced_av"

@@ -80,11 +80,6 @@ class MultimodalDataset(ABC):
     class_names: tuple[str, ...]
     input_shapes: dict[str, tuple[int, ...]]  # per-sample input shape of each modality
 
-    @classmethod
-    @abstractmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        """The sorted modality names this dataset yields under ``options`` (known before loading)."""
-
     @abstractmethod
     def split(self, name: SplitName) -> Split: ...
 

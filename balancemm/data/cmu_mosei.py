@@ -35,15 +35,14 @@ import importlib
 import pickle
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.datasets import CmuMoseiOptions
 from balancemm.data.av import MANIFEST, open_root, read_manifest
 from balancemm.data.base import SPLITS, MultimodalDataset, Split, SplitName
 from balancemm.data.prepare import ReleasePreparer, claim, versions, write_json
@@ -55,15 +54,6 @@ PICKLES = {"unaligned": "mosei_senti_data_noalign.pkl", "aligned": "mosei_senti_
 MODALITY_KEYS = {"audio": "audio", "text": "text", "visual": "vision"}  # ours → the pickle's
 SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
 CLASSES = ("negative", "non-negative")
-
-
-@dataclass(frozen=True)
-class CmuMoseiOptions:
-    root: str = ""  # a prepared folder, or the folder holding the MulT pickle
-    # Which pickle: "unaligned" (BalanceMM's default) or "aligned" (word-aligned, 50 steps each).
-    profile: Literal["unaligned", "aligned"] = "unaligned"
-    zero: Literal["positive", "drop"] = "positive"  # samples scored 0: non-negative Acc-2, or left out
-    max_len: int = field(default=0, metadata=rng(ge=0))  # keep the last max_len steps (0 = all)
 
 
 class ArraySplit(Split):
@@ -170,7 +160,7 @@ def read_pickle(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
-@DATASETS.register("cmu_mosei", modality_count=3, needs_files=True, aliases=("mosei",), description="CMU-MOSEI")
+@DATASETS.register("cmu_mosei")
 class CmuMosei(MultimodalDataset):
     """Text, audio and visual feature sequences ``[T, D]``; binary sentiment."""
 
@@ -181,10 +171,6 @@ class CmuMosei(MultimodalDataset):
     preparer: ClassVar[ReleasePreparer]  # set below: one pickle, not clips
     PUBLISHED: ClassVar[dict[str, int]] = {"train": 16326, "val": 1871, "test": 4659}
 
-    @classmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return tuple(sorted(MODALITY_KEYS))
-
     def __init__(self, options: CmuMoseiOptions) -> None:
         self.options = options
         root = open_root(
@@ -192,7 +178,7 @@ class CmuMosei(MultimodalDataset):
             "point it at the folder holding MulT's mosei_senti_data(_noalign).pkl, "
             "or at the output of `balancemm data prepare cmu_mosei`",
         )
-        self.root, self.modalities = root, self.modalities_for(options)
+        self.root, self.modalities = root, tuple(sorted(MODALITY_KEYS))
         if (root / MANIFEST).is_file():
             self.layout, self.manifest = "prepared", read_manifest(root, self.name)
             if self.manifest["profile"]["name"] != options.profile:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from balancemm.config import rng
-from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, resolve
+from balancemm.catalog.datasets import CremadOptions
+from balancemm.data.av import AVDataset, Clip, Listing, resolve
 from balancemm.data.base import stratified_split
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.errors import DataError
@@ -45,17 +44,6 @@ CLIP_ID = re.compile(r"^(\d{4})_[A-Z]{3}_(NEU|HAP|SAD|FEA|DIS|ANG)_[A-Z]{2}$")
 def label_of(clip_id: str) -> int | None:
     m = CLIP_ID.match(clip_id)
     return EMOTIONS.index(m.group(2)) if m else None
-
-
-@dataclass(frozen=True)
-class CremadOptions(AVOptions):
-    audio_dir: str = "AudioWAV"
-    visual_dir: str = "Image-01-FPS"
-    frames: int = field(default=2, metadata=rng(ge=1, le=3))
-    split: Literal["csv", "random", "speaker"] = "csv"
-    train_csv: str = "train.csv"  # relative to root, or absolute
-    test_csv: str = "test.csv"
-    test_fraction: float = field(default=0.1, metadata=rng(gt=0, lt=0.5))  # random / speaker splits
 
 
 class CremadPreparer(Preparer):
@@ -83,9 +71,7 @@ class CremadPreparer(Preparer):
         return RawRelease(clips, list(EMOTIONS), {}, "none (CREMA-D has no official split)", unmatched)
 
 
-@DATASETS.register(
-    "cremad", modality_count=2, needs_files=True, description="CREMA-D: audio + visual, 6 emotions (raw release)"
-)
+@DATASETS.register("cremad")
 class Cremad(AVDataset):
     Options = CremadOptions
     name = "cremad"

@@ -33,14 +33,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.datasets import EmbeddedOptions
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName, stratified_split
 from balancemm.errors import DataError
 from balancemm.files import DamagedFile, load_checked, remove_partials, save_checked
@@ -54,16 +54,6 @@ _GROUP_PITCH = (350.0, 600.0, 900.0, 1250.0, 1650.0)  # Hz, one per class pair
 _JITTER = 0.6  # semitones of random pitch jitter per sample
 _TEXT_LEN, _TEXT_DIM, _N_DISTRACTORS = 8, 16, 30
 _KEYWORD_NORM = 3.0  # keywords stand out from the unit-norm filler words
-
-
-@dataclass(frozen=True)
-class EmbeddedOptions:
-    seed: int = field(default=0, metadata=rng(ge=0))  # builds the data and the splits
-    audio_informativeness: float = field(default=0.5, metadata=rng(ge=0, le=1))
-    visual_informativeness: float = field(default=0.5, metadata=rng(ge=0, le=1))
-    text_informativeness: float = field(default=0.5, metadata=rng(ge=0, le=1))  # embedded3 only
-    val_fraction: float = field(default=0.2, metadata=rng(gt=0, lt=0.5))
-    test_fraction: float = field(default=0.2, metadata=rng(gt=0, lt=0.5))
 
 
 def _cache_dir() -> Path:
@@ -199,17 +189,13 @@ def _load_cache(path: Path, modalities: tuple[str, ...]) -> dict[str, Any] | Non
     return None
 
 
-@DATASETS.register("embedded", modality_count=2, description="digits (visual) + synthesised tones (audio)")
+@DATASETS.register("embedded")
 class Embedded(MultimodalDataset):
     """Audio + visual, the embedded default (see the module docstring)."""
 
     Options: ClassVar[type] = EmbeddedOptions
     name: ClassVar[str] = "embedded"
     _modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
-
-    @classmethod
-    def modalities_for(cls, options: Any) -> tuple[str, ...]:
-        return cls._modalities
 
     def __init__(self, options: EmbeddedOptions | None = None) -> None:
         self.options = options or EmbeddedOptions()
@@ -227,7 +213,7 @@ class Embedded(MultimodalDataset):
         return self._splits[name]
 
 
-@DATASETS.register("embedded3", modality_count=3, description="embedded + a synthetic word-vector text modality")
+@DATASETS.register("embedded3")
 class Embedded3(Embedded):
     """Audio + text + visual: the 3-modality variant of the embedded dataset."""
 

@@ -48,16 +48,16 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.datasets import Food101Options
 from balancemm.data.av import (
     IMAGE_EXTENSIONS,
     Chooser,
@@ -301,25 +301,7 @@ def image_to_tensor(image: np.ndarray, size: int, rng: np.random.Generator | Non
     return normalise(x)
 
 
-@dataclass(frozen=True)
-class Food101Options:
-    root: str = ""  # a prepared folder (manifest.json) or the UPMC release itself
-    layout: Literal["auto", "prepared", "files"] = "auto"  # auto: prepared when root has manifest.json
-    # The tokenisation recipe; prepared data made with another one is refused.
-    profile: Literal["bert_40"] = "bert_40"
-    tokenizer: str = ""  # files layout: a local tokenizer folder (titles are tokenised when read)
-    image_size: int = field(default=224, metadata=rng(ge=8))
-    val_fraction: float = field(default=0.1, metadata=rng(gt=0, lt=0.5))  # carved from train
-    seed: int = field(default=0, metadata=rng(ge=0))  # the validation carve-out
-
-
-@DATASETS.register(
-    "food101",
-    modality_count=2,
-    needs_files=True,
-    aliases=("food",),
-    description="UPMC Food-101: image + recipe title, 101 dishes",
-)
+@DATASETS.register("food101")
 class Food101(ClipDataset):
     """``text [40]`` int64 token ids and ``visual [3, S, S]`` images."""
 

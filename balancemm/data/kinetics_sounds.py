@@ -19,22 +19,16 @@ separated), ``<root>/audio/<clip>.npy`` and ``<root>/visual/<clip>/frame_*.jpg``
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, manifest_listing, resolve
+from balancemm.catalog.datasets import KineticsSoundsOptions
+from balancemm.data.av import AVDataset, Clip, Listing, manifest_listing, resolve
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".flv")
-
-
-@dataclass(frozen=True)
-class KineticsSoundsOptions(AVOptions):
-    train_list: str = "my_train.txt"  # relative to root, or absolute (files layout)
-    test_list: str = "my_test.txt"
 
 
 def read_list(path: Path) -> list[Clip]:
@@ -97,13 +91,7 @@ class KineticsSoundsPreparer(Preparer):
         return release
 
 
-@DATASETS.register(
-    "kinetics_sounds",
-    modality_count=2,
-    needs_files=True,
-    aliases=("ks",),
-    description="Kinetics-Sounds: audio + visual, 31 classes",
-)
+@DATASETS.register("kinetics_sounds")
 class KineticsSounds(AVDataset):
     Options = KineticsSoundsOptions
     name = "kinetics_sounds"

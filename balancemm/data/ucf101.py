@@ -54,15 +54,14 @@ Deviations from BalanceMM (reference/balancemm-study.md §2.1):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.datasets import Ucf101Options
 from balancemm.data.av import Chooser, Clip, ClipDataset, ClipReader, Listing, image_files, resolve, rows_of
 from balancemm.data.base import SplitName
 from balancemm.data.flow import FLOW_BOUND, flow_profile, flow_to_tensor, frame_flow
@@ -74,7 +73,7 @@ from balancemm.errors import DataError
 from balancemm.registry import DATASETS
 
 VIDEOS_DIR = "UCF-101"
-LISTS_DIR = "ucfTrainTestlist"
+LISTS_DIR = Ucf101Options.lists_dir  # the official release's folder of split lists
 SPLIT_SIZES = {1: (9537, 3783), 2: (9586, 3734), 3: (9624, 3696)}  # official (train, test) per split
 GROUP = re.compile(r"_g(\d+)_c\d+$")  # v_<Class>_g08_c01
 
@@ -221,31 +220,7 @@ class FrameFolderReader(ClipReader):
         return {"frames": frames, "flow": flow}
 
 
-@dataclass(frozen=True)
-class Ucf101Options:
-    root: str = ""  # a prepared folder (manifest.json) or pre-extracted frame/flow folders
-    layout: Literal["auto", "prepared", "files"] = "auto"  # auto: prepared when root has manifest.json
-    # The flow recipe (balancemm.data.flow); prepared data made with another one is refused.
-    profile: Literal["tvl1", "farneback"] = "tvl1"
-    split_index: int = field(default=1, metadata=rng(ge=1, le=3))  # official split 1, 2 or 3
-    lists_dir: str = LISTS_DIR  # files layout: classInd.txt, trainlist0N.txt, testlist0N.txt
-    visual_dir: str = "rgb"  # files layout: <root>/<visual_dir>/<clip>/*.jpg
-    flow_u_dir: str = "flow/u"  # files layout: <root>/<flow_u_dir>/<clip>/*.jpg
-    flow_v_dir: str = "flow/v"
-    frames: int = field(default=3, metadata=rng(ge=1, le=16))  # RGB frames per clip
-    flow_frames: int = field(default=3, metadata=rng(ge=1, le=16))  # flow fields per clip
-    image_size: int = field(default=224, metadata=rng(ge=8))
-    val_fraction: float = field(default=0.1, metadata=rng(gt=0, lt=0.5))  # of the training groups
-    seed: int = field(default=0, metadata=rng(ge=0))  # which groups go to validation
-
-
-@DATASETS.register(
-    "ucf101",
-    modality_count=2,
-    needs_files=True,
-    aliases=("ucf",),
-    description="UCF-101: RGB + optical flow, 101 actions",
-)
+@DATASETS.register("ucf101")
 class Ucf101(ClipDataset):
     """RGB frames ``visual [frames, 3, S, S]`` and optical flow ``flow [flow_frames, 2, S, S]``."""
 

@@ -18,23 +18,15 @@ Files layout (BalanceMM): ``<root>/vggsound.csv``, ``<root>/audio/{train,test}/<
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from balancemm.data.av import AVDataset, AVOptions, Clip, Listing, manifest_listing, resolve
+from balancemm.catalog.datasets import VGGSoundOptions
+from balancemm.data.av import AVDataset, Clip, Listing, manifest_listing, resolve
 from balancemm.data.kinetics_sounds import index_videos
 from balancemm.data.prepare import Preparer, RawClip, RawRelease
 from balancemm.errors import DataError
 from balancemm.registry import DATASETS
-
-
-@dataclass(frozen=True)
-class VGGSoundOptions(AVOptions):
-    profile: str = "vggsound_stft"
-    audio_dir: str = "audio/{split}"
-    visual_dir: str = "video/{split}"
-    csv: str = "vggsound.csv"  # relative to root, or absolute (files layout)
 
 
 def read_csv(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str], dict[str, str]]:
@@ -80,13 +72,7 @@ class VGGSoundPreparer(Preparer):
         return RawRelease.from_listing(listed, classes, "official vggsound.csv train/test", locate)
 
 
-@DATASETS.register(
-    "vggsound",
-    modality_count=2,
-    needs_files=True,
-    aliases=("vgg",),
-    description="VGGSound: audio + visual, 309 classes",
-)
+@DATASETS.register("vggsound")
 class VGGSound(AVDataset):
     Options = VGGSoundOptions
     name = "vggsound"

@@ -40,7 +40,7 @@ def create_method(name: str, model: MultimodalClassifier, ctx: RunContext | None
     callers can pass optional overrides straight through. Without ``ctx`` the method gets a
     standalone context (seed 0) — enough for unit tests and notebooks that drive the hooks by hand.
     """
-    from balancemm.config import parse
+    from balancemm.schema import parse
 
     cls = METHODS.get(name)
     hp = parse(cls.HParams, {k: v for k, v in hparams.items() if v is not None}, "method")

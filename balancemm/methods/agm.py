@@ -63,38 +63,17 @@ Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng, window_order
+from balancemm.catalog.methods import AGMHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method
 from balancemm.metrics.shapley import coalitions, shapley_values
 from balancemm.models.classifier import ModelOutput
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class AGMHParams:
-    alpha: float = field(default=1.0, metadata=rng(ge=0))  # α; official --alpha 1.0 (README AV-MNIST 2.5); BMM 0.1
-    kappa: float | None = field(default=10.0, metadata=rng(gt=0))  # κ: 10 CREMA-D, 7 URFunny, null MOSEI; BMM 7
-    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 0)
-    # last modulated epoch, 0-based, inclusive; official 20 counts from 1, i.e. 19 here (BMM 80)
-    modulation_ends: EpochValue = field(default=19, metadata=epoch_meta())
-    clip_threshold: float = field(default=1.0, metadata=rng(ge=0))  # θ, fusion-weight grad bound (BMM 5); 0 = no clip
-    clip_norm: float = field(default=1.0, metadata=rng(gt=0))  # max_norm of the clip (BMM 5)
-    # "shared": each encoder runs once per input kind, same values and gradients as "official":
-    # one full zero-padded pass per coalition, the all-zero one included (the official cost)
-    passes: Literal["shared", "official"] = "shared"
-    # after modulation_ends: "plain" CE without coalition passes (the default here) | "frozen": the
-    # last in-window c_m keep scaling ∂L/∂o_m (official: its gradient hooks stay registered)
-    after_window: Literal["plain", "frozen"] = "plain"
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def mono_outputs(fused: dict[frozenset[str], Tensor], modalities: tuple[str, ...]) -> dict[str, Tensor]:
@@ -136,7 +115,7 @@ def modulated_sum(outputs: dict[str, Tensor], coefficients: Tensor) -> Tensor:
     return torch.stack(parts).sum(0)
 
 
-@METHODS.register("agm", group="optimization", paper="Li et al., ICCV 2023", aliases=("AGM", "AGMTrainer"))
+@METHODS.register("agm")
 class AGM(Method):
     name = "agm"
     HParams = AGMHParams

@@ -92,34 +92,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, cast
+from dataclasses import replace
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng, window_order
+from balancemm.catalog.methods import AMCoHParams
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.models.fusions.amco import AMCoFusion
 from balancemm.registry import FUSIONS, METHODS
-
-
-@dataclass(frozen=True)
-class AMCoHParams:
-    sigma: float = field(default=0.5, metadata=rng(gt=0, lt=1))  # σ, dependence threshold; BMM 0.5 (paper unknown)
-    eps: float = field(default=0.3, metadata=rng(gt=0))  # ε, level at which p_t reaches 1; BMM 0.3 (paper unknown)
-    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with mask + co-loss (BMM 0)
-    modulation_ends: EpochValue = field(default=80, metadata=epoch_meta())  # last one, inclusive (BMM 80)
-    # what a flagged modality loses: feature units of h_m (BMM 596b434, U = 512) | class logits of u_m (BMM HEAD)
-    mask_unit: Literal["feature", "class"] = "feature"
-    rescale: bool = True  # feature mode: × 1/max(1 − p_t, 0.1) (BMM 596b434); false: plain zeroing (BMM HEAD: none)
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def mask_ratio(level: float, eps: float) -> float:
@@ -147,12 +133,7 @@ def dependence_mass(unimodal: list[Tensor]) -> Tensor:
     return joint.view(joint.shape[0], len(unimodal), -1).sum(2).mean(0)
 
 
-@METHODS.register(
-    "amco",
-    group="feed-forward",
-    paper="Zhou et al., ICASSP 2023 (reconstruction: no code released)",
-    aliases=("AMCo", "AMCoTrainer"),
-)
+@METHODS.register("amco")
 class AMCo(Method):
     name = "amco"
     HParams = AMCoHParams

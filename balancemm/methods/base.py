@@ -73,22 +73,17 @@ device); gradients only through ``ctx.backward`` / ``ctx.grad``; parameters by s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from balancemm.config import EpochValue, resolve_epoch
+from balancemm.catalog.methods import NoHParams
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods.context import Needs, RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
-
-
-@dataclass(frozen=True)
-class NoHParams:
-    """For methods without hyper-parameters."""
+from balancemm.schema import EpochValue, resolve_epoch
 
 
 class Method(nn.Module):

@@ -12,12 +12,7 @@ from balancemm.methods.base import Method
 from balancemm.registry import METHODS
 
 
-@METHODS.register(
-    "baseline",
-    group="reference",
-    paper="concatenation fusion + cross-entropy",
-    aliases=("baselineTrainer",),
-)
+@METHODS.register("baseline")
 class Baseline(Method):
     name = "baseline"
 

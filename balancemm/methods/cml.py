@@ -63,27 +63,20 @@ Deviations from BalanceMM (``CML_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.methods import CMLHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput
 from balancemm.registry import METHODS
 
 Variant = Literal["miwae", "cpm"]
-
-
-@dataclass(frozen=True)
-class CMLHParams:
-    lam: float = field(default=0.1, metadata=rng(ge=0))  # λ = β/100; README --beta 10 → 0.1 (BMM lam 0.1)
-    epsilon: float = field(default=0.0, metadata=rng(ge=0))  # margin ε; original 0.0 (BMM: none)
-    variant: Variant = "miwae"  # sign mask (+ trick 2) of miwae/train.py | cpm/CPM_Nets.py
 
 
 def removal_chain(batch_size: int, num_modalities: int, generator: torch.Generator) -> Tensor:
@@ -121,7 +114,7 @@ def calibration_penalty(logits: Tensor, label: Tensor, variant: Variant = "miwae
     return penalty
 
 
-@METHODS.register("cml", group="objective", paper="Ma et al., ICML 2023", aliases=("CML", "CMLTrainer"))
+@METHODS.register("cml")
 class CML(Method):
     name = "cml"
     HParams = CMLHParams

@@ -48,14 +48,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta
+from balancemm.catalog.methods import GBlendingHParams
 from balancemm.data.base import SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods.base import Method, Needs
@@ -64,13 +64,6 @@ from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassi
 from balancemm.registry import METHODS
 
 FUSED = "fused"
-
-
-@dataclass(frozen=True)
-class GBlendingHParams:
-    mode: Literal["online", "offline"] = "online"  # paper: both; BMM "online"
-    super_epoch: EpochValue = field(default=10, metadata=epoch_meta(ge=1))  # n, epochs per estimate (online); BMM 10
-    heads: Literal["linear", "slice"] = "linear"  # separate unimodal heads (paper) | head slices (BMM)
 
 
 def blend_weights(delta_g: Tensor, delta_o: Tensor) -> Tensor | None:
@@ -101,9 +94,7 @@ class _OneHead(Method):
         return {term_name(self.head): F.cross_entropy(head_logits(out, self.head), batch.label)}
 
 
-@METHODS.register(
-    "gblending", group="objective", paper="Wang et al., CVPR 2020", aliases=("GBlending", "GBlendingTrainer")
-)
+@METHODS.register("gblending")
 class GBlending(Method):
     name = "gblending"
     HParams = GBlendingHParams

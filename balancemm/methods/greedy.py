@@ -74,14 +74,14 @@ they matter:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng
+from balancemm.catalog.methods import GreedyHParams
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
@@ -91,32 +91,13 @@ from balancemm.models.fusions.sum import SumFusion
 from balancemm.registry import METHODS
 
 
-@dataclass(frozen=True)
-class GreedyHParams:
-    # ε, the BDR gap that starts curation; official gin 0.01 (BMM alpha 0.001)
-    epsilon: float = field(default=0.01, metadata=rng(ge=0))
-    # Q, steps per curation window; official curation_windowsize 5 (BMM window_size 5)
-    window: int = field(default=5, metadata=rng(ge=1))
-    # first 0-based epoch that may curate; official starting_epoch=2 counts from 1, i.e. 1 here (BMM 0)
-    starting_epoch: EpochValue = field(default=1, metadata=epoch_meta())
-    # MMTM after the last k stages of every encoder; official 3 = ResNet-18 layer2–4 (BMM 4 = all)
-    mmtm_stages: int = field(default=3, metadata=rng(ge=1))
-    # MMTM bottleneck ratio, joint layer Σd → ⌊2Σd/ratio⌋; official 4 (BMM 4)
-    ratio: float = field(default=4.0, metadata=rng(gt=0))
-
-
 def balance_direction(bypass: Tensor, main: Tensor) -> Tensor:
     """BDR_m = log10(M_b,m / M_main,m) ``[M]`` from the cumulative speeds ``[M]`` (clamped above 0)."""
     tiny = torch.finfo(bypass.dtype).tiny
     return torch.log10(bypass.clamp(min=tiny) / main.clamp(min=tiny))
 
 
-@METHODS.register(
-    "greedy",
-    group="feed-forward",
-    paper="Wu et al., ICML 2022",
-    aliases=("Greedy", "GreedyTrainer"),
-)
+@METHODS.register("greedy")
 class Greedy(Method):
     name = "greedy"
     HParams = GreedyHParams

@@ -76,15 +76,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from balancemm.config import EpochValue, epoch_meta, rng
+from balancemm.catalog.methods import LFMHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
@@ -93,16 +93,6 @@ from balancemm.registry import METHODS
 ALPHA_CLIP = (0.05, 0.95)  # PAPER: clip of α_al in the learned and heuristic rules
 # PAPER: α_cls(e) coefficients of e^0 … e^5 in Crema_epoch.py (getAlpha_Learnable_Fitted).
 FITTED_COEFFS = (2.04623704e-01, 3.35472727e-03, 1.22989557e-04, -2.92947416e-06, 2.23835486e-08, -5.39717505e-11)
-
-
-@dataclass(frozen=True)
-class LFMHParams:
-    schedule: Literal["learned", "fitted", "heuristic"] = "learned"  # α rule; BMM always runs learned
-    alignment: Literal["js", "mixture_kl"] = "js"  # true JS | the code's KL(m‖p) (original and BMM)
-    alpha_al_init: float = field(default=0.95, metadata=rng(ge=0.05, le=0.95))  # learned α_al₀; orig 0.95 (BMM 0.05)
-    lr_alpha: float = field(default=1e-4, metadata=rng(ge=0))  # η_α; original 1e-4 (BMM 1e-4)
-    halve_every: EpochValue = field(default=20, metadata=epoch_meta(ge=1))  # η_α halving period; orig 20 (BMM 20)
-    val_samples: int = field(default=8, metadata=rng(ge=1))  # rows for the α pass; orig 8 train rows (BMM 8 of val)
 
 
 def alignment(logits: Sequence[Tensor], kind: str = "js") -> Tensor:
@@ -176,7 +166,7 @@ def learned_alpha_al(alpha_al: float, lr_alpha: float, signal: float) -> float:
     return min(max(alpha_al - lr_alpha * signal, ALPHA_CLIP[0]), ALPHA_CLIP[1])
 
 
-@METHODS.register("lfm", group="objective", paper="Yang et al., NeurIPS 2024", aliases=("LFM", "LFMTrainer"))
+@METHODS.register("lfm")
 class LFM(Method):
     name = "lfm"
     adapted: ClassVar[Mapping[str, Any]] = {"halve_every": "10%"}  # official: η_α halves every 20 of 200 epochs

@@ -49,26 +49,17 @@ Deviations from BalanceMM (``MBSD_trainer.py``), ``compat=True`` reproduces Bala
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.methods import MBSDHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class MBSDHParams:
-    unimodal_weight: float = field(default=1.0, metadata=rng(ge=0))  # λ_u per CE(z_m); paper unknown (BMM 1)
-    kl_weight: float = field(default=1.0, metadata=rng(ge=0))  # λ_kl; paper unknown (BMM 1)
-    beta: float = field(default=1.0, metadata=rng(ge=0))  # β, RS weight; paper unknown (BMM 1)
-    compat: bool = False  # BalanceMM's literal terms: scalar "KL", ω and RS not detached, RS on p for M ≥ 3
 
 
 def self_distillation(logits: Sequence[Tensor], label: Tensor, compat: bool = False) -> tuple[Tensor, Tensor]:
@@ -108,7 +99,7 @@ def self_distillation(logits: Sequence[Tensor], label: Tensor, compat: bool = Fa
     return (omega * kl).mean(), (omega * rs).mean()
 
 
-@METHODS.register("mbsd", group="objective", paper="Liu et al., WSDM 2023", aliases=("MBSD", "MBSDTrainer"))
+@METHODS.register("mbsd")
 class MBSD(Method):
     name = "mbsd"
     HParams = MBSDHParams

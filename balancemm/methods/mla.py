@@ -79,13 +79,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Literal, cast
+from dataclasses import replace
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from balancemm.catalog.methods import MLAHParams
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
@@ -96,23 +97,6 @@ from balancemm.registry import METHODS
 
 # The official three-modality fixed weights (``--a_alpha/--v_alpha/--t_alpha``), by modality name.
 OFFICIAL_FIXED_WEIGHTS = {"audio": 0.35, "visual": 0.25, "text": 0.4}
-
-
-@dataclass(frozen=True)
-class MLAHParams:
-    gs: bool = True  # project H's weight gradient; official: dead code at its commit (name test); BMM: runs
-    gs_denominator: Literal["scalar", "elementwise"] = "scalar"  # OWM α + r·k (paper); official + BMM elementwise
-    gs_mode: Literal["replace", "add"] = "replace"  # g ← g·Pᵀ (official) | g ← g + g·Pᵀ (BMM)
-    fusion: Literal["entropy", "fixed"] = "entropy"  # test-time fusion; official: fixed unless --dynamic; BMM entropy
-    # Fixed weights in sorted modality order (fusion=fixed); null = official (0.5/0.5; audio .35, visual .25, text .4).
-    fixed_weights: tuple[float, ...] | None = None
-    # After each modality's step but the last: official (torch 1.8.1) "zeros", so momentum and weight decay move
-    # the encoders trained earlier in the batch; BMM (torch 2) and here "none", gradients cleared.
-    zero_grad: Literal["none", "zeros"] = "none"
-
-    def _validate(self, path: str) -> None:
-        if self.fixed_weights is not None and (min(self.fixed_weights) < 0 or sum(self.fixed_weights) <= 0):
-            raise ConfigError(f"{path}.fixed_weights must be non-negative with a positive sum")
 
 
 def gs_alpha(batch_idx: int, num_batches: int) -> float:
@@ -200,12 +184,7 @@ def fuse(logits: Tensor, weights: Tensor, present: Tensor) -> Tensor:
     return (w[..., None] * logits).sum(0)
 
 
-@METHODS.register(
-    "mla",
-    group="feed-forward",
-    paper="Zhang et al., CVPR 2024 (MLA)",
-    aliases=("MLA", "MLATrainer"),
-)
+@METHODS.register("mla")
 class MLA(Method):
     name = "mla"
     HParams = MLAHParams

@@ -40,10 +40,10 @@ Deviations from BalanceMM (``MMCosine_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, ClassVar
 
-from balancemm.config import rng
+from balancemm.catalog.methods import MMCosineHParams
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelSpec
@@ -54,14 +54,7 @@ from balancemm.registry import FUSIONS, METHODS
 _LINEAR_FUSIONS = ("concat", "sum", "cosine")
 
 
-@dataclass(frozen=True)
-class MMCosineHParams:
-    scale: float = field(default=10.0, metadata=rng(gt=0))  # s; original --scaling 10 (BMM 15)
-
-
-@METHODS.register(
-    "mmcosine", group="objective", paper="Xu et al., ICASSP 2023", aliases=("MMCosine", "MMCosineTrainer")
-)
+@METHODS.register("mmcosine")
 class MMCosine(Method):
     name = "mmcosine"
     HParams = MMCosineHParams

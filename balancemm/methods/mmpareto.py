@@ -42,25 +42,19 @@ Deviations from BalanceMM (``MMPareto_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.methods import MMParetoHParams
 from balancemm.data.batch import Batch
 from balancemm.methods._grads import flat, min_norm_two
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class MMParetoHParams:
-    gamma: float = field(default=1.5, metadata=rng(gt=0))  # γ, hard-coded 1.5 in the original
-    heads: Literal["linear", "slice"] = "linear"  # separate unimodal heads (original) | head slices (BMM)
 
 
 def pareto_direction(g_mm: Tensor, g_u: Tensor) -> tuple[float, float]:
@@ -84,7 +78,7 @@ def pareto_combine(g_mm: list[Tensor], g_u: list[Tensor], gamma: float) -> tuple
     return out, (a1, a2)
 
 
-@METHODS.register("mmpareto", group="objective", paper="Wei & Hu, ICML 2024", aliases=("MMPareto", "MMParetoTrainer"))
+@METHODS.register("mmpareto")
 class MMPareto(Method):
     name = "mmpareto"
     HParams = MMParetoHParams

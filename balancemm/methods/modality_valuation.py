@@ -57,26 +57,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng
+from balancemm.catalog.methods import ValuationHParams
 from balancemm.data.batch import SamplePlan
 from balancemm.methods.base import Method
 from balancemm.metrics.shapley import coalitions, shapley_values
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class ValuationHParams:
-    variant: Literal["sample", "modality"] = "sample"  # sample-level | modality-level (BMM default)
-    warmup: EpochValue = field(default=5, metadata=epoch_meta())  # plain epochs before re-sampling starts; BMM 1
-    part_ratio: float = field(default=0.2, metadata=rng(gt=0, le=1))  # modality-level: share of rows for φ̄; BMM 0.2
-    alpha: float = field(default=1.0, metadata=rng(ge=0))  # modality-level α; BMM none (its alpha 0.5 is unused)
-    func: Literal["linear", "tanh", "square"] = "linear"  # modality-level D(|Δγ|)
 
 
 def sample_values(correct: dict[frozenset[str], Tensor], modalities: tuple[str, ...]) -> dict[str, Tensor]:
@@ -114,12 +104,7 @@ def only(modality: int, rows: int, num_modalities: int) -> Tensor:
     return present
 
 
-@METHODS.register(
-    "modality_valuation",
-    group="data",
-    paper="Wei et al., CVPR 2024",
-    aliases=("Sample", "SampleTrainer", "ModalityValuation"),
-)
+@METHODS.register("modality_valuation")
 class ModalityValuation(Method):
     name = "modality_valuation"
     adapted: ClassVar[Mapping[str, Any]] = {"warmup": "8%"}  # official: 5 warm-up epochs of 60

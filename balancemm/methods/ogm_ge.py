@@ -43,32 +43,19 @@ Deviations from BalanceMM (``OGM_trainer.py``), all available as settings where 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng, window_order
+from balancemm.catalog.methods import OGMGEHParams
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods._grads import conv_weights
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.registry import FUSIONS, METHODS
-
-
-@dataclass(frozen=True)
-class OGMGEHParams:
-    alpha: float = field(default=0.1, metadata=rng(ge=0))  # α; CVPR README default 0.1 (BMM 0.3)
-    ge: bool = True  # add the Generalization-Enhancement noise; false = plain OGM
-    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 10)
-    modulation_ends: EpochValue = field(default=50, metadata=epoch_meta())  # last modulated epoch, inclusive (BMM 80)
-    params: Literal["conv", "weights"] = "conv"  # conv kernels (official) | all non-1-D weights (BMM)
-    continuous: bool = False  # 1 − tanh(α·(ρ−1)) instead of the code's 1 − tanh(α·ρ)
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> Tensor:
@@ -89,12 +76,7 @@ def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> 
     return torch.where(ratio > 1, 1 - torch.tanh(alpha * (ratio - shift)), k)
 
 
-@METHODS.register(
-    "ogm_ge",
-    group="optimization",
-    paper="Peng et al., CVPR 2022 (OGM-GE)",
-    aliases=("OGM", "OGM_GE", "OGMTrainer"),
-)
+@METHODS.register("ogm_ge")
 class OGMGE(Method):
     name = "ogm_ge"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "50%"}  # official: epochs 0–50 of 100

@@ -85,14 +85,14 @@ Deviations from BalanceMM (``OPM_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng
+from balancemm.catalog.methods import OPMHParams
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods._scores import others_sum
@@ -100,18 +100,6 @@ from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.models.fusions.concat import ConcatFusion
 from balancemm.registry import FUSIONS, METHODS
-
-
-@dataclass(frozen=True)
-class OPMHParams:
-    q_base: float = field(default=0.5, metadata=rng(ge=0, le=1))  # q_base; argparse 0.5, config.py 0.4 (BMM 0.4)
-    lam: float = field(default=0.5, metadata=rng(ge=0))  # λ; official `lam` 0.5 (BMM `alpha` 0.5)
-    p_exe: float = field(default=0.7, metadata=rng(ge=0, le=1))  # drop executed on this share of batches (BMM 0.7)
-    modulation_starts: EpochValue = field(default=6, metadata=epoch_meta())  # official: epochs 0–5 warm-up (BMM 0)
-    ratio_to: Literal["mean", "sum"] = "mean"  # M ≥ 3: ρ_m = s_m / mean_{j≠m} s_j | / Σ_{j≠m} s_j (BMM)
-    # Gradient of executed drops through the scores: "none" | "official": + ∇½θ² to the encoders, as the
-    # official θ backward returns θ (Classifier.py 21); BMM: CE's own ∂/∂θ via 1/(1 − θ) (not offered)
-    score_gradient: Literal["none", "official"] = "none"
 
 
 def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: str = "mean") -> Tensor:
@@ -177,12 +165,7 @@ def drop_features(
     return dropped, keep.any(dim=1), theta
 
 
-@METHODS.register(
-    "opm",
-    group="feed-forward",
-    paper="Wei et al., TPAMI 2024 (OPM)",
-    aliases=("OPM", "OPMTrainer"),
-)
+@METHODS.register("opm")
 class OPM(Method):
     name = "opm"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_starts": "6%"}  # official: warm-up 0–5 of 100 epochs

@@ -74,34 +74,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import EpochValue, epoch_meta, rng, window_order
+from balancemm.catalog.methods import PMRHParams
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class PMRHParams:
-    alpha: float = field(default=1.0, metadata=rng(ge=0))  # α, PCE weight; argparse 1.0, scripts 2–5 (BMM 0.6)
-    momentum_coef: float = field(default=0.2, metadata=rng(ge=0, le=1))  # μ; argparse 0.2, scripts 0.0 (BMM 0.5)
-    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with PCE, 0-based (BMM 0)
-    modulation_ends: EpochValue = field(default=100, metadata=epoch_meta())  # last epoch with PCE, inclusive (BMM 80)
-    proto_fraction: float = field(default=0.1, metadata=rng(gt=0, le=1))  # share of train batches; ⌊N/10⌋ (BMM same)
-    # The computation that first blends in the old prototypes (the one before epoch 0 is the first); official
-    # "third" (`epoch <= 0`, main_Prototype_grad.py 435, also catches the call after epoch 0), BMM "second"
-    momentum_from: Literal["second", "third"] = "second"
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 def update_prototypes(old: Tensor, sums: Tensor, counts: Tensor, seen: Tensor, momentum: float) -> Tensor:
@@ -136,12 +120,7 @@ def pmr_coefficients(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     return beta, s / others.clamp(min=1e-300)
 
 
-@METHODS.register(
-    "pmr",
-    group="optimization",
-    paper="Fan et al., CVPR 2023",
-    aliases=("PMR", "PMRTrainer"),
-)
+@METHODS.register("pmr")
 class PMR(Method):
     name = "pmr"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "67%"}  # official: epochs 0–100 of 150

@@ -67,36 +67,18 @@ Deviations from BalanceMM (``ReconBoost_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, cast
+from dataclasses import replace
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from balancemm.config import rng
+from balancemm.catalog.methods import ReconBoostHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class ReconBoostHParams:
-    w1: float = field(default=5.0, metadata=rng(ge=0))  # weight1: 5.0 CREMA-D README (AVE 4.0); BMM 5
-    w2: float = field(default=1.0, metadata=rng(ge=0))  # weight2: 1.0; BMM 1
-    ga_weight: float = field(default=0.5, metadata=rng(ge=0))  # α of the (gradient-free) GA term; BMM 0.5
-    epochs_per_stage: int = field(default=4, metadata=rng(ge=1))  # boosting passes per stage; BMM 1
-    correct_epoch: int = field(default=4, metadata=rng(ge=0))  # rectification passes per stage; BMM 1
-    boost_rate: float = 1.0  # initial learnable β_b; BMM 0.01
-    head_hidden: int = field(default=256, metadata=rng(ge=0))  # shared head Linear→ReLU→Linear; 0 = Linear (BMM)
-    pretrained: bool = True  # start from unimodal runs (README --use_pretrain); BMM false
-    # what a pre-trained learner predicts through until its first stage: "own" = its unimodal run's
-    # classifier, frozen (original: its pre-trained fc, train.py 287–288); "shared" = H (BMM: no pre-training)
-    pretrained_head: Literal["own", "shared"] = "own"
-    # the GA partner's logits: "reuse" the F_{−m} pass (default) | "again" = a second train-mode forward that
-    # moves its BatchNorm running statistics a second time (original train.py 348; BMM the same)
-    partner_pass: Literal["reuse", "again"] = "reuse"
 
 
 def boosting_loss(logits: Tensor, label: Tensor, p_true: Tensor, w1: float, w2: float) -> Tensor:
@@ -110,9 +92,7 @@ def ga_term(logits: Tensor, partner: Tensor, weight: float) -> Tensor:
     return weight * F.mse_loss(logits.detach().softmax(1), partner.detach().softmax(1))
 
 
-@METHODS.register(
-    "reconboost", group="optimization", paper="Hua et al., ICML 2024", aliases=("ReconBoost", "ReconBoostTrainer")
-)
+@METHODS.register("reconboost")
 class ReconBoost(Method):
     name = "reconboost"
     HParams = ReconBoostHParams

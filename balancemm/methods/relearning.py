@@ -62,26 +62,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from balancemm.config import EpochValue, epoch_meta, rng
+from balancemm.catalog.methods import ReLearningHParams
 from balancemm.data.base import SplitName
 from balancemm.data.batch import SamplePlan
 from balancemm.methods.base import Method, Needs
 from balancemm.registry import METHODS
-
-
-@dataclass(frozen=True)
-class ReLearningHParams:
-    move_lambda: float = field(default=3.0, metadata=rng(ge=0))  # λ; official 3 (BMM 3)
-    reinit_epoch: EpochValue = field(default=20, metadata=epoch_meta(ge=1))  # R, diagnosis period; official 20 (BMM 15)
-    reinit_num: int = field(default=3, metadata=rng(ge=0))  # N, most re-initialisations; official 3 (BMM 2)
-    n_init: int = field(default=10, metadata=rng(ge=1))  # k-means restarts; official: sklearn's default (10 < 1.4)
-    max_rows: int | None = field(default=None, metadata=rng(ge=1))  # rows per split to diagnose; None = all
 
 
 def cluster_purity(assignments: Tensor, labels: Tensor) -> float:
@@ -129,12 +119,7 @@ class _InitialParameters(nn.Module):
         return [getattr(self, f"p{i}") for i in range(self.count)]
 
 
-@METHODS.register(
-    "relearning",
-    group="optimization",
-    paper="Wei et al., ECCV 2024 (Diagnosing & Re-learning)",
-    aliases=("ReLearning", "ReLearningTrainer", "Diagnosing"),
-)
+@METHODS.register("relearning")
 class ReLearning(Method):
     name = "relearning"
     adapted: ClassVar[Mapping[str, Any]] = {"reinit_epoch": "22%"}  # official: every 20 of 90 epochs

@@ -33,26 +33,20 @@ Deviations from BalanceMM (``UMT_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from balancemm.config import rng
+from balancemm.catalog.methods import UMTHParams
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelOutput, MultimodalClassifier
 from balancemm.registry import METHODS
 
 
-@dataclass(frozen=True)
-class UMTHParams:
-    weight: float = field(default=10.0, metadata=rng(ge=0))  # λ; paper: tuned per dataset (unverified); BMM 10
-
-
-@METHODS.register("umt", group="objective", paper="Du et al., ICML 2023", aliases=("UMT", "UMTTrainer"))
+@METHODS.register("umt")
 class UMT(Method):
     name = "umt"
     HParams = UMTHParams

@@ -11,21 +11,16 @@ hyper-parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from balancemm.catalog.methods import UnimodalHParams
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method, Needs
 from balancemm.models.classifier import ModelSpec
 from balancemm.registry import METHODS
 
 
-@dataclass(frozen=True)
-class UnimodalHParams:
-    modality: str = ""  # required: which modality to train on, e.g. audio
-
-
-@METHODS.register("unimodal", group="reference", paper="one modality alone", aliases=("unimodalTrainer",))
+@METHODS.register("unimodal")
 class Unimodal(Method):
     name = "unimodal"
     HParams = UnimodalHParams

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancemm.config import RunConfig, load_yaml, parse, resolve_config, show, to_dict
+from balancemm.config import RunConfig, load_yaml, resolve_config
 from balancemm.errors import ConfigError
+from balancemm.schema import parse, show, to_dict
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,8 @@ def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
                 settings = list(enumerate(_trials(method, spec)))
             if method == "unimodal":
                 # Known from the options alone: planning must not load a real dataset.
-                data = resolve_config("baseline", dataset, sets=spec.sets).data
-                settings = [(0, {"modality": m}) for m in DATASETS.get(dataset).modalities_for(data)]
+                modalities = DATASETS.entry(dataset).meta["modalities"]
+                settings = [(0, {"modality": m}) for m in modalities]
             for trial, hp in settings:
                 for seed in spec.seeds:
                     cfg = resolve_config(method, dataset, sets=spec.sets, overrides={"method": hp}, seed=seed)

@@ -12,7 +12,6 @@ import balancemm
 from balancemm.methods import METHODS, Needs, RunContext
 from balancemm.methods.baseline import Baseline
 from balancemm.methods.context import DataAccessError
-from balancemm.registry import Entry
 from tests.conftest import TinyDataset
 
 
@@ -39,6 +38,7 @@ class PeeksAtVal(Baseline):
 def test_summary_records_validation_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     plain = balancemm.train("baseline", out=tmp_path / "a", sets=["train.epochs=1"])
     assert plain["used_validation_in_training"] is False
-    monkeypatch.setitem(METHODS._entries, "baseline", Entry("baseline", PeeksAtVal, (), {"group": "reference"}))
-    peek = balancemm.train("baseline", out=tmp_path / "b", sets=["train.epochs=1"])
+    with METHODS.temporary():
+        METHODS.register("peeks_at_val", group="reference")(PeeksAtVal)
+        peek = balancemm.train("peeks_at_val", out=tmp_path / "b", sets=["train.epochs=1"])
     assert peek["used_validation_in_training"] is True

@@ -10,7 +10,6 @@ import pytest
 import balancemm
 from balancemm.methods import METHODS, Method
 from balancemm.methods.baseline import Baseline
-from balancemm.registry import Entry
 
 CALLS: list[str] = []
 
@@ -51,12 +50,15 @@ class Recording(Baseline):
 
 
 def test_hook_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setitem(METHODS._entries, "baseline", Entry("baseline", Recording, (), {"group": "reference"}))
     CALLS.clear()
     # 1078 train rows / batch 512 = 3 steps; val and test fit in one eval batch each.
-    balancemm.train(
-        "baseline", out=tmp_path / "r", sets=["train.epochs=2", "train.batch_size=512", "train.eval_batch_size=2048"]
-    )
+    with METHODS.temporary():
+        METHODS.register("recording", group="reference")(Recording)
+        balancemm.train(
+            "recording",
+            out=tmp_path / "r",
+            sets=["train.epochs=2", "train.batch_size=512", "train.eval_batch_size=2048"],
+        )
     step = ["forward", "losses", "backward"]
 
     def epoch(e: int, s0: int) -> list[str]:

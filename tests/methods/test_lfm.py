@@ -12,7 +12,6 @@ import torch
 
 import balancemm
 import balancemm.methods.lfm  # registers "lfm"
-from balancemm.config import parse
 from balancemm.methods import RunContext
 from balancemm.methods.lfm import (
     LFM,
@@ -24,6 +23,7 @@ from balancemm.methods.lfm import (
     objective_terms,
 )
 from balancemm.models import ModelOutput, build_model
+from balancemm.schema import parse
 from tests.conftest import TinyDataset, first_batch, tiny_spec
 
 O_A = torch.tensor([[1.0, 2.0, 3.0]])

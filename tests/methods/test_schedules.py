@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import balancemm
-from balancemm.config import resolve_config, resolve_epoch, to_dict
+from balancemm.config import resolve_config
 from balancemm.errors import ConfigError
 from balancemm.methods import METHODS
+from balancemm.schema import resolve_epoch, to_dict
 from tests.conftest import TinyDataset, build_method
 
 

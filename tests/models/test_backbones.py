@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from balancemm.config import EncoderConfig, ModelConfig, parse
+from balancemm.config import EncoderConfig, ModelConfig
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.models import ModelSpec, build_model
@@ -22,6 +22,7 @@ from balancemm.models.encoders.text import BertEncoder, BertOptions
 from balancemm.models.encoders.transformer import ChannelFirstLayer, SequenceTransformer, SequenceTransformerOptions
 from balancemm.models.encoders.vit import ViTEncoder, ViTOptions
 from balancemm.models.fusions.mmtm import MMTM
+from balancemm.schema import parse
 
 needs_transformers = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="the text extra (transformers) is not installed"

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import Tensor, nn
 
-from balancemm.config import rng
+from balancemm.catalog.models import CompactCNNOptions
 from balancemm.models.encoders.base import Encoder
 from balancemm.registry import ENCODERS
-
-
-@dataclass(frozen=True)
-class CompactCNNOptions:
-    channels: tuple[int, ...] = (16, 32, 64)  # one conv stage each; stages after the first stride 2
-    kernel: int = field(default=3, metadata=rng(ge=1))
 
 
 @ENCODERS.register("cnn")

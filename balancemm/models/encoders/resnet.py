@@ -22,26 +22,15 @@ init). Here every key must match except ``fc.*`` (one ConfigError naming the fil
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from balancemm.config import rng
+from balancemm.catalog.models import ResNet18Options
 from balancemm.errors import ConfigError, first_line
 from balancemm.models.encoders.base import Encoder
 from balancemm.registry import ENCODERS
-
-
-@dataclass(frozen=True)
-class ResNet18Options:
-    width: int = field(default=64, metadata=rng(ge=1))  # stem width; 64 is ResNet-18, tests use less
-    pretrained: str = ""  # a local torchvision-format ResNet-18 state dict (.pth); "" = from scratch
-
-    def _validate(self, path: str) -> None:
-        if self.pretrained and self.width != 64:
-            raise ConfigError(f"{path}.pretrained needs {path}.width 64 (ResNet-18's), got {self.width}")
 
 
 class BasicBlock(nn.Module):

@@ -32,37 +32,17 @@ Deviations from BalanceMM:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from balancemm.config import rng
+from balancemm.catalog.models import BertOptions
 from balancemm.errors import ConfigError
 from balancemm.models.encoders.base import Encoder, load_local_pretrained, missing_transformers
 from balancemm.registry import ENCODERS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-@dataclass(frozen=True)
-class BertOptions:
-    pretrained: str = ""  # a local save_pretrained directory; "" = from scratch with the sizes below
-    # From-scratch sizes (BERT-base by default); ignored with `pretrained`.
-    hidden: int = field(default=768, metadata=rng(ge=1))
-    layers: int = field(default=12, metadata=rng(ge=1))
-    heads: int = field(default=12, metadata=rng(ge=1))
-    intermediate: int = field(default=3072, metadata=rng(ge=1))
-    vocab_size: int = field(default=30522, metadata=rng(ge=1))
-    max_positions: int = field(default=512, metadata=rng(ge=1))
-    pooling: Literal["pooler", "cls", "mean"] = "pooler"  # pooler = tanh(Linear([CLS])) as BalanceMM
-    proj: int = field(default=0, metadata=rng(ge=0))  # Linear to this width after pooling (BMM 1024); 0 = none
-    freeze: bool = False  # fixed Transformer (eval mode, no gradients); the projection still trains
-
-    def _validate(self, path: str) -> None:
-        if not self.pretrained and self.hidden % self.heads:
-            raise ConfigError(f"{path}.hidden ({self.hidden}) must be divisible by {path}.heads ({self.heads})")
 
 
 @ENCODERS.register("bert")

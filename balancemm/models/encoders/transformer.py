@@ -27,31 +27,13 @@ Deviations from BalanceMM:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from balancemm.config import rng
-from balancemm.errors import ConfigError
+from balancemm.catalog.models import SequenceTransformerOptions
 from balancemm.models.encoders.base import Encoder
 from balancemm.registry import ENCODERS
-
-
-@dataclass(frozen=True)
-class SequenceTransformerOptions:
-    d_model: int = field(default=1024, metadata=rng(ge=1))
-    layers: int = field(default=2, metadata=rng(ge=1))
-    heads: int = field(default=4, metadata=rng(ge=1))
-    feedforward: int = field(default=2048, metadata=rng(ge=1))  # hidden width of each layer's MLP
-    dropout: float = field(default=0.1, metadata=rng(ge=0, lt=1))
-    pooling: Literal["last", "mean"] = "last"  # last time step's hidden state (BalanceMM) | mean over time
-    positional: Literal["none", "sinusoidal"] = "none"  # none (BalanceMM) | fixed sinusoidal table (MulT)
-
-    def _validate(self, path: str) -> None:
-        if self.d_model % self.heads:
-            raise ConfigError(f"{path}.d_model ({self.d_model}) must be divisible by {path}.heads ({self.heads})")
 
 
 def sinusoidal_positions(length: int, dim: int) -> Tensor:

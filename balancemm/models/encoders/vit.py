@@ -23,39 +23,16 @@ refuses a vit encoder (``Encoder.stages``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from balancemm.config import rng
-from balancemm.errors import ConfigError
+from balancemm.catalog.models import ViTOptions
 from balancemm.models.encoders.base import Encoder, load_local_pretrained, missing_transformers
 from balancemm.registry import ENCODERS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-@dataclass(frozen=True)
-class ViTOptions:
-    pretrained: str = ""  # a local save_pretrained directory; "" = from scratch with the sizes below
-    # From-scratch sizes (ViT-B/16 by default); ignored with `pretrained`.
-    image_size: int = field(default=224, metadata=rng(ge=1))  # must equal the input's H and W
-    patch_size: int = field(default=16, metadata=rng(ge=1))
-    hidden: int = field(default=768, metadata=rng(ge=1))
-    layers: int = field(default=12, metadata=rng(ge=1))
-    heads: int = field(default=12, metadata=rng(ge=1))
-    intermediate: int = field(default=3072, metadata=rng(ge=1))
-    pooling: Literal["cls", "mean"] = "cls"  # the [CLS] state | the mean of the patch tokens
-
-    def _validate(self, path: str) -> None:
-        if self.pretrained:
-            return
-        if self.hidden % self.heads:
-            raise ConfigError(f"{path}.hidden ({self.hidden}) must be divisible by {path}.heads ({self.heads})")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"{path}.image_size ({self.image_size}) must be a multiple of {path}.patch_size")
 
 
 @ENCODERS.register("vit")

@@ -16,7 +16,7 @@ from balancemm.models.fusions.concat import ConcatFusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("amco", aliases=("AMCoFusion",))
+@FUSIONS.register("amco")
 class AMCoFusion(ConcatFusion):
     """Concat head ``fc_out`` then ``linear_star``; :meth:`slice` gives the pre-L* terms u_m."""
 

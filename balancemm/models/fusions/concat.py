@@ -9,7 +9,7 @@ from balancemm.models.fusions.base import Fusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("concat", aliases=("ConcatFusion",))
+@FUSIONS.register("concat")
 class ConcatFusion(Fusion):
     supports_slice = True
 

@@ -19,7 +19,7 @@ from balancemm.models.fusions.base import Fusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("cosine", aliases=("CosineFusion",))
+@FUSIONS.register("cosine")
 class CosineFusion(Fusion):
     """Sum of per-modality scaled cosine logits.
 

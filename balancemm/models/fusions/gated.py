@@ -13,7 +13,7 @@ from balancemm.models.fusions.base import Fusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("gated", aliases=("GatedFusion",))
+@FUSIONS.register("gated")
 class GatedFusion(Fusion):
     def __init__(self, dims: dict[str, int], num_classes: int) -> None:
         super().__init__(dims, num_classes)

@@ -14,7 +14,7 @@ from balancemm.models.fusions.base import Fusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("shared", aliases=("SharedHead",))
+@FUSIONS.register("shared")
 class SharedHeadFusion(Fusion):
     supports_slice = True
 

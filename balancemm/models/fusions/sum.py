@@ -13,7 +13,7 @@ from balancemm.models.fusions.base import Fusion
 from balancemm.registry import FUSIONS
 
 
-@FUSIONS.register("sum", aliases=("SumFusion",))
+@FUSIONS.register("sum")
 class SumFusion(Fusion):
     supports_slice = True
 
