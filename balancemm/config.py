@@ -1,8 +1,8 @@
 """Configuration: frozen dataclasses, strict validation, the precedence merge, hashing.
 
-Precedence, lowest to highest (DESIGN.md §3.8):
+Precedence, lowest to highest:
 
-1. the method's ``HParams`` defaults (in the method file) and the dataclass defaults below;
+1. the method's ``HParams`` defaults (balancemm/catalog/methods.py) and the dataclass defaults below;
 2. the dataset protocol, ``balancemm/configs/datasets/<dataset>.yaml`` — identical for every method;
 3. a user file (``--config my.yaml``);
 4. ``--set a.b=value`` on the command line.
@@ -80,7 +80,7 @@ def _parse_fusion(raw: Any, path: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """How the multimodal classifier is composed (DESIGN.md §3.3)."""
+    """How the multimodal classifier is composed: encoders, fusion head and unimodal heads."""
 
     encoders: dict[str, EncoderConfig] = field(default_factory=dict, metadata={"parse": _parse_encoders})
     fusion: str = field(default="concat", metadata={"parse": _parse_fusion})

@@ -1,6 +1,6 @@
 """BalancedAV (Xia et al., 2023, "Balanced Audiovisual Dataset for Imbalance Analysis"), 30 classes.
 
-Its authors release it pre-processed (reference/balancemm-study.md §2.1): a JSON file
+Its authors release it pre-processed: a JSON file
 ``{"labels": [class names], "database": {key: {"subset": "training" | "testing", "label": name}}}``,
 one pickled spectrogram ``<key>.pkl`` per clip and one ``<key>.hdf5`` whose dataset ``video`` holds
 the clip's frames as encoded JPEG bytes. ``data prepare`` decodes those JPEGs once and stores the
@@ -8,9 +8,9 @@ spectrograms unchanged (audio profile ``released``: the release does not documen
 Validation is a seeded carve-out of training (a ``validation`` subset, if present, is used instead).
 3 frames are sampled per clip.
 
-Deviation from BalanceMM: its loader compares ``mode == 'training'`` while the mode is ``'train'``,
-so it never augments training frames (study §2.1); here training frames are augmented like every
-other audio-visual dataset.
+Deviation from BalanceMM: its loader (``balancemm/datasets/balance_dataset.py``) compares
+``mode == 'training'`` while the mode is ``'train'``, so it never augments training frames; here
+training frames are augmented like every other audio-visual dataset.
 
 Files layout (the release as is): ``--set data.root=DIR``, with the JSON in ``DIR`` (``data.json``
 names it when there are several), ``DIR/audio/<key>.pkl`` and ``DIR/visual/<key>.hdf5``.

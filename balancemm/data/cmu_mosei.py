@@ -5,7 +5,7 @@
 "vision": [N, Tv, 35] FACET, "labels": [N, 1, 1] sentiment in [-3, 3], "id": ...}}``; the official
 split is train / valid / test (16,326 / 1,871 / 4,659). The first real three-modality dataset.
 
-**Labels.** Binary, as BalanceMM trains it. Two Acc-2 conventions are in use (specs/datasets.md §3.4):
+**Labels.** Binary, as BalanceMM trains it. Two Acc-2 conventions are in use:
 *non-negative* (score ≥ 0 is positive, every sample counts: BalanceMM's) and *non-zero* (samples
 scored exactly 0 are left out, positive = score > 0: MulT / MMSA papers). With ``data.zero:
 positive`` (default) the model trains on the non-negative labels and every run reports both: the

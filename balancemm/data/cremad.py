@@ -2,7 +2,7 @@
 
 Release (github.com/CheyneyComputerScience/CREMA-D, git-lfs): ``AudioWAV/<id>.wav`` and
 ``VideoFlash/<id>.flv`` with ids ``<actor>_<sentence>_<emotion>_<level>``, e.g. ``1001_DFA_ANG_XX``;
-the label is the emotion code. There is no official split (specs/datasets.md §3.1):
+the label is the emotion code. There is no official split (docs/datasets.md, "Splits"):
 
 * ``split: csv`` (default): OGM-GE's ``train.csv`` / ``test.csv`` (6,698 / 744, random, all actors
   on both sides), which almost every paper uses; rows ``<id>,<EMO>``, other codes skipped as in OGM-GE.

@@ -29,7 +29,7 @@ resized crop and a horizontal flip per frame. A horizontal flip mirrors the moti
 negates u. Values stay flow / bound of the stored frames: like TSN and BalanceMM, crops and resizes do
 not rescale the displacements.
 
-Deviations from BalanceMM (reference/balancemm-study.md §2.1): BalanceMM reads the u and v jpgs as
+Deviations from BalanceMM (``balancemm/datasets/ucf101_dataset.py``): BalanceMM reads the u and v jpgs as
 greyscale images in [0, 1] (zero motion = 0.5, no normalisation) and flips u and v independently, each
 with its own coin, without negating u: half of its training samples mirror one map and not the other,
 and a mirrored u keeps the sign of the unmirrored motion. Here flow is zero-centred (zero motion ≈ 0) and

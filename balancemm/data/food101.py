@@ -28,7 +28,7 @@ resize only in evaluation (:func:`image_to_tensor`). ``text`` is ``[40]`` int64 
 **Files layout**: ``data.root`` = the release itself, with ``data.tokenizer=DIR``; titles are tokenised
 and images decoded when read.
 
-Deviations from BalanceMM (reference/balancemm-study.md §2.1):
+Deviations from BalanceMM (``balancemm/datasets/food_dataset.py``):
 
 * URLs are removed up to the next whitespace. BalanceMM's pattern ``https?://.*`` also removes
   everything after a URL ("RT #pasta http://x.co yum" → BalanceMM "pasta ", here "pasta yum");

@@ -1,6 +1,6 @@
 """Kinetics-Sounds (Arandjelović & Zisserman, ICCV 2017): Kinetics-400 clips whose class is audible.
 
-What is still downloadable gives 31 classes in the GeWu-Lab lineage (specs/datasets.md §3.2). The
+What is still downloadable gives 31 classes in the GeWu-Lab lineage (OGM-GE's lists below). The
 split everyone uses is OGM-GE's ``my_train.txt`` / ``my_test.txt`` (14,799 / 2,597), lines
 ``<clip>,<frames>,<label>`` where the clip id is ``<youtube_id>_<start>_<end>`` (train) or
 ``<youtube_id>_<start>`` (test). Validation is a seeded carve-out of train (BML_TPAMI2024's

@@ -40,7 +40,7 @@ from balancemm.errors import DataError
 from balancemm.files import PARTIAL, atomic_file, write_atomic
 
 FORMAT = "balancemm-prepared/2"  # 2: frames never enlarged, audio stored without the profile's padding
-FRAME_RATE = 1.0  # frames per second kept from each video, the field's convention (specs/datasets.md §3)
+FRAME_RATE = 1.0  # frames per second kept from each video, the field's convention (OGM-GE's and PMR's scripts)
 FRAMES_LAYOUT = "[T, H, W, 3] RGB, shorter side at most max_short_side (smaller sources as they are)"
 AUDIO_LAYOUT = "the profile's output_shape, less the padding the loader adds back (AudioProfile.compact)"
 

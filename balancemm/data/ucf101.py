@@ -39,7 +39,7 @@ training, ImageNet normalisation); ``flow`` ``[flow_frames, 2, S, S]`` float flo
 frames drawn by the same segment rule independently of the RGB ones, and the same geometric
 augmentation with a flip that negates u (:func:`balancemm.data.flow.flow_to_tensor`).
 
-Deviations from BalanceMM (reference/balancemm-study.md §2.1):
+Deviations from BalanceMM (``balancemm/datasets/ucf101_dataset.py``):
 
 * Classes are numbered as classInd.txt numbers them; BalanceMM sorts the names case-sensitively, which
   moves a few classes (``JumpRope`` before ``JumpingJack``): other class indices, same accuracies.

@@ -25,7 +25,7 @@ from tests.conftest import TinyDataset, build_method, first_batch, tiny_model
 A, V, AV = frozenset("a"), frozenset("v"), frozenset("av")
 
 
-def test_two_modality_decomposition_matches_the_spec() -> None:
+def test_two_modality_decomposition_by_hand() -> None:
     fused = {AV: torch.tensor([[3.0, 0.0]]), A: torch.tensor([[2.0, 0.0]]), V: torch.tensor([[1.0, 0.0]])}
     o = mono_outputs(fused, ("a", "v"))
     assert o["a"].tolist() == [[2.0, 0.0]] and o["v"].tolist() == [[1.0, 0.0]]
@@ -35,7 +35,7 @@ def test_two_modality_decomposition_matches_the_spec() -> None:
     assert phi["a"].tolist() == [[1.75, 0.0]]
 
 
-def test_three_modality_decomposition_is_the_spec_formula() -> None:
+def test_three_modality_decomposition_is_the_shapley_formula() -> None:
     g = torch.Generator().manual_seed(0)
     names = ["a", "t", "v", "at", "av", "tv", "atv"]
     f = {frozenset(n): torch.randn(2, 3, generator=g) for n in names}

@@ -1,4 +1,4 @@
-"""G-Blending against hand-computed values (specs/methods-objective.md §6)."""
+"""G-Blending against values computed by hand from its equations (docs/methods/gblending.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from balancemm.methods.gblending import GBlending, blend_weights
 from tests.conftest import TinyDataset, first_batch, tiny_model
 
 
-def test_weights_normalise_to_the_spec_example() -> None:
+def test_weights_normalise_on_a_hand_computed_example() -> None:
     # ΔG = (0.2, 0.1, 0.3), ΔO = (0.1, 0.05, 0.2) → ΔG/ΔO² = (20, 40, 7.5) → /67.5 = (0.2963, 0.5926, 0.1111)
     w = blend_weights(torch.tensor([0.2, 0.1, 0.3]), torch.tensor([0.1, 0.05, 0.2]))
     assert w is not None

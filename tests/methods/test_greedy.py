@@ -1,4 +1,4 @@
-"""Greedy against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §8.6)."""
+"""Greedy against numbers computed by hand from its equations (docs/methods/greedy.md)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _step(method: Greedy, batch: Batch) -> None:
     method.ctx.optimizer_step()
 
 
-def test_bdr_numbers_from_the_spec() -> None:
+def test_bdr_hand_computed_numbers() -> None:
     # M_b = (2, 1), M_main = (1, 1) → BDR_0 = log10 2 = 0.301030, BDR_1 = 0
     bdr = balance_direction(
         torch.tensor([2.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
@@ -48,7 +48,7 @@ def test_bdr_numbers_from_the_spec() -> None:
     ).all()
 
 
-def test_spec_sums_start_curation_caring_for_modality_0_for_exactly_q_steps() -> None:
+def test_hand_set_sums_start_curation_caring_for_modality_0_for_exactly_q_steps() -> None:
     data = TinyDataset()
     method = _greedy(data)
     method.ctx.epoch = 1  # the first epoch that may curate (official starting_epoch=2, counted from 1)

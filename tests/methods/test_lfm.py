@@ -1,4 +1,4 @@
-"""LFM against hand-computed values (specs/methods-objective.md §8)."""
+"""LFM against values computed by hand from its equations (docs/methods/lfm.md)."""
 
 from __future__ import annotations
 

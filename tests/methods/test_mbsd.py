@@ -1,4 +1,4 @@
-"""MBSD against hand-computed values (specs/methods-objective.md §4)."""
+"""MBSD against values computed by hand from its equations (docs/methods/mbsd.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MLA against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §6.6) and its behaviour."""
+"""MLA against numbers computed by hand from its equations (docs/methods/mla.md) and its behaviour."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from balancemm.models.encoders.cnn import CompactCNNOptions
 from balancemm.precision import Precision
 from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec
 
-# -- the spec's numbers ------------------------------------------------------------------------------
+# -- numbers computed by hand -------------------------------------------------------------------------
 
 
 def test_gating_weights_follow_the_entropies() -> None:

@@ -1,4 +1,4 @@
-"""MMCosine and the cosine fusion against hand-computed numbers (specs/methods-objective.md §2)."""
+"""MMCosine and the cosine fusion against numbers computed by hand (equations in docs/methods/mmcosine.md)."""
 
 from __future__ import annotations
 

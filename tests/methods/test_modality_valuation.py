@@ -1,4 +1,4 @@
-"""Modality valuation against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §10.8)."""
+"""Modality valuation against numbers computed by hand from its equations (docs/methods/modality_valuation.md)."""
 
 from __future__ import annotations
 

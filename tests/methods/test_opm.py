@@ -1,4 +1,4 @@
-"""OPM against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §7.6) and its behaviour."""
+"""OPM against numbers computed by hand from its equations (docs/methods/opm.md) and its behaviour."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _q(scores: list[float], **kw: Any) -> list[float]:
     return opm_drop_probabilities(torch.tensor(scores), **{"q_base": 0.5, "lam": 0.5, **kw}).tolist()
 
 
-# -- the spec's numbers -------------------------------------------------------------------------
+# -- numbers computed by hand ------------------------------------------------------------------
 
 
 def test_a_tie_drops_nothing() -> None:

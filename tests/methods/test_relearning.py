@@ -1,4 +1,4 @@
-"""Diagnosing & Re-learning against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §4.6)."""
+"""Diagnosing & Re-learning against numbers computed by hand from its equations (docs/methods/relearning.md)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _official_purity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float((voted == y_true).mean())
 
 
-# -- the spec's numbers ------------------------------------------------------------------------
+# -- numbers computed by hand -----------------------------------------------------------------
 
 
 def test_strength_is_tanh_of_lambda_times_gap() -> None:

@@ -1,4 +1,4 @@
-"""UMT against hand-computed values (specs/methods-objective.md §3) and its teachers' life cycle."""
+"""UMT against values computed by hand (equations in docs/methods/umt.md) and its teachers' life cycle."""
 
 from __future__ import annotations
 
