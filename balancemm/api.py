@@ -6,22 +6,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from balancemm.config import RunConfig, deep_merge, resolve_config
+from balancemm.config import deep_merge, resolve_config
 from balancemm.errors import ConfigError
+from balancemm.files import PARTIAL
+from balancemm.layout import CONFIG_FILE, ENTRIES, RunFiles, default_out
 
 if TYPE_CHECKING:
     from balancemm.models import MultimodalClassifier
 
-# What a run directory holds (balancemm.engine.rundir). A folder with nothing else is a run's own even
-# without its config.json, e.g. one whose first training was killed before writing it.
-_RUN_ENTRIES = frozenset(
-    {"config.json", "results.jsonl", "summary.json", "checkpoints", "tb", "done", "failed", "probe.json", ".lock"}
-)
-
-
-def default_out(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """``runs/<method>-<dataset>-seed<N>-<hash8>``: the same command always finds the same directory."""
-    return Path(root) / f"{cfg.run.method}-{cfg.run.dataset}-seed{cfg.run.seed}-{cfg.digest()[:8]}"
+__all__ = ["check_run_out", "create_model", "default_out", "list_datasets", "train"]
 
 
 def check_run_out(out: str | Path) -> None:
@@ -30,16 +23,16 @@ def check_run_out(out: str | Path) -> None:
     run's own (it resumes, or the trainer refuses a different config), is fine."""
     if not str(out).strip():  # Path("") would be the current directory
         raise ConfigError("the run directory is an empty path; give a directory, or none for the default")
-    from balancemm.files import PARTIAL  # imports torch, as training does anyway
-
     path = Path(out)
-    if not path.is_dir() or (path / "config.json").is_file():
+    if not path.is_dir() or RunFiles(path).config.is_file():
         return
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in _RUN_ENTRIES and PARTIAL not in p.name)
+    # What a run directory holds (balancemm.layout.ENTRIES): a folder with nothing else is a run's own
+    # even without its config.json, e.g. one whose first training was killed before writing it.
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ENTRIES and PARTIAL not in p.name)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
         raise ConfigError(
-            f"{path} holds no run (no config.json) but other files ({shown}); choose a new or empty directory"
+            f"{path} holds no run (no {CONFIG_FILE}) but other files ({shown}); choose a new or empty directory"
         )
 
 

@@ -6,6 +6,9 @@ Torch files (checkpoints, the embedded dataset's cache) also carry a SHA-256 of 
 done after they were written (a bad disk, a bad copy, an edit) is found when they are loaded rather than
 turning into silently different numbers. The digest is the zip archive's comment (a torch file is a zip
 archive), so it is written in the same atomic rename as the data and ``torch.load`` still reads the file.
+
+Torch is imported by those two functions only: the atomic writers are torch-free, for the run directory's
+layout (``balancemm/layout.py``), which the report and a sweep's parent read without torch.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
-
-import torch
 
 from balancemm.errors import BalanceMMError, first_line
 
@@ -109,6 +110,8 @@ def _alive(pid: int) -> bool:
 
 def save_checked(obj: Any, path: Path) -> None:
     """``torch.save(obj)`` to ``path`` atomically, with the SHA-256 of the archive as its zip comment."""
+    import torch
+
     with atomic_file(path) as fh:
         torch.save(obj, fh)
         size = fh.tell()
@@ -125,6 +128,8 @@ def save_checked(obj: Any, path: Path) -> None:
 def load_checked(path: Path) -> Any:
     """What :func:`save_checked` saved at ``path``, on the CPU and with ``weights_only``; any damage is a
     :class:`DamagedFile` naming the problem (the caller adds what to do)."""
+    import torch
+
     try:
         with open(path, "rb") as fh:
             _verify(fh, path)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from _common import interleaved
 
 from balancemm.config import resolve_config
+from balancemm.context import derive_seed
 from balancemm.data import Batch, create_dataset
 from balancemm.engine.trainer import Trainer
-from balancemm.methods.context import derive_seed
 from balancemm.metrics.flops import FlopMeter
 from balancemm.models import ModelSpec, build_model
 from balancemm.models.encoders.resnet import ResNet18

@@ -17,7 +17,7 @@ from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.models.encoders.base import Encoder
 from balancemm.models.encoders.cnn import CompactCNNOptions
 from balancemm.models.encoders.resnet import ResNet18Options
-from balancemm.models.fusions.mmtm import MMTM, MidFusion
+from balancemm.models.fusions.mmtm import MMTM, MidFusion, MidFusionSpec
 from tests.conftest import TinyDataset, first_batch, tiny_model, tiny_spec
 
 
@@ -124,7 +124,9 @@ def test_frames_are_squeezed_over_time_and_gated_per_clip() -> None:
         "audio": EncoderConfig("cnn", CompactCNNOptions(channels=(4, 6, 8))),
         "visual": EncoderConfig("resnet18", ResNet18Options(width=4)),
     }
-    spec = ModelSpec(("audio", "visual"), {"audio": (4, 6), "visual": (3, 3, 16, 16)}, 3, enc, mmtm_stages=3)
+    spec = ModelSpec(
+        ("audio", "visual"), {"audio": (4, 6), "visual": (3, 3, 16, 16)}, 3, enc, mid_fusion=MidFusionSpec(3)
+    )
     torch.manual_seed(0)
     clips = build_model(spec).eval()
     single = build_model(replace(spec, input_shapes=dict(spec.input_shapes, visual=(1, 3, 16, 16)))).eval()
@@ -159,7 +161,7 @@ def test_blocks_follow_the_last_k_stages_of_cnns_and_resnet18(stages: int, expec
         "visual": EncoderConfig("resnet18", ResNet18Options(width=4)),
     }
     shapes = {"audio": (4, 6), "text": (1, 6, 6), "visual": (2, 3, 16, 16)}
-    model = build_model(ModelSpec(tuple(shapes), shapes, 5, enc, mmtm_stages=stages))
+    model = build_model(ModelSpec(tuple(shapes), shapes, 5, enc, mid_fusion=MidFusionSpec(stages)))
     assert [[b.dims[0], b.dims[2]] for b in _blocks(model)] == expected
     assert all(b.dims[0] == b.dims[1] for b in _blocks(model))  # the two cnns match
     out = model(_batch({m: torch.randn(3, *s) for m, s in shapes.items()}))
@@ -170,7 +172,7 @@ def test_blocks_follow_the_last_k_stages_of_cnns_and_resnet18(stages: int, expec
 def test_disabled_mid_fusion_is_the_plain_model(tiny: TinyDataset) -> None:
     plain = tiny_model(tiny).eval()
     torch.manual_seed(0)
-    off = build_model(tiny_spec(tiny, mmtm_stages=0)).eval()
+    off = build_model(tiny_spec(tiny, mid_fusion=None)).eval()
     assert off.mid_fusion is None and off.state_dict().keys() == plain.state_dict().keys()
     batch = first_batch(tiny)
     with torch.no_grad():
@@ -186,7 +188,7 @@ def test_disabled_mid_fusion_is_the_plain_model(tiny: TinyDataset) -> None:
 
 def test_mmtm_with_open_gates_reproduces_the_plain_model(tiny: TinyDataset) -> None:
     plain = tiny_model(tiny).eval()
-    fused = build_model(tiny_spec(tiny, mmtm_stages=2)).eval()
+    fused = build_model(tiny_spec(tiny, mid_fusion=MidFusionSpec(2))).eval()
     missing, unexpected = fused.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("mid_fusion.") for k in missing)
     assert len(_blocks(fused)) == 2
@@ -199,7 +201,7 @@ def test_mmtm_with_open_gates_reproduces_the_plain_model(tiny: TinyDataset) -> N
 
 
 def test_feature_masking_keeps_absent_modalities_out_of_every_block(tiny: TinyDataset) -> None:
-    model = build_model(tiny_spec(tiny, mmtm_stages=2)).eval()
+    model = build_model(tiny_spec(tiny, mid_fusion=MidFusionSpec(2))).eval()
     batch = first_batch(tiny)
     m0, m1 = tiny.modalities[0], tiny.modalities[-1]
     others = [m for m in tiny.modalities if m != m1]
@@ -219,7 +221,7 @@ def test_feature_masking_keeps_absent_modalities_out_of_every_block(tiny: TinyDa
 
 
 def test_mid_fusion_parameters_are_shared_parameters(tiny: TinyDataset) -> None:
-    model = build_model(tiny_spec(tiny, mmtm_stages=2))
+    model = build_model(tiny_spec(tiny, mid_fusion=MidFusionSpec(2)))
     groups = [set(map(id, model.modality_parameters(m))) for m in tiny.modalities]
     groups.append(set(map(id, model.head_parameters())))
     everything = set(map(id, model.parameters()))
@@ -228,4 +230,4 @@ def test_mid_fusion_parameters_are_shared_parameters(tiny: TinyDataset) -> None:
 
 def test_a_ratio_that_leaves_no_joint_unit_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"mid-fusion: MMTM ratio 1000"):
-        build_model(tiny_spec(TinyDataset(), mmtm_stages=1, mmtm_ratio=1000.0))
+        build_model(tiny_spec(TinyDataset(), mid_fusion=MidFusionSpec(1, 1000.0)))

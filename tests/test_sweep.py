@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from balancemm.api import default_out
 from balancemm.cli import main
 from balancemm.config import resolve_config
-from balancemm.engine.rundir import write_json
 from balancemm.errors import ConfigError
+from balancemm.layout import BUSY, default_out, write_json
 from balancemm.methods import METHODS, list_methods
 from balancemm.schema import parse
 from balancemm.sweep import Job, SweepSpec, plan_jobs, run_sweep, worker
@@ -263,7 +262,7 @@ def test_a_locked_job_is_left_to_the_process_holding_it(tmp_path: Path) -> None:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         write_json(tmp_path / "job.json", job_payload(job, "cpu"))
-        assert worker.main([str(tmp_path / "job.json")]) == worker.BUSY
+        assert worker.main([str(tmp_path / "job.json")]) == BUSY
         assert not job.out.exists()
     finally:
         os.close(lock)
@@ -362,3 +361,15 @@ def test_a_sweep_file_whose_sets_is_not_a_list_is_one_line(
     err = capsys.readouterr().err
     assert err == f"balancemm: error: {spec}: sets must be a list of 'key=value' strings\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_the_worker_module_runs_without_the_runpy_warning() -> None:
+    """Importing the sweep package must not import the worker: ``python -m balancemm.sweep.worker`` then
+    found it in sys.modules already and runpy printed a RuntimeWarning at the top of every worker log."""
+    res = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "balancemm.sweep.worker", "/nonexistent/job.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert "RuntimeWarning" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode != 0 and res.stderr.startswith("balancemm: error: ")

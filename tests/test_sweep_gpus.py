@@ -18,8 +18,8 @@ import torch
 
 from balancemm import cli
 from balancemm import device as devices
-from balancemm.engine.rundir import RunDir, write_json
 from balancemm.errors import ConfigError
+from balancemm.layout import RunFiles, write_json
 from balancemm.sweep import SweepSpec, plan_jobs, run_sweep, worker
 from balancemm.sweep import launchers as launchers_module
 from balancemm.sweep.launchers import Placement, RayLauncher, default_parallel, job_payload, make_launcher, schedule
@@ -59,7 +59,7 @@ class FakeWorker:
     def poll(self) -> int | None:
         self.polls += 1
         if self.polls >= 2 and self.returncode is None:
-            run = RunDir(self.out)
+            run = RunFiles(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(run.summary, SUMMARY)
             run.done.touch()

@@ -204,7 +204,9 @@ def prepare(
         workers: processes decoding clips in parallel (1: in this process).
         options: dataset-specific settings (``--option KEY=VALUE``), see :meth:`Preparer.configure`.
     """
-    from balancemm.data import DATASETS
+    # The registry, not the data package that imports this module: every dataset registered itself when
+    # that package was imported, which importing this module did first.
+    from balancemm.registry import DATASETS
 
     cls = DATASETS.get(dataset)
     preparer: ReleasePreparer | None = getattr(cls, "preparer", None)

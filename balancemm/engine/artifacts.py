@@ -7,32 +7,38 @@ A method declares them (``Needs(artifacts=("unimodal",))``); the trainer prepare
 model, training config and seed) as the run that needs it. Each is an ordinary run directory named
 like the default one ``balancemm train --method unimodal`` would create, beside the requesting run,
 so a teacher trained earlier with the same config is reused instead of trained again, and an
-interrupted teacher training resumes like any run.
+interrupted teacher training resumes like any run. The trainer that needs them trains them: it hands
+:class:`Artifacts` the function that trains one run, so this module never imports the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from balancemm.config import RunConfig, RunSection
+from balancemm.context import RunContext
 from balancemm.data import MultimodalDataset, create_dataset
-from balancemm.engine.rundir import RunDir, read_json
+from balancemm.engine.rundir import RunDir
 from balancemm.errors import DataError
-from balancemm.methods import METHODS, Method, RunContext
+from balancemm.layout import BEST_CHECKPOINT, default_out, read_json
+from balancemm.methods import METHODS, Method
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 
 KINDS = ("unimodal",)
+#: Trains (or reuses, or resumes) the run of a config in a directory and returns its summary.
+Fit = Callable[[RunConfig, Path], dict[str, Any]]
 
 
 def load_run(path: str | Path, dataset: MultimodalDataset | None = None) -> tuple[RunConfig, Method]:
     """The config and the method (with its selected, best-on-validation weights) of a finished run."""
     run = RunDir(path)
     if not run.best.is_file() or not run.config.is_file():
-        raise DataError(f"{run.path} has no checkpoints/best.pt; is it a finished BalanceMM run?")
+        raise DataError(f"{run.path} has no {BEST_CHECKPOINT}; is it a finished BalanceMM run?")
     cfg = RunConfig.from_dict(read_json(run.config)["config"])
     data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
     method_cls = METHODS.get(cfg.run.method)
@@ -60,36 +66,26 @@ class Artifacts:
         modalities: tuple[str, ...],
         dataset: MultimodalDataset,
         device: torch.device,
-        progress: bool,
+        fit: Fit,
     ) -> None:
         self.cfg, self.root, self.modalities = cfg, root, modalities
-        self.dataset, self.device, self.progress = dataset, device, progress
+        self.dataset, self.device, self.fit = dataset, device, fit
         self.runs: dict[str, dict[str, Any]] = {}
         self._loaded: dict[str, MultimodalClassifier] = {}
 
     def path(self, kind: str, modality: str) -> Path:
-        from balancemm.api import default_out
-
         return default_out(unimodal_config(self.cfg, modality), self.root)
 
     def prepare(self, kinds: tuple[str, ...]) -> None:
         """Train (or reuse) every declared artifact; the global RNG is left exactly as it was."""
-        from balancemm.engine.trainer import Trainer
-
         for kind in kinds:
             if kind not in KINDS:
                 raise ValueError(f"unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
             for m in self.modalities:
                 path = self.path(kind, m)
-                reused = (path / "done").is_file()
+                reused = RunDir(path).done.is_file()
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    summary = Trainer(
-                        unimodal_config(self.cfg, m),
-                        path,
-                        device=str(self.device),
-                        progress=self.progress,
-                        dataset=self.dataset,
-                    ).fit()
+                    summary = self.fit(unimodal_config(self.cfg, m), path)
                 self.runs[f"{kind}:{m}"] = {
                     "run": str(path),
                     "reused": reused,

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from balancemm.context import eval_mode
 from balancemm.data.batch import Batch
 from balancemm.methods.base import Method
-from balancemm.methods.context import eval_mode
 from balancemm.metrics.classification import accuracy, confusion_matrix, macro_f1
 from balancemm.metrics.imbalance import imbalance_degree
 from balancemm.metrics.shapley import coalitions, shapley_values

@@ -13,39 +13,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from balancemm.data import Batches, MultimodalDataset, create_dataset
+from balancemm.context import Batching
+from balancemm.data import SPLITS, MultimodalDataset, create_dataset
+from balancemm.data.loader import close_loaders
 from balancemm.device import resolve_device
+from balancemm.engine.artifacts import load_run
+from balancemm.engine.rundir import RunDir
 from balancemm.errors import ConfigError
 from balancemm.files import DamagedFile
+from balancemm.layout import read_json, write_json
 from balancemm.models import MultimodalClassifier
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
+BATCH_SIZE = 512  # rows per feature-extraction batch
 
 
-def features(model: MultimodalClassifier, data: MultimodalDataset, split: str, modality: str) -> np.ndarray:
+def features(
+    model: MultimodalClassifier, data: MultimodalDataset, split: str, modality: str, num_workers: int = 0
+) -> np.ndarray:
     """Pooled features ``[N, d]`` of one modality's encoder on a split, in eval mode, on the model's
-    device and in fp32 (the probe is a measurement, not a training run: no autocast).
+    device and in fp32 (the probe is a measurement, not a training run: no autocast); splits without
+    an in-memory fast path are read by ``num_workers`` loader workers (the run's ``train.num_workers``).
 
     With mid-fusion (Greedy's MMTM) the other modalities are masked out, as in the Shapley metric's
     coalitions: their squeezed features are zero, so the probe reads what the encoder knows on its own
     rather than the other modalities fed into its branch.
     """
     model.eval()
-    device = next(model.parameters()).device
+    batching = Batching(device=next(model.parameters()).device, num_workers=num_workers)
     out = []
     with torch.no_grad():
-        for batch in Batches(data.split(split), 512, device=device):  # type: ignore[arg-type]
+        for batch in batching(data.split(split), batch_size=BATCH_SIZE):  # type: ignore[arg-type]
             alone = batch.with_only([modality]) if model.mid_fusion is not None else batch
             out.append(model.encode(alone, only=[modality])[modality].float().cpu())
     return torch.cat(out).numpy()
 
 
-def linear_probe(model: MultimodalClassifier, data: MultimodalDataset, modality: str) -> dict[str, Any]:
+def linear_probe(
+    model: MultimodalClassifier, data: MultimodalDataset, modality: str, num_workers: int = 0
+) -> dict[str, Any]:
     """Fit the probe; returns test/val accuracy and the chosen inverse regularisation C."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    xs = {s: features(model, data, s, modality) for s in ("train", "val", "test")}
+    xs = {s: features(model, data, s, modality, num_workers) for s in ("train", "val", "test")}
     ys = {s: data.split(s).labels.numpy() for s in xs}  # type: ignore[arg-type]
     scaler = StandardScaler().fit(xs["train"])
     xs = {s: scaler.transform(x) for s, x in xs.items()}
@@ -71,9 +82,6 @@ def probe_run(path: str | Path, modality: str | None = None, device: str = "auto
     run directory is locked meanwhile, so a probe never runs beside a training of the run or another probe
     (which would lose one's results in probe.json).
     """
-    from balancemm.engine.artifacts import load_run
-    from balancemm.engine.rundir import RunDir, read_json, write_json
-
     run = RunDir(path)
     if run.config.is_file():
         run.read_config()  # a damaged config.json is named with what to do about it
@@ -85,10 +93,15 @@ def probe_run(path: str | Path, modality: str | None = None, device: str = "auto
     method.to(where)
     with run.locked():
         data = create_dataset(cfg.run.dataset, cfg.data)
-        results = {m: linear_probe(method.model, data, m) for m in ([modality] if modality else modalities)}
-        saved = run.path / "probe.json"
-        earlier = read_json(saved) if saved.is_file() else {}
+        try:
+            results = {
+                m: linear_probe(method.model, data, m, cfg.train.num_workers)
+                for m in ([modality] if modality else modalities)
+            }
+        finally:
+            close_loaders([data.split(s) for s in SPLITS])
+        earlier = read_json(run.probe) if run.probe.is_file() else {}
         if not isinstance(earlier, dict):
-            raise DamagedFile(saved, "is not a JSON object")
-        write_json(saved, {**earlier, **results})
+            raise DamagedFile(run.probe, "is not a JSON object")
+        write_json(run.probe, {**earlier, **results})
     return results

@@ -1,122 +1,26 @@
-"""The run directory: everything a run writes, written so that a kill at any moment is harmless.
+"""The run directory's checkpoints: the torch half of a run directory.
 
-Layout::
-
-    config.json          resolved config + its hash, the dataset's facts (written before training starts)
-    results.jsonl        one self-describing JSON line per evaluation (val each epoch, test once)
-    summary.json         the final numbers (see README "Run directory")
-    checkpoints/last.pt  full training state after the latest epoch (resume point)
-    checkpoints/best.pt  weights of the epoch selected on validation
-    tb/                  TensorBoard scalars
-    done | failed        completion marker; ``failed`` holds the reason
-    .lock                locked by the one process training (or probing) the run
-
-Every JSON file and checkpoint is written to a temporary name and renamed into place, so a reader
-never sees a half-written file and a restarted run never loads one. Checkpoints carry a checksum
-(``balancemm/files.py``), and every file read back is checked, so a damaged one stops the run with one
-line naming it and what to do, never with different numbers (docs/robustness.md).
+The layout, the JSON files, the lock and the markers are :class:`balancemm.layout.RunFiles` (torch-free, so
+the report and a sweep's parent read run directories without torch); :class:`RunDir` adds the checkpoints.
+They are written to a temporary name and renamed into place, so a restarted run never loads a half-written
+one, and carry a checksum (``balancemm/files.py``): a damaged one stops the run with one line naming it and
+what to do, never with different numbers (docs/robustness.md).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from balancemm.errors import BalanceMMError, ConfigError
-from balancemm.files import DamagedFile, load_checked, remove_partials, save_checked, write_atomic
+from balancemm.files import DamagedFile, load_checked, save_checked
+from balancemm.layout import RunFiles, Schema, check_fields
 
 # What a checkpoint must hold, key by key: ``best.pt``'s; the trainer gives ``last.pt``'s.
-Schema = Mapping[str, type | tuple[type, ...]]
 BEST: Schema = {"epoch": int, "method": dict, "config_hash": str}
-# What the summary of a finished run must hold to be returned again (read by ``balancemm train``'s table).
-SUMMARY: Schema = {
-    "config_hash": str,
-    "method": str,
-    "dataset": str,
-    "seed": int,
-    "modalities": list,
-    "selected_epoch": int,
-    "selection": dict,
-    "test": dict,
-    "shapley": dict,
-    "coalition_values": dict,
-    "imbalance": (float, int, type(None)),
-    "flops": dict,
-    "params": dict,
-    "train_time_s": (float, int),
-    "peak_memory_mb": (float, int, type(None)),
-}
 
 
-class RunInUse(BalanceMMError):
-    """Another live process holds the run directory's lock: it is training or probing that run."""
-
-    exit_code = 75  # EX_TEMPFAIL, as a sweep worker whose job is busy: the same command works once it is done
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path, remedy: str = "delete it and run the same command again") -> Any:
-    """The JSON in ``path``; unreadable bytes or invalid JSON are a :class:`DamagedFile` saying ``remedy``."""
-    try:
-        return json.loads(path.read_bytes().decode())
-    except UnicodeDecodeError:
-        raise DamagedFile(path, "is not UTF-8 text", remedy) from None
-    except json.JSONDecodeError as exc:
-        raise DamagedFile(
-            path, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", remedy
-        ) from None
-
-
-def _check(obj: Any, schema: Schema) -> str | None:
-    """Why ``obj`` does not fit ``schema`` (a JSON object or dict with those keys and types), or None."""
-    if not isinstance(obj, dict):
-        return f"holds a {type(obj).__name__}, not a mapping"
-    for key, kind in schema.items():
-        if key not in obj:
-            return f"has no {key!r}"
-        if not isinstance(obj[key], kind):
-            return f"has a {type(obj[key]).__name__} as {key!r}"
-    return None
-
-
-def _record(line: bytes) -> dict[str, Any] | None:
-    """One line of results.jsonl as a record (a JSON object with a split and an epoch), or None."""
-    try:
-        rec = json.loads(line.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(rec, dict) and isinstance(rec.get("split"), str) and isinstance(rec.get("epoch"), int)
-    return rec if ok else None
-
-
-class RunDir:
-    """Paths and atomic writers of one run directory."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.config = self.path / "config.json"
-        self.results = self.path / "results.jsonl"
-        self.summary = self.path / "summary.json"
-        self.checkpoints = self.path / "checkpoints"
-        self.last = self.checkpoints / "last.pt"
-        self.best = self.checkpoints / "best.pt"
-        self.tensorboard = self.path / "tb"
-        self.done = self.path / "done"
-        self.failed = self.path / "failed"
-        self.lock = self.path / ".lock"
-
-    # -- what to do about a damaged file ---------------------------------------------------------
-
-    def _retrain(self) -> str:
-        return f"delete {self.path} and train it again"
+class RunDir(RunFiles):
+    """A run directory's files (:class:`RunFiles`) with its checkpoints, verified when loaded."""
 
     def remedy(self, checkpoint: Path) -> str:
         """What to do about a damaged checkpoint of this run."""
@@ -124,40 +28,13 @@ class RunDir:
             return "delete it to restart this run from its first epoch"
         return f"the selected epoch's weights are lost: {self._retrain()}"
 
-    # -- reading ---------------------------------------------------------------------------------
-
-    def read_config(self) -> dict[str, Any]:
-        """config.json: the resolved config (``config``) and its hash (``config_hash``)."""
-        saved = read_json(self.config, self._retrain())
-        problem = _check(saved, {"config": dict, "config_hash": str})
-        if problem is not None:
-            raise DamagedFile(self.config, f"is not a run's config ({problem})", self._retrain())
-        return dict(saved)
-
-    def config_hash(self) -> str | None:
-        """The hash of the config already saved here, if any."""
-        if not self.config.is_file():
-            return None
-        return str(self.read_config()["config_hash"])
-
-    def read_summary(self) -> dict[str, Any]:
-        """summary.json of a finished run; a damaged one can be rebuilt from the checkpoints."""
-        remedy = "delete it and run the same command again: the test evaluation is redone from the checkpoints"
-        summary = read_json(self.summary, remedy)
-        problem = _check(summary, SUMMARY)
-        if problem is None and summary["config_hash"] != self.config_hash():
-            problem = f"config hash {summary['config_hash'][:12]}, not this run's"
-        if problem is not None:
-            raise DamagedFile(self.summary, f"is not this run's summary ({problem})", remedy)
-        return dict(summary)
-
     def load(self, path: Path, schema: Schema = BEST) -> dict[str, Any]:
         """A checkpoint of this run, verified: its checksum, the keys of ``schema``, and this run's config."""
         try:
             state = load_checked(path)
         except DamagedFile as exc:
             raise DamagedFile(path, exc.problem, self.remedy(path)) from None
-        problem = _check(state, schema)
+        problem = check_fields(state, schema)
         if problem is not None:
             raise DamagedFile(path, f"is not a BalanceMM checkpoint of this kind ({problem})", self.remedy(path))
         own = self.config_hash()
@@ -167,96 +44,5 @@ class RunDir:
             )
         return dict(state)
 
-    # -- writing ---------------------------------------------------------------------------------
-
-    def create(self, config: dict[str, Any]) -> None:
-        """Create the directory (or reopen it to resume); an unusable path is a user error.
-
-        config.json comes first, so (but for a kill while it is written) the directory never holds other
-        files without it: ``train --out`` refuses such a directory as someone else's.
-        """
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not self.config.is_file():
-                write_json(self.config, config)
-            self.checkpoints.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the run directory {self.path} ({exc.strerror or exc}); choose another --out"
-            ) from None
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the directory's exclusive lock inside: another process that wants it is refused
-        (:class:`RunInUse`) rather than writing every record a second time.
-
-        The kernel releases the lock when its process dies, however it dies. It is a file of its own, not
-        the job lock a sweep worker holds beside the directory, so a worker can train its job. Whoever
-        holds it is the only writer here, so the partial files left by a killed writer are removed.
-        """
-        try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"cannot lock the run directory {self.path} ({exc.strerror or exc})") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                pid = f" (pid {holder})" if holder.isdigit() else ""
-                raise RunInUse(
-                    f"{self.path} is in use by another balancemm process{pid} training or probing it; "
-                    "wait for it to finish, then run the command again"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            remove_partials(self.path, all_of_them=True)
-            remove_partials(self.checkpoints, all_of_them=True)
-            yield
-        finally:
-            os.close(fd)
-
-    def append_record(self, record: dict[str, Any]) -> None:
-        with open(self.results, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def truncate_records(self, last_epoch: int) -> None:
-        """Keep the validation records of epochs 0 to ``last_epoch`` (the resume point; -1 when there is
-        no checkpoint yet), dropping what a killed run wrote after its last checkpoint: an epoch redone is
-        written again. Those records must be there, each once; a line cut short by a kill can only be
-        the last."""
-        if not self.results.is_file():
-            if last_epoch >= 0:
-                raise DamagedFile(
-                    self.results, f"is missing, yet the checkpoint is at epoch {last_epoch}", self._retrain()
-                )
-            return
-        lines = self.results.read_bytes().split(b"\n")
-        lines.pop()  # what follows the last newline: nothing, or a line cut short by a kill
-        keep, epochs = [], []
-        for number, line in enumerate(lines, 1):
-            rec = _record(line)
-            if rec is None:
-                raise DamagedFile(self.results, f"line {number} is not a JSON record", self._retrain())
-            if rec["split"] == "val" and rec["epoch"] <= last_epoch:
-                keep.append(line)
-                epochs.append(rec["epoch"])
-        if epochs != list(range(last_epoch + 1)):
-            raise DamagedFile(
-                self.results,
-                f"does not hold one validation record for each epoch up to the checkpoint's ({last_epoch})",
-                self._retrain(),
-            )
-        write_atomic(self.results, b"".join(line + b"\n" for line in keep))
-
     def save(self, path: Path, state: dict[str, Any]) -> None:
         save_checked(state, path)
-
-    def mark_failed(self, reason: str) -> None:
-        self.done.unlink(missing_ok=True)
-        write_atomic(self.failed, (reason + "\n").encode())
-
-    def mark_done(self) -> None:
-        write_atomic(self.done, b"")

@@ -32,21 +32,21 @@ from tqdm.auto import tqdm
 
 from balancemm import __version__
 from balancemm.config import OptimizerConfig, RunConfig, SchedulerConfig
+from balancemm.context import RunContext, derive_seed
 from balancemm.data import SPLITS, Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
 from balancemm.data.loader import close_loaders
 from balancemm.device import deterministic_setup, device_environment, resolve_device, resolve_precision
 from balancemm.engine.artifacts import Artifacts
 from balancemm.engine.evaluate import evaluate
-from balancemm.engine.rundir import BEST, RunDir, Schema, write_json
+from balancemm.engine.rundir import BEST, RunDir
 from balancemm.errors import BalanceMMError, ConfigError, NonFiniteLossError
 from balancemm.files import DamagedFile
-from balancemm.methods import METHODS, Method, RunContext
-from balancemm.methods.context import derive_seed
+from balancemm.layout import SCHEMA_VERSION, Schema, write_json
+from balancemm.methods import METHODS, Method
 from balancemm.metrics.flops import FlopMeter
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.precision import Precision
 
-SCHEMA = 1
 # A run whose mean training loss in an epoch exceeds this multiple of its first epoch's is diverging,
 # even while every loss stays finite (NonFiniteLossError catches the rest). Across the 162 runs of a
 # 30-epoch bench on the embedded data no method went above 1.1 times its first epoch's loss.
@@ -147,7 +147,9 @@ def _peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
         import resource
     except ImportError:  # not on Windows
         return None, "unavailable"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+    # ru_maxrss is in kilobytes on Linux but in bytes on macOS.
+    unit = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, "process_max_rss"
 
 
 def _hatch(method: Method) -> str | None:
@@ -231,7 +233,8 @@ class Trainer:
         method_cls = METHODS.get(cfg.run.method)
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
-        self.artifacts = Artifacts(cfg, self.run.path.parent, spec.modalities, self.data, self.device, self.progress)
+        root = self.run.path.parent
+        self.artifacts = Artifacts(cfg, root, spec.modalities, self.data, self.device, self._fit_artifact)
         self.meter = FlopMeter(train.flops, train.flops_sample_steps)
         self.ctx = RunContext(
             spec.modalities,
@@ -258,19 +261,13 @@ class Trainer:
     def _batches(self, split: SplitName, epoch: int | None = None, plan: SamplePlan | None = None) -> Batches:
         """A split's batches: shuffled for training, with the order derived from (seed, epoch), so a
         resumed epoch sees exactly the same batches; in split order for evaluation."""
-        train = self.cfg.train
         shuffled = epoch is not None
         order = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "order", epoch)) if shuffled else None
-        return Batches(
-            self.data.split(split),
-            train.batch_size if shuffled else train.eval_batch_size,
-            shuffle=shuffled,
-            generator=order,
-            plan=plan,
-            device=self.device,
-            num_workers=train.num_workers,
-            persistent=True,
-        )
+        return self.ctx.batching(self.data.split(split), shuffle=shuffled, generator=order, plan=plan)
+
+    def _fit_artifact(self, cfg: RunConfig, out: Path) -> dict[str, Any]:
+        """Train (or reuse) the run an artifact is, in ``out``, on this run's data, device and console."""
+        return Trainer(cfg, out, device=str(self.device), progress=self.progress, dataset=self.data).fit()
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -519,7 +516,7 @@ class Trainer:
     def _record(self, split: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         return {
-            "schema": SCHEMA,
+            "schema": SCHEMA_VERSION,
             "run_id": self.run_id,
             "config_hash": cfg.digest(),
             "method": cfg.run.method,
@@ -558,7 +555,7 @@ class Trainer:
         run.append_record(self._record("test", self.best["epoch"], test))
         subsets = {}
         for name, rows in self.data.eval_subsets("test").items():
-            batches = Batches(self.data.split("test"), self.cfg.train.eval_batch_size, subset=rows, device=self.device)
+            batches = self.ctx.batching(self.data.split("test"), subset=rows)
             scored = evaluate(method, batches, self.data.num_classes, shapley=False)
             subsets[name] = {k: scored[k] for k in ("num_samples", "accuracy", "macro_f1")}
         return test, subsets
@@ -585,7 +582,7 @@ class Trainer:
         peak, peak_kind = _peak_memory_mb(self.device)
         precision = self.ctx.precision
         return {
-            "schema": SCHEMA,
+            "schema": SCHEMA_VERSION,
             "status": "complete",
             "run_id": self.run_id,
             "config_hash": cfg.digest(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from balancemm.context import RunContext
 from balancemm.methods import agm as _agm  # noqa: F401
 from balancemm.methods import amco as _amco  # noqa: F401
 from balancemm.methods import baseline as _baseline  # noqa: F401
@@ -24,7 +25,6 @@ from balancemm.methods import relearning as _relearning  # noqa: F401
 from balancemm.methods import umt as _umt  # noqa: F401
 from balancemm.methods import unimodal as _unimodal  # noqa: F401
 from balancemm.methods.base import Method, Needs
-from balancemm.methods.context import RunContext
 from balancemm.models.classifier import MultimodalClassifier
 from balancemm.registry import METHOD_GROUPS, METHODS
 

@@ -1,4 +1,4 @@
-"""Gradient helpers shared by gradient-level methods (MMPareto now; MLA, AGM, Greedy later)."""
+"""Gradient helpers of the gradient-level methods: MMPareto (``flat``, ``min_norm_two``), OGM-GE (``conv_weights``)."""
 
 from __future__ import annotations
 

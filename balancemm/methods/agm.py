@@ -14,7 +14,7 @@ Per step (hook ``forward``, the coalition passes inside the phase ``agm/coalitio
 
 1. f(S) = fused logits with the modalities outside S zero-padded at the input, for every non-empty
    S ⊆ M; f(M) is the normal pass in train mode, the others run in eval mode *with* autograd.
-2. o_m = φ_m + f(∅)/|M| with φ the Shapley value of the coalition logits (§2.1), so Σ_m o_m = f(M).
+2. o_m = φ_m + f(∅)/|M| with φ the Shapley value of the coalition logits, so Σ_m o_m = f(M).
    f(∅) enters φ_m only as −f(∅)/|M|, so o_m is φ_m computed with f(∅) := 0 and the all-zero pass is
    never needed. Computed by the codebase's one Shapley helper (``metrics.shapley``).
 3. s_m = (1/B) Σ_i −log max(softmax(o_m)_i[y_i], 1e-8)                  (no gradient)
@@ -117,7 +117,6 @@ def modulated_sum(outputs: dict[str, Tensor], coefficients: Tensor) -> Tensor:
 
 @METHODS.register("agm")
 class AGM(Method):
-    name = "agm"
     HParams = AGMHParams
     search: ClassVar[Mapping[str, Any]] = {  # α: BalanceMM 0.1 … README 2.5; κ per dataset (None = unclamped)
         "alpha": [0.1, 0.5, 1.0, 2.5],

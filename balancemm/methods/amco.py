@@ -101,11 +101,10 @@ from torch import Tensor
 
 from balancemm.catalog.methods import AMCoHParams
 from balancemm.data.batch import Batch, SamplePlan
-from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
-from balancemm.models.classifier import ModelOutput, ModelSpec
+from balancemm.models.classifier import ModelOutput, ModelSpec, require_slice_heads
 from balancemm.models.fusions.amco import AMCoFusion
-from balancemm.registry import FUSIONS, METHODS
+from balancemm.registry import METHODS
 
 
 def mask_ratio(level: float, eps: float) -> float:
@@ -135,7 +134,6 @@ def dependence_mass(unimodal: list[Tensor]) -> Tensor:
 
 @METHODS.register("amco")
 class AMCo(Method):
-    name = "amco"
     HParams = AMCoHParams
     search: ClassVar[Mapping[str, Any]] = {  # no released code or values: a band around BalanceMM's 0.5 / 0.3
         "sigma": [0.4, 0.5, 0.6],
@@ -151,12 +149,8 @@ class AMCo(Method):
 
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
-        if FUSIONS.resolve(spec.fusion) not in ("concat", "amco") or spec.unimodal_heads == "linear":
-            raise ConfigError(
-                "amco masks the per-modality slices of a concat head and adds a class-space layer after it "
-                f"(got model.fusion={spec.fusion}, model.unimodal_heads={spec.unimodal_heads}): use "
-                "model.fusion=concat with model.unimodal_heads=auto or slice"
-            )
+        why = "masks the per-modality slices of a concat head and adds a class-space layer after it"
+        require_slice_heads(spec, "amco", why, ("concat",), own="amco")
         return replace(spec, fusion="amco", unimodal_heads="slice")
 
     def acts_in(self, epoch: int) -> bool:

@@ -47,7 +47,7 @@ A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses
 (the default loop does), so NaN detection and loss logging keep working, and must wrap each step in
 ``self.ctx.counted_step(batch_size)``: with sampled FLOP counting only its steps are counted.
 
-Where the 17 methods plug in (DESIGN.md §3.6; the method specs give the details):
+Where the 17 methods plug in (docs/methods/<name>.md gives each method's details):
 
 * ``model_spec``: MMCosine (cosine head), AMCo (masked head), MLA and ReconBoost (shared head),
   Greedy (MMTM mid-fusion), unimodal (one modality), MMPareto / G-Blending (unimodal heads option);
@@ -80,8 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from balancemm.catalog.methods import NoHParams
+from balancemm.context import Needs, RunContext
 from balancemm.data.batch import Batch, SamplePlan
-from balancemm.methods.context import Needs, RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
 from balancemm.schema import EpochValue, resolve_epoch
 
@@ -89,7 +89,6 @@ from balancemm.schema import EpochValue, resolve_epoch
 class Method(nn.Module):
     """Base class of all methods; see the module docstring for the hook table."""
 
-    name: ClassVar[str] = ""
     HParams: ClassVar[type] = NoHParams
     needs: ClassVar[Needs] = Needs()
     #: Default search space for sweeps' hyper-parameter trials: ``{field: [candidate values]}``, from

@@ -14,7 +14,5 @@ from balancemm.registry import METHODS
 
 @METHODS.register("baseline")
 class Baseline(Method):
-    name = "baseline"
-
     def acts_in(self, epoch: int) -> bool:
         return False  # the reference itself: plain training, nothing to record as an intervention

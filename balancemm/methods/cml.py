@@ -116,7 +116,6 @@ def calibration_penalty(logits: Tensor, label: Tensor, variant: Variant = "miwae
 
 @METHODS.register("cml")
 class CML(Method):
-    name = "cml"
     HParams = CMLHParams
     search: ClassVar[Mapping[str, Any]] = {  # λ = β/100 around the README's β = 10; ε is the code's margin
         "lam": [0.01, 0.03, 0.1, 0.3, 1.0],

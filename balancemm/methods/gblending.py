@@ -2,8 +2,8 @@
 
 Wang, Tran, Feiszli. "What Makes Training Multi-Modal Classification Networks Hard?" CVPR 2020.
 Released code (facebookresearch/VMZ, ``c2/lib/models/loss/loss_creator.py``) covers only training with
-fixed, precomputed weights; the weight estimation was never released, so it follows the paper as read
-in specs/methods-objective.md §6 — a reconstruction, stated as such in docs/methods/gblending.md.
+fixed, precomputed weights; the weight estimation was never released, so it follows the paper's text
+— a reconstruction, stated as such in docs/methods/gblending.md.
 
 Idea: give every modality its own head and the fused features one more, and train with a weighted
 sum of their losses, weighting each head by how much it generalises per unit of overfitting (the
@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from balancemm.catalog.methods import GBlendingHParams
+from balancemm.context import RunContext
 from balancemm.data.base import SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.methods.base import Method, Needs
-from balancemm.methods.context import RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec, MultimodalClassifier
 from balancemm.registry import METHODS
 
@@ -96,7 +96,6 @@ class _OneHead(Method):
 
 @METHODS.register("gblending")
 class GBlending(Method):
-    name = "gblending"
     HParams = GBlendingHParams
     search: ClassVar[Mapping[str, Any]] = {  # its only knobs: super_epoch is an epoch schedule (adaptation)
         "mode": ["online", "offline"],

@@ -3,7 +3,7 @@
 Wu, Jastrzebski, Cho, Geras. "Characterizing and overcoming the greedy nature of learning in
 multi-modal deep neural networks." ICML 2022. Official code: nyukat/greedy_multimodal_learning
 (``src/balanced_mmtm.py``, ``src/callbacks.py: Bias_Mitigation_Strong``, ``train.py``,
-``configs/training_guided.gin``), which this follows (specs/methods-optim-forward-data.md §8).
+``configs/training_guided.gin``), which this follows (documented in docs/methods/greedy.md).
 
 Idea: a multimodal network learns greedily from the modality that is fastest to learn. Give the
 encoders cross-modal MMTM connections, measure each modality's *conditional learning speed* (how fast
@@ -30,7 +30,7 @@ In curation the cared modality's gate in every MMTM block is its running average
 the batch (hook ``forward``); nothing is accumulated during curation. Before ``starting_epoch`` the
 sums are accumulated but curation never starts. The decision of step t applies from step t + 1.
 
-Three or more modalities (non-original, the spec's §8.4 suggestion): MMTM squeezes all M modalities
+Three or more modalities (our extension, not in the paper or official code): MMTM squeezes all M modalities
 and has M excitation layers; the trigger is max_m BDR_m − min_m BDR_m > ε and the cared modality is
 argmax_m BDR_m. For M = 2 this is exactly the official rule (|d| = max − min, d > 0 ⇔ argmax = 0).
 
@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
 from balancemm.models.classifier import ModelOutput, ModelSpec
-from balancemm.models.fusions.mmtm import MMTM
+from balancemm.models.fusions.mmtm import MidFusionSpec
 from balancemm.models.fusions.sum import SumFusion
 from balancemm.registry import METHODS
 
@@ -99,7 +99,6 @@ def balance_direction(bypass: Tensor, main: Tensor) -> Tensor:
 
 @METHODS.register("greedy")
 class Greedy(Method):
-    name = "greedy"
     HParams = GreedyHParams
     search: ClassVar[Mapping[str, Any]] = {  # ε from BalanceMM's 0.001 past the official 0.01; Q around 5
         "epsilon": [0.001, 0.003, 0.01, 0.03, 0.1],
@@ -118,8 +117,7 @@ class Greedy(Method):
             fusion="sum",
             fusion_options={"average": True},
             unimodal_heads="slice",
-            mmtm_stages=hp.mmtm_stages,
-            mmtm_ratio=hp.ratio,
+            mid_fusion=MidFusionSpec(hp.mmtm_stages, hp.ratio),
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -127,11 +125,11 @@ class Greedy(Method):
         model = self.model
         if model.mid_fusion is None or not isinstance(model.fusion, SumFusion) or model.unimodal_heads is not None:
             raise ConfigError("greedy needs the model its model_spec builds: MMTM mid-fusion and sum-fusion heads")
-        blocks = cast(list[MMTM], list(model.mid_fusion.blocks))
-        shared = [p for b in blocks for p in b.squeeze.parameters()]
+        mid, fusion = model.mid_fusion, model.fusion
+        shared = list(mid.joint_parameters())
         num = len(model.modalities)
-        bypass = [[*shared, *(p for b in blocks for p in b.excite[i].parameters())] for i in range(num)]
-        main = [[*model.modality_parameters(m), *model.fusion.fc[m].parameters()] for m in model.modalities]
+        bypass = [[*shared, *mid.excitation_parameters(m)] for m in model.modalities]
+        main = [[*model.modality_parameters(m), *fusion.modality_head_parameters(m)] for m in model.modalities]
         tracked: dict[int, Tensor] = {}
         for group in (*bypass, *main):
             tracked.update((id(p), p) for p in group if p.requires_grad)

@@ -3,7 +3,7 @@
 Yang, Wan, Jiang, Xu. "Facilitating Multimodal Classification via Dynamically Learning Modality
 Gap." NeurIPS 2024. Official code: njustkmg/NeurIPS24-LFM @ ad44fa09 (``Crema_epoch_learnable.py``:
 learned α; ``Crema_epoch.py``: fitted α; history ``55c196a3`` ``Crema_batch.py``: heuristic α;
-``model/AudioVideo.py``), which this follows (specs/methods-objective.md §8).
+``model/AudioVideo.py``), which this follows (documented in docs/methods/lfm.md).
 
 Idea: train with two objectives, a classification loss on the late-fused prediction and a
 modality-matching term that pulls the unimodal predictions together, and move the weight between them
@@ -168,7 +168,6 @@ def learned_alpha_al(alpha_al: float, lr_alpha: float, signal: float) -> float:
 
 @METHODS.register("lfm")
 class LFM(Method):
-    name = "lfm"
     adapted: ClassVar[Mapping[str, Any]] = {"halve_every": "10%"}  # official: η_α halves every 20 of 200 epochs
     HParams = LFMHParams
     search: ClassVar[Mapping[str, Any]] = {  # α_al₀: BalanceMM 0.05 … original 0.95; η_α a decade around 1e-4

@@ -2,8 +2,8 @@
 
 Liu, Li, Song, Yang, Zeng. "Multimodal Pre-Training with Self-Distillation for Product Understanding
 in E-Commerce." WSDM 2023 (DOI 10.1145/3539597.3570423). No official code exists; BalanceMM's
-``MBSD_trainer.py`` is the only implementation, and this file follows the spec's *recommended
-faithful variant* (specs/methods-objective.md §4): a reconstruction, not the paper's code.
+``MBSD_trainer.py`` is the only implementation, and this file is a *faithful variant* of it (a true
+KL, detached teacher; documented in docs/methods/mbsd.md): a reconstruction, not the paper's code.
 
 Idea: per sample, the modality that is more confident on the true class is the teacher and the other
 one the student; the student is pulled towards the teacher's prediction (a KL term) and its logits
@@ -101,7 +101,6 @@ def self_distillation(logits: Sequence[Tensor], label: Tensor, compat: bool = Fa
 
 @METHODS.register("mbsd")
 class MBSD(Method):
-    name = "mbsd"
     HParams = MBSDHParams
     search: ClassVar[Mapping[str, Any]] = {  # no released values (all 1 in BalanceMM): a band around 1
         "kl_weight": [0.1, 0.3, 1.0, 3.0],

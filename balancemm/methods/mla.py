@@ -3,7 +3,7 @@
 Zhang, Yoon, Bansal, Yao. "Multimodal Representation Learning by Alternating Unimodal Adaptation."
 CVPR 2024 (arXiv 2311.10707). Official code: Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-
 Adaptation (``main.py: train_epoch`` with ``--gs_flag``, ``valid``; ``utils/utils.py: GSPlugin``), which
-this follows except where specs/methods-optim-forward-data.md §6 recommends otherwise.
+this follows except where listed under the deviations below (documented in docs/methods/mla.md).
 
 Idea: replace joint training by alternating unimodal training, so no modality's gradient drowns
 another's. Every modality m is classified by one head H(h) = W h + b shared by all modalities (the
@@ -87,10 +87,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from balancemm.catalog.methods import MLAHParams
+from balancemm.context import RunContext
 from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.methods.base import Method
-from balancemm.methods.context import RunContext
 from balancemm.models.classifier import ModelOutput, ModelSpec
 from balancemm.models.fusions.shared import SharedHeadFusion
 from balancemm.registry import METHODS
@@ -186,7 +186,6 @@ def fuse(logits: Tensor, weights: Tensor, present: Tensor) -> Tensor:
 
 @METHODS.register("mla")
 class MLA(Method):
-    name = "mla"
     HParams = MLAHParams
     search: ClassVar[Mapping[str, Any]] = {  # switches only: the method has no numeric hyper-parameter
         "gs_denominator": ["scalar", "elementwise"],
@@ -205,7 +204,7 @@ class MLA(Method):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         fusion = self.model.fusion
-        if not isinstance(fusion, SharedHeadFusion) or not isinstance(fusion.head, nn.Linear):
+        if not isinstance(fusion, SharedHeadFusion) or fusion.linear_head is None:
             raise ConfigError("mla needs the shared linear head its model_spec builds (fusion 'shared', hidden 0)")
         mods = self.model.modalities
         if self.hp.fixed_weights is not None and len(self.hp.fixed_weights) != len(mods):
@@ -222,7 +221,7 @@ class MLA(Method):
     @property
     def head(self) -> nn.Linear:
         """H, the shared linear head (a property, so it is not registered twice in the state dict)."""
-        return cast(nn.Linear, cast(SharedHeadFusion, self.model.fusion).head)
+        return cast(nn.Linear, cast(SharedHeadFusion, self.model.fusion).linear_head)
 
     def on_epoch_start(self, epoch: int) -> None:
         self._batch_idx = 0

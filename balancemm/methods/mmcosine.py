@@ -2,7 +2,7 @@
 
 Xu, Feng, Zhang, Hu. "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual Fine-Grained
 Learning." ICASSP 2023. Official code: GeWu-Lab/MMCosine_ICASSP23 (``main_CD.py: train_epoch, valid``),
-which this follows (specs/methods-objective.md §2).
+which this follows (documented in docs/methods/mmcosine.md).
 
 Idea: a linear fusion head lets the dominant modality win by growing its feature and weight norms.
 Replacing every modality's logits by a scaled cosine between its (normalised) feature and its own
@@ -24,8 +24,8 @@ Deviations from the paper/official code:
   * The original's ``fc_out`` bias exists but is never used; here the cosine head has no bias at all
     (same function, no parameter that never receives a gradient).
   * The original scores the *multimodal* validation accuracy with the raw linear output (bias
-    included), not with the cosine sum it trains on; we evaluate the cosine sum (the spec's
-    recommendation, and BalanceMM's choice).
+    included), not with the cosine sum it trains on; we evaluate the cosine sum, so what
+    is scored is what is trained (BalanceMM's choice too).
   * Fusion: the original applies the cosine to the raw encoder features for concat fusion and to
     post-fusion per-modality vectors for its own symmetric gated/FiLM variants. BalanceMM's gated and
     FiLM fusions (the non-symmetric OGM-GE modules) have no per-modality post-fusion vectors, so only
@@ -44,19 +44,13 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from balancemm.catalog.methods import MMCosineHParams
-from balancemm.errors import ConfigError
 from balancemm.methods.base import Method, Needs
-from balancemm.models.classifier import ModelSpec
-from balancemm.registry import FUSIONS, METHODS
-
-# Late linear fusions: their logits are Σ_m W_m h_m (+ bias) over raw features, the form the cosine
-# head normalises. Gated/FiLM mix modalities before the head, so there is no per-modality W_m h_m.
-_LINEAR_FUSIONS = ("concat", "sum", "cosine")
+from balancemm.models.classifier import ModelSpec, require_slice_heads
+from balancemm.registry import METHODS
 
 
 @METHODS.register("mmcosine")
 class MMCosine(Method):
-    name = "mmcosine"
     HParams = MMCosineHParams
     search: ClassVar[Mapping[str, Any]] = {  # around the original 10 and BalanceMM's 15
         "scale": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0],
@@ -65,14 +59,9 @@ class MMCosine(Method):
 
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
-        if FUSIONS.resolve(spec.fusion) not in _LINEAR_FUSIONS:
-            raise ConfigError(
-                f"mmcosine replaces a late linear fusion head by per-modality cosines; model.fusion={spec.fusion} "
-                "mixes modalities before the head: use model.fusion=concat or sum"
-            )
-        if spec.unimodal_heads == "linear":
-            raise ConfigError(
-                "mmcosine's per-modality logits are the cosine head's own terms: use model.unimodal_heads=auto or slice"
-            )
+        # Late linear fusions: their logits are Σ_m W_m h_m (+ bias) over raw features, the form the cosine
+        # head normalises. Gated/FiLM mix modalities before the head, so there is no per-modality W_m h_m.
+        why = "replaces a late linear fusion head by per-modality cosines, which are also its per-modality logits"
+        require_slice_heads(spec, "mmcosine", why, ("concat", "sum"), own="cosine")
         # PAPER: per-modality logits are the cosine terms themselves (the original's unimodal accuracies).
         return replace(spec, fusion="cosine", unimodal_heads="slice", fusion_options={"scale": hp.scale})

@@ -2,7 +2,7 @@
 
 Wei and Hu. "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance." ICML 2024.
 Official code: GeWu-Lab/MMPareto_ICML2024 (``code/MMPareto.py``, ``code/min_norm_solvers.py``), which
-this follows (specs/methods-objective.md §7).
+this follows (documented in docs/methods/mmpareto.md).
 
 Idea: train with the fused loss plus one unimodal loss per modality, but never let a unimodal loss
 pull an encoder against the multimodal objective: per encoder, if the two gradients conflict, move
@@ -80,7 +80,6 @@ def pareto_combine(g_mm: list[Tensor], g_u: list[Tensor], gamma: float) -> tuple
 
 @METHODS.register("mmpareto")
 class MMPareto(Method):
-    name = "mmpareto"
     HParams = MMParetoHParams
     search: ClassVar[Mapping[str, Any]] = {  # γ = 1: no norm enlargement; separate heads or head slices
         "gamma": [1.0, 1.25, 1.5, 2.0, 2.5],

@@ -3,7 +3,7 @@
 Wei, Feng, Wang, Hu. "Enhancing Multimodal Cooperation via Sample-level Modality Valuation." CVPR 2024.
 Official code: GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation (``code/sample_level.py``,
 ``code/modality_level.py``, ``code/datasets/dataloader.py``), which this follows
-(specs/methods-optim-forward-data.md §10).
+(documented in docs/methods/modality_valuation.md).
 
 Idea: value each modality's contribution to every training sample with a Shapley value on prediction
 correctness, then add training copies of the (sample, modality) pairs that contribute little, with only
@@ -35,7 +35,7 @@ fused output; an absent modality's feature is zeroed, so its encoder gets no gra
 
 Three or more modalities (no official version): sample-level is unchanged (copies keep only m);
 modality-level uses the largest minus the smallest γ for |γ_a − γ_v| and keeps only the modality of
-largest γ (the spec's recommendation, §10.6).
+largest γ (our extension; for M = 2 it is the official rule).
 
 Deviations from the paper/official code:
   * Valuation happens at the start of each epoch ≥ ``warmup`` on the previous epoch's model, which is
@@ -106,7 +106,6 @@ def only(modality: int, rows: int, num_modalities: int) -> Tensor:
 
 @METHODS.register("modality_valuation")
 class ModalityValuation(Method):
-    name = "modality_valuation"
     adapted: ClassVar[Mapping[str, Any]] = {"warmup": "8%"}  # official: 5 warm-up epochs of 60
     HParams = ValuationHParams
     search: ClassVar[Mapping[str, Any]] = {  # sample level has nothing to tune: draws are modality level

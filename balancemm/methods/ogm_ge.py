@@ -2,7 +2,7 @@
 
 Peng, Wei, Deng, Wang, Hu. "Balanced Multimodal Learning via On-the-fly Gradient Modulation."
 CVPR 2022. Official code: GeWu-Lab/OGM-GE_CVPR2022 (``main.py: train_epoch``), which this follows
-(specs/methods-optim-forward-data.md §1).
+(documented in docs/methods/ogm_ge.md).
 
 Idea: measure, on every batch, how confident each modality's own logits are on the true class;
 shrink the gradient of the dominant modality's encoder so the others can catch up; optionally (GE)
@@ -23,7 +23,7 @@ the first in sorted order). ``continuous=True`` gives the ρ − 1 form instead.
 of the unmodulated gradient tensor, and noise is added to every modality, including the one with k = 1.
 
 Three or more modalities (no official version): ρ_m = s_m / mean_{j≠m} s_j and
-k_m = 1 − tanh(α·ρ_m) if ρ_m > 1 else 1, for every m at once (the spec's recommendation, §1.5).
+k_m = 1 − tanh(α·ρ_m) if ρ_m > 1 else 1, for every m at once (our extension).
 
 Deviations from the paper/official code:
   * Scores are computed vectorised (a gather on softmax(z_m)), not by a per-sample loop; same value.
@@ -51,11 +51,10 @@ from torch import Tensor
 
 from balancemm.catalog.methods import OGMGEHParams
 from balancemm.data.batch import Batch
-from balancemm.errors import ConfigError
 from balancemm.methods._grads import conv_weights
 from balancemm.methods.base import Method
-from balancemm.models.classifier import ModelOutput, ModelSpec
-from balancemm.registry import FUSIONS, METHODS
+from balancemm.models.classifier import ModelOutput, ModelSpec, require_slice_heads
+from balancemm.registry import METHODS
 
 
 def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> Tensor:
@@ -78,7 +77,6 @@ def ogm_coefficients(scores: Tensor, alpha: float, continuous: bool = False) -> 
 
 @METHODS.register("ogm_ge")
 class OGMGE(Method):
-    name = "ogm_ge"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "50%"}  # official: epochs 0–50 of 100
     HParams = OGMGEHParams
     search: ClassVar[Mapping[str, Any]] = {  # α: CVPR README 0.1/0.3, TPAMI 0.8 (script) / 1.0 (argparse)
@@ -89,11 +87,7 @@ class OGMGE(Method):
     @classmethod
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
         # The scores need per-modality logits from the fusion head itself (W_m h_m + b/M).
-        if spec.unimodal_heads == "linear" or not FUSIONS.get(spec.fusion).supports_slice:
-            raise ConfigError(
-                "ogm_ge scores each modality by its slice of the fusion head: use model.fusion=concat or sum "
-                "with model.unimodal_heads=auto or slice"
-            )
+        require_slice_heads(spec, "ogm_ge", "scores each modality by its slice of the fusion head")
         return replace(spec, unimodal_heads="slice")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -2,7 +2,7 @@
 
 Wei, Hu, Du, Wen. "On-the-fly Modulation for Balanced Multimodal Learning." TPAMI 2024. Official code:
 GeWu-Lab/BML_TPAMI2024 (``code/models/Classifier.py``: ``Modality_drop``, ``calcu_q``; ``code/main.py:
-train``), which this follows (specs/methods-optim-forward-data.md §7). The same paper's OGM variant is
+train``), which this follows (documented in docs/methods/opm.md). The same paper's OGM variant is
 ``ogm_ge``.
 
 Idea: in the feed-forward stage, randomly drop the pooled feature of the dominant modality for some
@@ -31,8 +31,8 @@ loss is trained; the step's ``unimodal_logits`` are the no-grad slices of the fe
 drop (the official code only logs their losses). Steps that do not drop (warm-up, the 1 − p_exe
 batches) are exactly the plain forward and the plain CE. Inference is the plain model (no drop).
 
-Three or more modalities (no official version): ρ_m = s_m / mean_{j≠m} s_j (``ratio_to=mean``, the
-spec's "natural" choice, as ``ogm_ge`` and ``pmr`` here), so a modality is dropped when it beats the
+Three or more modalities (no official version): ρ_m = s_m / mean_{j≠m} s_j (``ratio_to=mean``, our
+extension, the same as ``ogm_ge`` and ``pmr`` here), so a modality is dropped when it beats the
 average of the others; BalanceMM's s_m / Σ_{j≠m} s_j (``ratio_to=sum``) drops only a modality that
 beats all the others together (3 equal modalities: ρ = 0.5). For M = 2 both are the official rule.
 
@@ -75,7 +75,7 @@ Deviations from the paper/official code:
 Deviations from BalanceMM (``OPM_trainer.py``):
   * q_base = 0.5 (official argparse) instead of 0.4; a warm-up (epochs 0–5 unmodulated) that BalanceMM
     lacks (``modulation_starts=0`` reproduces it).
-  * Outside the modulated epochs the plain CE is trained (BalanceMM does no backward there, §0.2).
+  * Outside the modulated epochs the plain CE is trained (BalanceMM does no backward there).
   * Three or more modalities: the mean of the others by default (``ratio_to=sum`` is BalanceMM's rule).
   * BalanceMM's scores use the live head weights and it divides by 1 − θ + 1e-5 with θ still in the
     graph, so its CE differentiates through θ into the encoders and the head (a third behaviour, not
@@ -94,12 +94,11 @@ from torch import Tensor
 
 from balancemm.catalog.methods import OPMHParams
 from balancemm.data.batch import Batch
-from balancemm.errors import ConfigError
 from balancemm.methods._scores import others_sum
 from balancemm.methods.base import Method
-from balancemm.models.classifier import ModelOutput, ModelSpec
+from balancemm.models.classifier import ModelOutput, ModelSpec, require_slice_heads
 from balancemm.models.fusions.concat import ConcatFusion
-from balancemm.registry import FUSIONS, METHODS
+from balancemm.registry import METHODS
 
 
 def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, ratio_to: str = "mean") -> Tensor:
@@ -134,10 +133,9 @@ def frozen_head_slices(fusion: ConcatFusion, features: dict[str, Tensor]) -> dic
     only, never the head: the official scores use detached copies of the head's weight and bias
     (``Classifier.py`` 112–113) and the live features (139–143).
     """
-    weight = fusion.fc_out.weight.detach()
-    bias = fusion.fc_out.bias.detach() / len(fusion.modalities)
-    blocks = weight.split([fusion.dims[m] for m in fusion.modalities], dim=1)
-    return {m: features[m] @ w.t() + bias for m, w in zip(fusion.modalities, blocks, strict=True)}
+    blocks, bias = fusion.modality_weights()
+    bias = bias.detach() / len(fusion.modalities)
+    return {m: features[m] @ w.detach().t() + bias for m, w in blocks.items()}
 
 
 def drop_features(
@@ -167,7 +165,6 @@ def drop_features(
 
 @METHODS.register("opm")
 class OPM(Method):
-    name = "opm"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_starts": "6%"}  # official: warm-up 0–5 of 100 epochs
     HParams = OPMHParams
     search: ClassVar[Mapping[str, Any]] = {  # q_base: official 0.5, its config.py 0.4; λ around 0.5
@@ -188,12 +185,8 @@ class OPM(Method):
     def model_spec(cls, spec: ModelSpec, hp: Any) -> ModelSpec:
         # Dropping acts on the pooled features that a concat head reads, and the scores come from
         # that head's per-modality slices.
-        if FUSIONS.resolve(spec.fusion) != "concat" or spec.unimodal_heads == "linear":
-            raise ConfigError(
-                "opm drops pooled features before a concat fusion head and scores each modality by its slice of "
-                f"that head (got model.fusion={spec.fusion}, model.unimodal_heads={spec.unimodal_heads}): use "
-                "model.fusion=concat with model.unimodal_heads=auto or slice"
-            )
+        why = "drops pooled features before a concat fusion head and scores each modality by its slice of that head"
+        require_slice_heads(spec, "opm", why, ("concat",))
         return replace(spec, unimodal_heads="slice")
 
     def acts_in(self, epoch: int) -> bool:

@@ -2,7 +2,7 @@
 
 Fan, Xu, Wei, Hu. "PMR: Prototypical Modal Rebalance for Multimodal Learning." CVPR 2023. Official
 code: fanyunfeng-bit/Modal-Imbalance-PMR (``main_Prototype_grad.py``: ``calculate_prototype``,
-``train_epoch``), which this follows (specs/methods-optim-forward-data.md §3).
+``train_epoch``), which this follows (documented in docs/methods/pmr.md).
 
 Idea: keep, per modality, one prototype per class (the class mean of the pooled encoder feature).
 The softmax of negative distances to the prototypes is a non-parametric unimodal classifier that
@@ -33,7 +33,7 @@ Per step (hook ``losses``), with h_m the pooled features of the training forward
 Gradients reach the encoders through h_m (and CE reaches everything); prototypes get none.
 
 Three or more modalities (no official version): ρ_m = s^p_m / mean_{j≠m} s^p_j and β_m = α where
-ρ_m < 1, else 0 (the spec's natural extension, §3.5). For M = 2 this is exactly step 5: ρ_a < 1
+ρ_m < 1, else 0 (our extension). For M = 2 this is exactly step 5: ρ_a < 1
 ⟺ ρ_v > 1, and a tie gives both 0. The comparison is made as s^p_m < mean_{j≠m} s^p_j, without a
 division, so a rounded ratio can never disagree between the two modalities.
 
@@ -122,7 +122,6 @@ def pmr_coefficients(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
 
 @METHODS.register("pmr")
 class PMR(Method):
-    name = "pmr"
     adapted: ClassVar[Mapping[str, Any]] = {"modulation_ends": "67%"}  # official: epochs 0–100 of 150
     HParams = PMRHParams
     search: ClassVar[Mapping[str, Any]] = {  # α and μ over the official argparse defaults and scripts

@@ -94,7 +94,6 @@ def ga_term(logits: Tensor, partner: Tensor, weight: float) -> Tensor:
 
 @METHODS.register("reconboost")
 class ReconBoost(Method):
-    name = "reconboost"
     HParams = ReconBoostHParams
     search: ClassVar[Mapping[str, Any]] = {  # w1: README CREMA-D 5, AVE 4; w2 around its 1
         "w1": [3.0, 4.0, 5.0, 6.0],

@@ -2,7 +2,7 @@
 
 Wei, Li, Feng, Hu. "Diagnosing and Re-learning for Balanced Multimodal Learning." ECCV 2024.
 Official code: GeWu-Lab/Diagnosing_Relearning_ECCV2024 @ 025085ea (``code/ours.py``), which this
-follows (specs/methods-optim-forward-data.md §4).
+follows (documented in docs/methods/relearning.md).
 
 Idea: every R epochs, diagnose how each modality has learnt from the separability of its features:
 cluster them with k-means on the training and on the validation split and compare the purities. A
@@ -121,7 +121,6 @@ class _InitialParameters(nn.Module):
 
 @METHODS.register("relearning")
 class ReLearning(Method):
-    name = "relearning"
     adapted: ClassVar[Mapping[str, Any]] = {"reinit_epoch": "22%"}  # official: every 20 of 90 epochs
     HParams = ReLearningHParams
     search: ClassVar[Mapping[str, Any]] = {  # N: official 3, BalanceMM 2; λ around the official 3

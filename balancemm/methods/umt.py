@@ -1,8 +1,8 @@
 """UMT: Uni-Modal Teacher.
 
 Du, Teng, Li, Liu, Yuan, Wang, Yuan, Zhao. "On Uni-Modal Feature Learning in Supervised Multi-Modal
-Learning." ICML 2023 (arXiv 2305.01233). No official code was released; this follows the paper as
-read in specs/methods-objective.md §3, which marks the details it could not verify.
+Learning." ICML 2023 (arXiv 2305.01233). No official code was released; this follows the paper, and
+docs/methods/umt.md marks the details that could not be verified.
 
 Idea: joint training under-learns each modality's own features. So first train one unimodal model per
 modality, freeze them, and while training the multimodal late-fusion model pull each student encoder's
@@ -48,7 +48,6 @@ from balancemm.registry import METHODS
 
 @METHODS.register("umt")
 class UMT(Method):
-    name = "umt"
     HParams = UMTHParams
     search: ClassVar[Mapping[str, Any]] = {  # λ is tuned per dataset in the paper: 0.1 … 100 around 10
         "weight": [0.1, 0.3, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0],

@@ -22,7 +22,6 @@ from balancemm.registry import METHODS
 
 @METHODS.register("unimodal")
 class Unimodal(Method):
-    name = "unimodal"
     HParams = UnimodalHParams
     needs = Needs(min_modalities=1)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from balancemm.data.batch import Batch
 from balancemm.errors import ConfigError
 from balancemm.models.encoders.base import Encoder
 from balancemm.models.fusions.base import Fusion
-from balancemm.models.fusions.mmtm import MidFusion
+from balancemm.models.fusions.mmtm import MidFusion, MidFusionSpec
 from balancemm.registry import ENCODERS, FUSIONS
 
 
@@ -35,7 +35,16 @@ class ModelOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to build a model; methods may edit it in ``Method.model_spec``."""
+    """Everything needed to build a model; methods may edit it in ``Method.model_spec``.
+
+    The protocol sets neither ``fusion_options`` nor ``mid_fusion``, so every method starts from the same
+    model; only the methods that need them set them in ``model_spec``.
+
+    Attributes:
+        fusion_options: keyword arguments of the fusion's constructor (e.g. MMCosine's ``{"scale": s}``),
+            checked against its typed signature when the model is built (:meth:`Fusion.check_options`).
+        mid_fusion: MMTM blocks between the encoder stages (Greedy), or None for the plain model.
+    """
 
     modalities: tuple[str, ...]
     input_shapes: dict[str, tuple[int, ...]]
@@ -44,13 +53,8 @@ class ModelSpec:
     fusion: str = "concat"
     unimodal_heads: str = "auto"
     mask: str = "feature"
-    # Keyword arguments of the fusion's constructor, set by a method's model_spec (e.g. MMCosine's
-    # scale s); the protocol never sets them, so every method starts from the same model.
-    fusion_options: dict[str, Any] = field(default_factory=dict)
-    # MMTM mid-fusion (Greedy): a block after each of the last ``mmtm_stages`` encoder stages
-    # (0 = none, the protocol's model); ``mmtm_ratio`` is the blocks' bottleneck ratio.
-    mmtm_stages: int = 0
-    mmtm_ratio: float = 4.0
+    fusion_options: Mapping[str, object] = field(default_factory=dict)
+    mid_fusion: MidFusionSpec | None = None
 
     @classmethod
     def from_config(cls, model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], num_classes: int) -> ModelSpec:
@@ -210,7 +214,8 @@ def build_model(spec: ModelSpec) -> MultimodalClassifier:
         except ValueError as exc:
             raise ConfigError(f"model.encoders.{m}: {exc}") from None
     dims = {m: e.num_features for m, e in encoders.items()}
-    fusion = FUSIONS.get(spec.fusion)(dims, spec.num_classes, **spec.fusion_options)
+    fusion_cls = FUSIONS.get(spec.fusion)
+    fusion = fusion_cls(dims, spec.num_classes, **fusion_cls.check_options(spec.fusion_options, spec.fusion))
     heads_kind = spec.unimodal_heads
     if heads_kind == "auto":
         heads_kind = "slice" if fusion.supports_slice else "linear"
@@ -223,9 +228,36 @@ def build_model(spec: ModelSpec) -> MultimodalClassifier:
     if heads_kind == "linear":
         heads = nn.ModuleDict({m: nn.Linear(d, spec.num_classes) for m, d in dims.items()})
     mid_fusion = None
-    if spec.mmtm_stages > 0:
+    if spec.mid_fusion is not None:
         try:
-            mid_fusion = MidFusion(encoders, spec.input_shapes, spec.mmtm_stages, spec.mmtm_ratio)
+            mid_fusion = MidFusion(encoders, spec.input_shapes, spec.mid_fusion.stages, spec.mid_fusion.ratio)
         except ValueError as exc:
             raise ConfigError(f"mid-fusion: {exc}") from None
     return MultimodalClassifier(encoders, fusion, heads, spec.mask, mid_fusion)
+
+
+def require_slice_heads(
+    spec: ModelSpec, method: str, why: str, fusions: Collection[str] | None = None, own: str | None = None
+) -> None:
+    """Refuse a model whose per-modality logits are not slices of the fusion head (OGM-GE, OPM, AMCo, MMCosine).
+
+    Args:
+        spec: the spec the method's ``model_spec`` receives.
+        method: the method's registry name, which starts the message.
+        why: what the method does with the head's slices, for the message.
+        fusions: the fusions the method accepts, suggested in the message; None: every fusion that supports
+            slicing, suggesting concat or sum.
+        own: the fusion the method itself switches to (AMCo's ``amco``, MMCosine's ``cosine``): accepted,
+            not suggested.
+
+    Raises:
+        ConfigError: ``model.unimodal_heads=linear``, or a fusion outside ``fusions`` (or not sliceable).
+    """
+    fusion = FUSIONS.resolve(spec.fusion)
+    allowed = bool(FUSIONS.get(fusion).supports_slice) if fusions is None else fusion in (*fusions, own)
+    if spec.unimodal_heads == "linear" or not allowed:
+        suggested = " or ".join(fusions if fusions is not None else ("concat", "sum"))
+        raise ConfigError(
+            f"{method} {why} (got model.fusion={spec.fusion}, model.unimodal_heads={spec.unimodal_heads}): use "
+            f"model.fusion={suggested} with model.unimodal_heads=auto or slice"
+        )

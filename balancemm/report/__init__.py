@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from balancemm.errors import BalanceMMError
+from balancemm.layout import PROBE_FILE
 from balancemm.report.collect import REJECTED, Collection, collect, printable
 
 __all__ = ["Collection", "ReportResult", "collect", "write_report"]
@@ -172,7 +173,7 @@ def write_report(
     if not any(t.key.startswith("trials_") for t in tables):
         missing.append("Fig. 3: no method has more than one hyper-parameter trial on any dataset")
     if not any(t.key.startswith("probe_") for t in tables):
-        missing.append("Fig. 2: no selected run has probe.json (run `balancemm probe RUN_DIR` or `sweep --probe`)")
+        missing.append(f"Fig. 2: no selected run has {PROBE_FILE} (run `balancemm probe RUN_DIR` or `sweep --probe`)")
 
     files: dict[str, bytes] = {}
     for t in tables:

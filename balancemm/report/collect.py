@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from balancemm.errors import BalanceMMError
+from balancemm.layout import CONFIG_FILE, DONE_MARKER, PROBE_FILE, SUMMARY_FILE, RunFiles, parse_json
 from balancemm.registry import METHOD_GROUPS
 
 #: Table 2 order: the references first, then the taxonomy groups in the paper's section order.
@@ -389,8 +390,7 @@ def _check(record: Any, spec: tuple[tuple[str, Rule, bool], ...], file: str) -> 
 def _read(path: Path) -> Any:
     """The JSON in ``path``; :class:`_Unusable` naming the file when it cannot be read or parsed."""
     try:
-        # Run records are written as UTF-8, whatever the locale's encoding.
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return parse_json(path)
     except OSError as exc:
         raise _Unusable(f"{path.name}: cannot be read ({exc.strerror or exc})") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
@@ -401,12 +401,13 @@ def _read(path: Path) -> Any:
 
 def _load(d: Path) -> Run:
     """The run in directory ``d``, its records checked; :class:`_Unusable` when one is damaged or implausible."""
-    record = _read(d / "config.json")
-    _check(record, (("config", _MAPPING, True),), "config.json")
+    files = RunFiles(d)
+    record = _read(files.config)
+    _check(record, (("config", _MAPPING, True),), CONFIG_FILE)
     config = record["config"]
-    _check(config, _CONFIG, "config.json: config")
-    summary = _read(d / "summary.json")
-    _check(summary, _SUMMARY, "summary.json")
+    _check(config, _CONFIG, f"{CONFIG_FILE}: config")
+    summary = _read(files.summary)
+    _check(summary, _SUMMARY, SUMMARY_FILE)
     if "shapley_mask" not in summary:
         # Runs written before the field existed scored Shapley values under their model.mask only.
         summary["shapley_mask"] = (config.get("model") or {}).get("mask", "feature")
@@ -426,25 +427,26 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     if not root.is_dir():
         raise BalanceMMError(f"runs directory {root} does not exist or is not a directory")
     # Resolved paths, so a run reached twice (a symlinked artifact, a nested root) is counted once.
-    dirs = sorted({p.parent.resolve() for p in root.rglob("config.json")})
+    dirs = sorted({p.parent.resolve() for p in root.rglob(CONFIG_FILE)})
     if not dirs:
-        raise BalanceMMError(f"no run directories (with config.json) under {root}")
+        raise BalanceMMError(f"no run directories (with {CONFIG_FILE}) under {root}")
     runs: list[Run] = []
     notes: list[str] = []
     for d in dirs:
-        if not (d / "done").is_file() or not (d / "summary.json").is_file():
-            why = "failed" if (d / "failed").is_file() else "not finished"
-            notes.append(f"skipped {d}: {why} (no done marker or summary.json)")
+        files = RunFiles(d)
+        if not files.done.is_file() or not files.summary.is_file():
+            why = "failed" if files.failed.is_file() else "not finished"
+            notes.append(f"skipped {d}: {why} (no {DONE_MARKER} marker or {SUMMARY_FILE})")
             continue
         try:
             run = _load(d)
         except _Unusable as exc:
             notes.append(f"{REJECTED}{d}: {exc}")
             continue
-        if (d / "probe.json").is_file():
+        if files.probe.is_file():
             try:
-                probe = _read(d / "probe.json")
-                _check(probe, _PROBE, "probe.json")
+                probe = _read(files.probe)
+                _check(probe, _PROBE, PROBE_FILE)
                 run = dataclasses.replace(run, probe=probe)
             except _Unusable as exc:
                 notes.append(f"ignored the probe of {d}: {exc}; rerun `balancemm probe {d}`")

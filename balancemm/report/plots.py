@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from balancemm.errors import BalanceMMError
+from balancemm.layout import PROBE_FILE
 from balancemm.report.collect import Collection, Stat, Trial
 from balancemm.report.tables import Table, balance_points
 
@@ -288,7 +289,7 @@ def fig2(col: Collection, dataset: str) -> Figure:
             "(e.g. Greedy's MMTM mid-fusion), so its bar is not that modality on its own."
         )
     if fewer:
-        notes.append("probe n=k/N: only k of the trial's N seeds have probe.json; the probe bar averages those.")
+        notes.append(f"probe n=k/N: only k of the trial's N seeds have {PROBE_FILE}; the probe bar averages those.")
     note = " ".join(notes)
     if note:
         # Under the figure (outside it: "tight" saving takes it in), wrapped to the figure's width.

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from balancemm.layout import PROBE_FILE
 from balancemm.report.collect import GROUP_ORDER, Collection, Flags, Run, Stat, Trial, trial_flags
 from balancemm.report.stats import PairedTest, paired_t
 
@@ -432,7 +433,7 @@ def modality_table(col: Collection, dataset: str) -> Table:
         notes.append(_CROSS_NOTE)
     if probed_any:
         notes.append(
-            "(probe): for those rows the cell shows the linear probe (probe.json) instead, read with the other "
+            f"(probe): for those rows the cell shows the linear probe ({PROBE_FILE}) instead, read with the other "
             "modalities masked out of the mid-fusion: what the encoder knows on its own, though it was trained "
             "with them fed in. The head's accuracy is in the CSV (acc_<modality>)."
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +31,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from balancemm import device as devices
-from balancemm.engine.rundir import RunDir, read_json, write_json
 from balancemm.errors import ConfigError
+from balancemm.layout import BUSY, RunFiles, read_json, write_json
 from balancemm.sweep.spec import Job
-from balancemm.sweep.worker import BUSY
 
 # How long a Ray head given as host:port may take to accept a TCP connection. ray.init itself retries an
 # unreachable address for minutes, printing its log lines meanwhile.
@@ -48,11 +48,11 @@ def default_parallel(threads_per_job: int = 1) -> int:
 
 
 def is_done(job: Job) -> bool:
-    run = RunDir(job.out)
+    run = RunFiles(job.out)
     finished = run.done.is_file() and run.summary.is_file()
     if finished and job.probe:
         # Probes are asked for multimodal runs only (see the worker).
-        return (run.path / "probe.json").is_file() or len(read_json(run.summary)["modalities"]) == 1
+        return run.probe.is_file() or len(read_json(run.summary)["modalities"]) == 1
     return finished
 
 
@@ -271,7 +271,7 @@ class LocalLauncher:
 
     def stop(self) -> None:
         for proc in self.running:
-            proc.send_signal(2)  # SIGINT: the trainer stops and leaves its run resumable
+            proc.send_signal(signal.SIGINT)  # the trainer stops and leaves its run resumable
         for proc in self.running:
             proc.wait()
 
@@ -355,7 +355,7 @@ def schedule(
                     queue.append(job)  # trained by another live process; look again later
                     time.sleep(0.5)
                 else:
-                    run = RunDir(job.out)
+                    run = RunFiles(job.out)
                     if code == 0:
                         # The worker only exits 0 after writing the done marker: it wrote it where the
                         # driver cannot see it, i.e. on a node whose --root is a different filesystem.
@@ -414,6 +414,6 @@ def make_launcher(
 
 def summary_line(job: Job) -> str:
     """A one-line result of a finished job, from its summary."""
-    s = read_json(RunDir(job.out).summary)
+    s = read_json(RunFiles(job.out).summary)
     imbalance = "—" if s.get("imbalance") is None else f"{100 * s['imbalance']:.1f}"
     return f"test acc {100 * s['test']['accuracy']:.2f}  imbalance {imbalance}  → {job.out}"

@@ -189,8 +189,8 @@ def _trials(method: str, spec: SweepSpec) -> list[dict[str, Any]]:
 
 def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
     """Every job of the sweep, resolved and validated, in a stable order; duplicates removed."""
-    from balancemm.api import default_out
     from balancemm.data import DATASETS
+    from balancemm.layout import default_out
     from balancemm.methods import METHODS
 
     methods = [m for m in METHODS.names() if m != "unimodal"] + ["unimodal"] if "all" in spec.methods else spec.methods

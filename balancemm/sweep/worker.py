@@ -20,14 +20,20 @@ import os
 import sys
 from pathlib import Path
 
-BUSY = 75  # EX_TEMPFAIL: someone else is training this job right now
+from balancemm.layout import BUSY, RunFiles, job_lock
 
 
 def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
+    try:
+        job = json.loads(Path(argv[0]).read_text())
+    except (OSError, ValueError, IndexError) as exc:  # written by the launcher: only a broken sweep folder
+        print(
+            f"balancemm: error: cannot read the sweep job file {argv[:1]} ({exc}); run the sweep again", file=sys.stderr
+        )
+        return 2
     out = Path(job["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(out.parent / f".{out.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    lock = os.open(job_lock(out), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -42,7 +48,7 @@ def main(argv: list[str]) -> int:
             cfg, out, device=job.get("device", "auto"), progress=False, concurrent_jobs=job.get("concurrent_jobs")
         )
         summary = trainer.fit()
-        if job.get("probe") and len(summary["modalities"]) > 1 and not (out / "probe.json").is_file():
+        if job.get("probe") and len(summary["modalities"]) > 1 and not RunFiles(out).probe.is_file():
             from balancemm.engine.probe import probe_run
 
             # The unimodal counterparts of the paper's Fig. 2, for the report, on the job's device.

@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 import pytest
 
 import balancemm
+from balancemm.context import DataAccessError
 from balancemm.methods import METHODS, Needs, RunContext
 from balancemm.methods.baseline import Baseline
-from balancemm.methods.context import DataAccessError
 from tests.conftest import TinyDataset
 
 

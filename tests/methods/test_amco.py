@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import balancemm.methods.amco  # noqa: F401  (registers "amco")
+from balancemm.context import derive_seed
 from balancemm.errors import ConfigError
 from balancemm.methods.amco import AMCo, AMCoHParams, dependence_mass, mask_ratio, random_mask
-from balancemm.methods.context import derive_seed
 from balancemm.models.classifier import ModelOutput
 from balancemm.models.fusions.amco import AMCoFusion
 from tests.conftest import TinyDataset, build_method, first_batch, tiny_spec, train_epochs

@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import balancemm
+from balancemm.context import RunContext, derive_seed
 from balancemm.methods import list_methods
-from balancemm.methods.context import RunContext, derive_seed
 from balancemm.metrics.flops import FlopMeter
 from balancemm.metrics.shapley import coalitions
 from tests.conftest import TinyDataset, build_method, first_batch, train_epochs

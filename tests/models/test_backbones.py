@@ -21,7 +21,7 @@ from balancemm.models.encoders.resnet import ResNet18, ResNet18Options
 from balancemm.models.encoders.text import BertEncoder, BertOptions
 from balancemm.models.encoders.transformer import ChannelFirstLayer, SequenceTransformer, SequenceTransformerOptions
 from balancemm.models.encoders.vit import ViTEncoder, ViTOptions
-from balancemm.models.fusions.mmtm import MMTM
+from balancemm.models.fusions.mmtm import MMTM, MidFusionSpec
 from balancemm.schema import parse
 
 needs_transformers = pytest.mark.skipif(
@@ -95,7 +95,7 @@ def test_mmtm_runs_over_three_transformer_encoders() -> None:
     shapes: dict[str, tuple[int, ...]] = {"audio": (6, 5), "text": (4, 7), "visual": (5, 3)}
     encoders = {m: EncoderConfig("transformer", TINY_SEQ) for m in shapes}
     torch.manual_seed(0)
-    model = build_model(ModelSpec(tuple(sorted(shapes)), shapes, 2, encoders, mmtm_stages=2))
+    model = build_model(ModelSpec(tuple(sorted(shapes)), shapes, 2, encoders, mid_fusion=MidFusionSpec(2)))
     assert model.mid_fusion is not None
     assert [block.dims for block in cast(list[MMTM], list(model.mid_fusion.blocks))] == [(8, 8, 8), (8, 8, 8)]
     out = model(_batch({m: torch.randn(3, *s) for m, s in shapes.items()}))
@@ -297,11 +297,11 @@ def test_greedy_mid_fusion_refuses_encoders_without_stages(name: str) -> None:
     shapes: dict[str, tuple[int, ...]] = {"audio": (4, 6), "other": (6,) if name == "bert" else (3, 32, 32)}
     other = EncoderConfig("bert", TINY_BERT) if name == "bert" else EncoderConfig("vit", TINY_VIT)
     encoders = {"audio": EncoderConfig("cnn", CompactCNNOptions(channels=(4, 6))), "other": other}
-    spec = ModelSpec(("audio", "other"), shapes, 3, encoders, mmtm_stages=2)
+    spec = ModelSpec(("audio", "other"), shapes, 3, encoders, mid_fusion=MidFusionSpec(2))
     message = f"encoder {name} has no stages: mid-fusion (method greedy, method.mmtm_stages) needs encoders such as"
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_model(spec)
-    assert build_model(replace(spec, mmtm_stages=0)).mid_fusion is None  # late fusion alone is fine
+    assert build_model(replace(spec, mid_fusion=None)).mid_fusion is None  # late fusion alone is fine
 
 
 def test_encoder_options_parse_from_config() -> None:

@@ -20,6 +20,13 @@ class ConcatFusion(Fusion):
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return self.fc_out(torch.cat([features[m] for m in self.modalities], dim=1))
 
+    def modality_weights(self) -> tuple[dict[str, Tensor], Tensor]:
+        """The head's parameters by modality: ``{m: W_m}``, W_m ``[C, d_m]`` the column block of the weight
+        ``[C, Σ d_m]`` that reads h_m (views: gradients reach the weight), and the whole bias b ``[C]``;
+        :meth:`slice` is h_m W_mᵀ + b/M."""
+        blocks = self.fc_out.weight.split([self.dims[m] for m in self.modalities], dim=1)
+        return dict(zip(self.modalities, blocks, strict=True)), self.fc_out.bias
+
     def slice(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """z_m = W_m h_m + b/M (OGM-GE, BalanceMM), so that Σ_m z_m equals the fused logits."""
         out, start = {}, 0

@@ -2,7 +2,7 @@
 
 Joze, Shaban, Iuzzolino, Koishida. "MMTM: Multimodal Transfer Module for CNN Fusion." CVPR 2020, in
 the form Wu et al. (ICML 2022, nyukat/greedy_multimodal_learning ``src/balanced_mmtm.py``) use for
-balanced multimodal learning (specs/methods-optim-forward-data.md §8). Not a registered fusion: the
+balanced multimodal learning (docs/methods/greedy.md). Not a registered fusion: the
 late fusion head is still one of ``FUSIONS``; :class:`MidFusion` sits inside the encoders.
 
 One block, for feature maps F_m ``[B·T_m, d_m, *S_m]`` of M modalities:
@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +129,25 @@ class MMTM(nn.Module):
         ]
 
 
+@dataclass(frozen=True)
+class MidFusionSpec:
+    """MMTM mid-fusion as a model option (``ModelSpec.mid_fusion``; Greedy's model), built into a :class:`MidFusion`.
+
+    Attributes:
+        stages: k ≥ 1, an MMTM block after each of the last k encoder stages (aligned from the end).
+        ratio: the blocks' bottleneck ratio (> 0): joint layer Σd → ⌊2Σd/ratio⌋.
+    """
+
+    stages: int
+    ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"mid-fusion needs at least one stage, got {self.stages} (no mid-fusion: leave it None)")
+        if not self.ratio > 0:
+            raise ValueError(f"MMTM ratio must be positive, got {self.ratio}")
+
+
 class MidFusion(nn.Module):
     """Runs the encoders stage by stage in lockstep with an MMTM block after each of the last k stages.
 
@@ -161,6 +182,20 @@ class MidFusion(nn.Module):
             yield
         finally:
             self.caring = previous
+
+    def joint_parameters(self) -> Iterator[nn.Parameter]:
+        """The joint (squeeze) layer of every block, shallowest first, shared by all modalities: for block j
+        its weight W_sq ``[h_j, Σd_j]`` then its bias ``[h_j]`` (Σd_j the block's channels summed over the
+        modalities, h_j = ⌊2Σd_j/ratio⌋)."""
+        for block in self.blocks:
+            yield from cast(MMTM, block).squeeze.parameters()
+
+    def excitation_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """One modality's excitation layer of every block, shallowest first: for block j its weight W_m
+        ``[d_m,j, h_j]`` then its bias ``[d_m,j]`` (d_m,j the channels of ``modality``'s map there)."""
+        index = self.modalities.index(modality)
+        for block in self.blocks:
+            yield from cast(MMTM, block).excite[index].parameters()
 
     def forward(
         self, encoders: Mapping[str, Encoder], inputs: Mapping[str, Tensor], keep: Tensor | None = None

@@ -34,6 +34,12 @@ class SharedHeadFusion(Fusion):
             else nn.Linear(dim, num_classes)
         )
 
+    @property
+    def linear_head(self) -> nn.Linear | None:
+        """H when it is one linear layer (``hidden=0``), weight ``[C, d]`` and bias ``[C]``; None when H
+        has a hidden layer."""
+        return self.head if isinstance(self.head, nn.Linear) else None
+
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         parts = self.slice(features)
         return sum((parts[m] for m in self.modalities[1:]), parts[self.modalities[0]])

@@ -6,6 +6,8 @@ With ``average=True`` the fused logits are the mean of the per-modality logits i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -29,3 +31,8 @@ class SumFusion(Fusion):
 
     def slice(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         return {m: self.fc[m](features[m]) for m in self.modalities}
+
+    def modality_head_parameters(self, modality: str) -> Iterator[nn.Parameter]:
+        """The parameters of one modality's linear head, the only ones its slice z_m = W_m h_m + b_m reads:
+        W_m ``[C, d_m]`` then b_m ``[C]``."""
+        return self.fc[modality].parameters()

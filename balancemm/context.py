@@ -1,21 +1,27 @@
-"""RunContext: the only door from a method to the run (DESIGN.md §3.5).
+"""RunContext: the only door from a method to the run.
 
 The trainer builds one per run and hands it to the method. Methods never touch the trainer, the
 loaders, loggers or file paths; they ask the context. Two rules are enforced here:
 
 1. ``batches("test")`` raises: no method ever sees the test split.
 2. ``batches("val")`` raises unless the method declared ``needs.val``.
+
+The engine owns the run, so the context sits below both the methods and the engine: the methods and the
+engine import it, it imports neither. :class:`Batching` is the one way batches of a run are built, by
+the context for the method and by the trainer for evaluation, so the run's loader settings (batch sizes,
+device, workers) are never forgotten.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +72,45 @@ def eval_mode(module: nn.Module, grad: bool = False) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a run builds batches: its batch sizes, its device and its loader workers.
+
+    Calling it gives :class:`~balancemm.data.loader.Batches` of a split, shuffled with the training
+    batch size or in split order with the evaluation batch size (unless ``batch_size`` says otherwise),
+    always on the run's device (pinned memory on a GPU) and read by the run's persistent workers.
+    """
+
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_workers: int = 0
+
+    def __call__(
+        self,
+        split: Split,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        plan: SamplePlan | None = None,
+        subset: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Batches:
+        if batch_size is None:
+            batch_size = self.batch_size if shuffle else self.eval_batch_size
+        return Batches(
+            split,
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            plan=plan,
+            subset=subset,
+            device=self.device,
+            num_workers=self.num_workers,
+            persistent=True,  # the run's loader pool: no worker start-up per call (the trainer closes it)
+        )
 
 
 class DataAccessError(RuntimeError):
@@ -128,37 +173,25 @@ class RunContext:
         self._checked = False  # the current step's gradients were found finite (fp16)
         self._dataset = dataset
         self._needs = needs or Needs()
-        self._batch_size = batch_size
-        self._eval_batch_size = eval_batch_size
+        self.batching = Batching(batch_size, eval_batch_size, self.device, num_workers)
         self._optimizer_factory = optimizer_factory
         self._grad_clip = grad_clip
         self.meter = meter or FlopMeter("off")
-        self._num_workers = num_workers
         self._logs: defaultdict[str, _Mean] = defaultdict(_Mean)
         self._artifact_loader = artifact_loader
         self.used_val = False
 
     def spawn(self, optimizer: torch.optim.Optimizer) -> RunContext:
         """A context for a side model (G-Blending's per-head trainings): same data, generator, FLOP
-        meter and rules, its own optimiser and step counter, and logs that do not reach the run's."""
-        child = RunContext(
-            self.modalities,
-            seed=self.seed,
-            num_epochs=self.num_epochs,
-            device=self.device,
-            dataset=self._dataset,
-            needs=self._needs,
-            batch_size=self._batch_size,
-            eval_batch_size=self._eval_batch_size,
-            optimizer_factory=self._optimizer_factory,
-            grad_clip=self._grad_clip,
-            meter=self.meter,
-            num_workers=self._num_workers,
-            precision=self.precision,
-        )
-        child.generator = self.generator
-        child._device_generator = self._device_generator
-        child.epoch = self.epoch
+        meter, precision, artifacts and rules, its own optimiser and step counter, and logs that do not
+        reach the run's."""
+        child = copy.copy(self)  # everything of the run, shared: the same objects, not copies of them
+        # A method replaced on this instance only (a test's spy on the run's steps) is not the child's.
+        for name in [k for k in vars(child) if callable(getattr(type(child), k, None))]:
+            delattr(child, name)
+        child.step, child.optimizer, child._module, child._checked = 0, None, None, False
+        child._logs = defaultdict(_Mean)
+        child.used_val = False
         child.attach_optimizer(optimizer)
         return child
 
@@ -306,17 +339,7 @@ class RunContext:
         plan: SamplePlan | None = None,
     ) -> Batches:
         """Batches of the training split (or validation, if declared). The test split is refused."""
-        return Batches(
-            self._split(split),
-            self._batch_size if shuffle else self._eval_batch_size,
-            shuffle=shuffle,
-            generator=self.generator,
-            plan=plan,
-            subset=subset,
-            device=self.device,
-            num_workers=self._num_workers,
-            persistent=True,  # the run's loader pool: no worker start-up per call (the trainer closes it)
-        )
+        return self.batching(self._split(split), shuffle=shuffle, generator=self.generator, plan=plan, subset=subset)
 
     def split_size(self, split: SplitName) -> int:
         """Number of rows of a split the method may read (same access rules as :meth:`batches`)."""
@@ -324,15 +347,7 @@ class RunContext:
 
     def rows(self, split: SplitName, index: Tensor) -> Batch:
         """One batch holding exactly the rows ``index`` of a split (same access rules as :meth:`batches`)."""
-        batches = Batches(
-            self._split(split),
-            max(int(index.numel()), 1),
-            subset=index,
-            device=self.device,
-            num_workers=self._num_workers,
-            persistent=True,
-        )
-        return next(iter(batches))
+        return next(iter(self.batching(self._split(split), subset=index, batch_size=max(int(index.numel()), 1))))
 
     def eval_mode(self, module: nn.Module, grad: bool = False) -> AbstractContextManager[None]:
         """Eval mode and no gradients inside (``grad=True`` keeps them, e.g. for a Hessian-vector
