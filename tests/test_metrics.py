@@ -9,10 +9,15 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.flop_counter import FlopCounterMode
 
+from balancemm.data.batch import Batch
+from balancemm.engine.evaluate import evaluate
+from balancemm.methods import create_method
 from balancemm.metrics.classification import accuracy, confusion_matrix, macro_f1
 from balancemm.metrics.flops import FlopMeter
 from balancemm.metrics.imbalance import imbalance_degree
 from balancemm.metrics.shapley import coalitions, shapley_values, shapley_weight
+from balancemm.models.classifier import ModelOutput
+from tests.conftest import TinyDataset, tiny_model
 
 F = frozenset
 
@@ -61,7 +66,11 @@ def test_shapley_weights_sum_to_one_and_efficiency_holds_for_random_games() -> N
 
 def test_imbalance_properties() -> None:
     assert imbalance_degree({"a": 0.3, "v": 0.3}) == 0  # null contribution
-    assert imbalance_degree({"a": 0.7, "v": 0.1}) == imbalance_degree({"v": 0.1, "a": 0.7})  # order-free
+    # eq. 9: |φ_a − φ_v| = |0.1 − 0.7| = 0.6 whichever modality is ahead and whatever the order given
+    assert imbalance_degree({"a": 0.1, "v": 0.7}) == pytest.approx(0.6, abs=1e-12)
+    assert imbalance_degree({"v": 0.1, "a": 0.7}) == pytest.approx(0.6, abs=1e-12)
+    # eq. 10: (|0.1 − 0.5| + |0.1 − 0.2| + |0.5 − 0.2|) / 3 = (0.4 + 0.1 + 0.3) / 3 = 0.8 / 3
+    assert imbalance_degree({"v": 0.2, "a": 0.1, "t": 0.5}) == pytest.approx(0.8 / 3, abs=1e-12)
     assert imbalance_degree({"a": 0.5}) is None
 
 
@@ -86,6 +95,37 @@ def test_macro_f1_averages_over_every_class_of_the_dataset_by_hand() -> None:
     # A class predicted but absent from the labels has F1 = 0 too (precision 0). Labels 0 0, predictions 0 2:
     # F1_0 = 2·1/(2·1 + 0 + 1) = 2/3, F1_1 = 0 (absent), F1_2 = 0 (one false positive) → (2/3)/3 = 2/9.
     assert macro_f1(confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, 0]), 3)) == pytest.approx(2 / 9, abs=1e-15)
+
+
+def test_evaluation_averages_macro_f1_over_every_class_of_the_dataset() -> None:
+    # A 4-class dataset evaluated in two batches: labels 0 0 | 1 1, fused predictions 0 2 | 1 1. Class 2 is
+    # predicted but absent from the labels, class 3 neither occurs nor is predicted. Summed confusion matrix:
+    # F1_0 = 2·1/(2·1 + 0 + 1) = 2/3, F1_1 = 2·2/(2·2 + 0 + 0) = 1, F1_2 = 0 (one false positive), F1_3 = 0
+    # → (2/3 + 1 + 0 + 0)/4 = 5/12 (over the classes in the labels: 5/6; over those seen at all: 5/9).
+    # The visual logits predict 1 everywhere: F1_1 = 2·2/(2·2 + 2 + 0) = 2/3, the rest 0 → (2/3)/4 = 1/6.
+    data = TinyDataset(num_classes=4)
+    method = create_method("baseline", tiny_model(data))
+    fused = {0: [0, 2], 1: [1, 1]}
+
+    def predict_coalitions(batch: Batch, coals: list[frozenset[str]]) -> tuple[ModelOutput, torch.Tensor]:
+        logits = 5.0 * torch.nn.functional.one_hot(torch.tensor(fused[int(batch.label[0])]), 4).float()
+        visual = 5.0 * torch.nn.functional.one_hot(torch.ones(len(batch), dtype=torch.long), 4).float()
+        out = ModelOutput(logits, {}, {"audio": logits, "visual": visual})
+        return out, logits.expand(len(coals), -1, -1)
+
+    method.predict_coalitions = predict_coalitions  # type: ignore[method-assign]
+    split = data.split("train")
+    batches = []
+    for label in (0, 1):
+        rows = torch.tensor([label, label + 4])  # TinyDataset's labels are arange(n) % 4
+        assert split.labels[rows].tolist() == [label, label]
+        present = torch.ones(2, 2, dtype=torch.bool)
+        batches.append(Batch(split.get_batch(rows), split.labels[rows], rows, present, data.modalities))  # type: ignore[arg-type]
+    result = evaluate(method, batches, data.num_classes)
+    assert result["num_samples"] == 4 and result["accuracy"] == 0.75
+    assert result["macro_f1"] == pytest.approx(5 / 12, abs=1e-15)
+    assert result["per_modality"]["audio"]["macro_f1"] == pytest.approx(5 / 12, abs=1e-15)
+    assert result["per_modality"]["visual"] == {"accuracy": 0.5, "macro_f1": pytest.approx(1 / 6, abs=1e-15)}
 
 
 def test_flops_of_a_linear_layer_forward_and_backward() -> None:

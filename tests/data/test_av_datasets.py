@@ -4,6 +4,7 @@ datasets, plus the OGM-GE / BalanceMM layouts, the splits, restarts and corrupt 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -314,13 +315,42 @@ def test_reads_the_real_ogmge_split_files() -> None:
     assert len(ks) == 14799 and max(c.label for c in ks) == 30
 
 
-@pytest.mark.parametrize("method", sorted(METHODS.names()))
-def test_every_method_trains_on_prepared_cremad(cremad: tuple[Path, Path], tmp_path: Path, method: str) -> None:
-    """The real-data path (collated batches, augmentation seeds, ResNet-18 on frames) under every method."""
+@pytest.fixture(scope="module")
+def cremad_alike(cremad: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prepared CREMA-D fixture, on disk as prepared, with every clip's arrays replaced by those of one
+    clip: labels, CSVs and layout are the fixture's, but no input tells one clip from another."""
     raw, out = cremad
+    alike = tmp_path_factory.mktemp("cremad-alike") / "prepared"
+    shutil.copytree(out, alike)
     for name in ("train.csv", "test.csv"):
-        (out / name).write_bytes((raw / name).read_bytes())
+        (alike / name).write_bytes((raw / name).read_bytes())
+    clips = sorted((alike / "clips").glob("*.npz"))
+    assert len(clips) == 36
+    for clip in clips[1:]:
+        shutil.copyfile(clips[0], clip)
+    return alike
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_every_method_trains_on_prepared_cremad(cremad_alike: Path, tmp_path: Path, method: str) -> None:
+    """The real-data path (collated batches, augmentation seeds, ResNet-18 on frames) under every method."""
     hp = {"modality": "audio"} if method == "unimodal" else {}
-    sets = [*SMALL, f"data.root={out}", "data.profile=ogmge_stft"]
+    sets = [*SMALL, f"data.root={cremad_alike}", "data.profile=ogmge_stft"]
     summary = balancemm.train(method, "cremad", sets=sets, out=tmp_path / "run", progress=False, **hp)
-    assert summary["dataset"] == "cremad" and 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert summary["dataset"] == "cremad"
+    # The fixture has 3 actors × 2 sentences × 6 emotions = 36 clips; the CSVs put the last actor's 12 in test
+    # and val_fraction 0.25 takes 6 of the other 24 (one per emotion) for validation.
+    assert summary["dataset_info"]["sizes"] == {"train": 18, "val": 6, "test": 12}
+    test = summary["test"]
+    assert test["num_samples"] == 12
+    # Every clip has the same inputs, so the model, whatever it learnt, gives every test clip the same logits
+    # and predicts one class c for all 12. The test actor has 2 clips of each emotion, so exactly 2 are right
+    # whichever c it is: accuracy 2/12 = 1/6; F1_c = 2·2/(2·2 + 10 + 0) = 2/7 and F1 = 0 for the other five
+    # classes, macro-F1 = (2/7)/6 = 1/21. The same holds for each modality's own logits and for every
+    # coalition of the Shapley evaluation, so every v(S) is 1/6 and every Shapley value 0.
+    assert test["accuracy"] == pytest.approx(1 / 6, abs=1e-12)
+    assert test["macro_f1"] == pytest.approx(1 / 21, abs=1e-12)
+    for m, scores in test["per_modality"].items():
+        assert scores == {"accuracy": pytest.approx(1 / 6, abs=1e-12), "macro_f1": pytest.approx(1 / 21, abs=1e-12)}, m
+    assert all(v == pytest.approx(1 / 6, abs=1e-12) for v in summary["coalition_values"].values())
+    assert all(phi == pytest.approx(0.0, abs=1e-12) for phi in summary["shapley"].values())

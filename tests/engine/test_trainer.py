@@ -123,3 +123,49 @@ def test_the_test_evaluation_scores_shapley_values_under_both_masking_rules(tmp_
 def test_a_single_modality_run_has_only_its_own_rule(tmp_path: Path) -> None:
     s = balancemm.train("unimodal", out=tmp_path / "u", sets=["train.epochs=1", "method.modality=audio"])
     assert list(s["shapley_by_mask"]) == ["feature"] and s["shapley_by_mask"]["feature"]["imbalance"] is None
+
+
+def test_a_tie_on_the_validation_metric_keeps_the_earlier_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Validation accuracies 0.25, 0.5, 0.5 (the real evaluation, its accuracy overwritten): epoch 1 improves
+    # on epoch 0, epoch 2 only ties it, so epoch 1 is selected and tested; ">=" would move to epoch 2.
+    from balancemm.engine import trainer
+
+    real, scripted = trainer.evaluate, iter([0.25, 0.5, 0.5])
+
+    def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = real(*args, **kwargs)
+        return {**out, "accuracy": next(scripted, out["accuracy"])}  # the test evaluation keeps its own
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    run = tmp_path / "r"
+    s = balancemm.train("baseline", out=run, sets=["train.epochs=3"])
+    assert [r["accuracy"] for r in _records(run) if r["split"] == "val"] == [0.25, 0.5, 0.5]
+    assert s["selected_epoch"] == 1 and s["selection"]["value"] == 0.5
+    assert torch.load(run / "checkpoints/best.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in _records(run) if r["split"] == "test"] == [1]
+
+
+def test_every_epoch_shuffles_the_training_rows_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The order of epoch e comes from (seed, "order", e): each epoch is a permutation of all training rows,
+    # a different one every epoch (a resumed epoch sees its own again: tests/engine/test_resume.py).
+    orders: list[list[int]] = []
+    real = Baseline.train_epoch
+
+    def spy(self: Baseline, epoch: int, batches: Any) -> None:
+        seen: list[int] = []
+
+        def recorded() -> Any:
+            for batch in batches:
+                seen.extend(batch.index.tolist())
+                yield batch
+
+        real(self, epoch, recorded())
+        orders.append(seen)
+
+    monkeypatch.setattr(Baseline, "train_epoch", spy)
+    s = balancemm.train("baseline", out=tmp_path / "a", sets=["train.epochs=2"])
+    rows = s["dataset_info"]["sizes"]["train"]
+    assert len(orders) == 2 and all(sorted(o) == list(range(rows)) for o in orders)
+    assert orders[0] != orders[1]

@@ -1,7 +1,8 @@
-"""PMR against the spec's hand-computed numbers (specs/methods-optim-forward-data.md §3.7) and its behaviour."""
+"""PMR against numbers computed by hand from its equations (docs/methods/pmr.md), and its behaviour."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from balancemm.errors import ConfigError
 from balancemm.methods import RunContext, create_method
 from balancemm.methods.pmr import PMR, pmr_coefficients, proto_logits, update_prototypes
 from balancemm.metrics.flops import FlopMeter
+from balancemm.models.classifier import ModelOutput
 from tests.conftest import TinyDataset, first_batch, tiny_model
 
 
@@ -37,7 +39,7 @@ def _class_means(method: PMR, data: TinyDataset) -> dict[str, torch.Tensor]:
     }
 
 
-# -- the spec's numbers -------------------------------------------------------------------------
+# -- numbers computed by hand -------------------------------------------------------------------------
 
 
 def test_spec_distances_and_proto_probabilities() -> None:
@@ -49,7 +51,7 @@ def test_spec_distances_and_proto_probabilities() -> None:
     assert F.cross_entropy(logits, torch.tensor([0])).item() == pytest.approx(0.006715348, abs=1e-6)
 
 
-def test_momentum_update_of_the_spec() -> None:
+def test_momentum_update_by_hand() -> None:
     # μ = 0.5, old [0, 0], new mean [2, 2] → [1, 1]; the mean here comes from two rows summing to [4, 4]
     old = torch.tensor([[0.0, 0.0]])
     new = update_prototypes(old, torch.tensor([[4.0, 4.0]]), torch.tensor([2]), torch.tensor([True]), 0.5)
@@ -271,6 +273,50 @@ def test_pce_reaches_only_the_weaker_encoder_and_never_the_prototypes(tiny: Tiny
         torch.testing.assert_close(losses[f"pce_{m}"], beta[m] * expected)
     # PCE depends on the features only: the fusion head gets nothing from it
     assert all(p.grad is None or not p.grad.any() for p in method.model.head_parameters())
+
+
+@pytest.mark.parametrize(
+    ("modalities", "weak"), [(2, "audio"), (2, "visual"), (3, "text")], ids=["a-weak", "v-weak", "t-weak-M3"]
+)
+def test_the_weaker_modality_by_hand_gets_beta_and_only_it_is_pulled_to_its_prototype(
+    modalities: int, weak: str
+) -> None:
+    # Two classes, prototypes c_0 = 0 and c_1 = (3, 4, 0, …) in every modality; four rows, labels 0 1 0 1.
+    # A strong modality's features sit on their own class's prototype: d = (0, 5) → q(y) = 1/(1 + e⁻⁵)
+    # = 0.993307 per row, s^p = 4·0.993307 = 3.973229. The weak one's sit half-way, (1.5, 2, 0, …):
+    # d = (2.5, 2.5) → q(y) = ½, s^p = 2. Two modalities: ρ_weak = 2/3.973229 = 0.503369 < 1 → β = α.
+    # Three (weak text): ρ_text = 2/3.973229 < 1, ρ_strong = 3.973229/((3.973229 + 2)/2) = 1.330346 > 1.
+    data = TinyDataset(modalities, num_classes=2)
+    alpha = 0.7
+    method = _method(data, alpha=alpha)
+    batch = first_batch(data, n=4)
+    assert batch.label.tolist() == [0, 1, 0, 1]
+    features = {}
+    for m, d in method.model.fusion.dims.items():
+        c = torch.zeros(2, d)
+        c[1, :2] = torch.tensor([3.0, 4.0])
+        method.prototypes(m).copy_(c)
+        h = c[batch.label, :2] if m != weak else torch.tensor([1.5, 2.0]).expand(4, 2)
+        features[m] = torch.cat([h, torch.zeros(4, d - 2)], 1).requires_grad_()
+    out = ModelOutput(torch.zeros(4, 2, requires_grad=True), features, {})
+    losses = method.losses(out, batch)
+    logs = method.ctx.pop_logs()
+    strong = [m for m in data.modalities if m != weak]
+    s_strong, s_weak = 4 / (1 + math.exp(-5)), 2.0
+    assert logs[f"pmr/beta_{weak}"] == alpha and all(logs[f"pmr/beta_{m}"] == 0.0 for m in strong)
+    rho_strong = s_strong / s_weak if modalities == 2 else s_strong / ((s_strong + s_weak) / 2)
+    assert logs[f"pmr/rho_{weak}"] == pytest.approx(s_weak / s_strong, abs=1e-6)  # 0.503369
+    assert all(logs[f"pmr/rho_{m}"] == pytest.approx(rho_strong, abs=1e-6) for m in strong)
+    # PCE of the weak modality: α·CE(uniform over 2) = 0.7·ln 2; the strong ones' are weighted by 0.
+    assert losses[f"pce_{weak}"].item() == pytest.approx(alpha * math.log(2), abs=1e-6)
+    assert all(losses[f"pce_{m}"].item() == 0.0 for m in strong)
+    torch.stack([v for k, v in losses.items() if k != "ce"]).sum().backward()
+    # ∂(α·CE)/∂h_i = (α/B)·Σ_k (q_k − 1[k = y_i])·(−(h_i − c_k)/d_k) = (α/B)·(0.5/2.5)·(c_1 − c_0)·(+1 if y_i = 0
+    # else −1) = 0.7/4·0.2·(3, 4) = ±(0.105, 0.14): a descent step moves each weak row to its own prototype.
+    sign = 1 - 2 * batch.label[:, None].float()
+    expected = torch.cat([sign * torch.tensor([0.105, 0.14]), torch.zeros(4, features[weak].shape[1] - 2)], 1)
+    torch.testing.assert_close(features[weak].grad, expected)
+    assert all(not features[m].grad.any() for m in strong)  # type: ignore[union-attr]
 
 
 def test_hyper_parameters_are_validated() -> None:
