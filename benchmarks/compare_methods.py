@@ -17,6 +17,11 @@ import balancemm
 from balancemm.report.tables import eng
 
 
+def _std(values: list[float]) -> float:
+    """The sample standard deviation; 0 for one seed (``--seeds 1``), which has no spread to show."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="embedded")
@@ -44,9 +49,9 @@ def main() -> None:
             with_artifacts = statistics.mean(r["flops"]["total_with_artifacts"] for r in runs)
             base_flops = base_flops or flops  # the first row is the baseline
             label = f"{name}({hp['modality']})" if hp else name
-            imb_text = f"{statistics.mean(imb):5.1f} ± {statistics.stdev(imb):4.1f}" if imb else "  n/a      "
+            imb_text = f"{statistics.mean(imb):5.1f} ± {_std(imb):4.1f}" if imb else "  n/a      "
             print(
-                f"{label:18s} acc {statistics.mean(acc):6.2f} ± {statistics.stdev(acc):4.2f}  "
+                f"{label:18s} acc {statistics.mean(acc):6.2f} ± {_std(acc):4.2f}  "
                 f"F1 {statistics.mean(f1):6.2f}  imbalance {imb_text}  FLOPs {eng(flops)} "
                 f"({flops / base_flops:.2f}x baseline"
                 + (f", {with_artifacts / base_flops:.2f}x +artifacts)" if with_artifacts != flops else ")")

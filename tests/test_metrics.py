@@ -225,3 +225,75 @@ def test_sticky_phases_keep_inner_hook_phases() -> None:
     with meter.counting(), meter.phase("losses"), meter.phase("teachers", sticky=True):
         layer(torch.randn(2, 4))
     assert dict(meter.by_phase) == {"estimate": 64, "teachers": 64}
+
+
+# -- edges the mutation run found untested (docs/testing.md) ----------------------------------------
+
+
+def test_accuracy_of_no_samples_is_zero_not_an_error() -> None:
+    assert accuracy(torch.zeros(3, 3, dtype=torch.long)) == 0.0
+
+
+def test_coalitions_without_the_empty_one_keep_every_singleton() -> None:
+    a, t, v = frozenset("a"), frozenset("t"), frozenset("v")
+    assert coalitions(["a", "t", "v"], include_empty=False) == [a, t, v, a | t, a | v, t | v, a | t | v]
+    assert coalitions(["a", "v"]) == [frozenset(), a, v, a | v]
+
+
+def test_batched_pairwise_distances_count_every_batch() -> None:
+    meter = FlopMeter()
+    with meter.counting():
+        torch.cdist(torch.randn(2, 8, 5), torch.randn(2, 3, 5))
+    assert meter.total == 2 * 2 * 8 * 3 * 5
+
+
+def test_counting_keeps_every_keyword_argument_of_an_operator() -> None:
+    # The meter sits between every operator and its implementation: dropping keywords would silently
+    # change what a counted step computes (here the dtype and the reduction dimension).
+    meter = FlopMeter()
+    x = torch.arange(6.0).view(2, 3)
+    with meter.counting():
+        ramp = torch.arange(3, dtype=torch.float64)
+        sums = torch.sum(x, dim=1, keepdim=True)
+    assert ramp.dtype == torch.float64 and sums.tolist() == [[3.0], [12.0]]
+
+
+def test_meter_defaults_and_errors() -> None:
+    from balancemm.config import TrainConfig
+
+    assert FlopMeter("sampled").sample_steps == TrainConfig().flops_sample_steps == 3
+    with pytest.raises(ValueError, match="unknown FLOP counting mode 'fast'"):
+        FlopMeter("fast")
+    meter = FlopMeter()
+    with meter.counting():  # outside any phase: booked as "other"
+        torch.nn.Linear(4, 2)(torch.randn(3, 4))
+    assert dict(meter.by_phase) == {"other": 2 * 3 * 4 * 2}
+
+
+def test_a_fully_counted_kind_does_not_stop_the_extrapolation_of_the_next() -> None:
+    small, large = torch.nn.Linear(16, 4), torch.nn.Linear(16, 40)
+    meter = FlopMeter("sampled", sample_steps=1)
+    with meter.phase("boost", sticky=True), meter.step(8):  # one step: nothing left to extrapolate
+        small(torch.randn(8, 16))
+    with meter.phase("rectify", sticky=True):
+        for _ in range(3):
+            with meter.step(8):
+                large(torch.randn(8, 16))
+    meter.end_epoch()
+    assert meter.by_phase["rectify"] == 24 * 2 * 16 * 40 and meter.extrapolated == 16 * 2 * 16 * 40
+
+
+def test_meter_state_round_trips_and_keeps_counting() -> None:
+    meter = FlopMeter("sampled", sample_steps=1)
+    for _ in range(2):
+        with meter.step(4), meter.phase("forward"):
+            torch.nn.Linear(8, 2)(torch.randn(4, 8))
+    meter.end_epoch()
+    state = meter.state_dict()
+    assert state == {"by_phase": {"forward": 2 * 8 * 8 * 2}, "extrapolated": 4 * 2 * 8 * 2}
+    resumed = FlopMeter("sampled", sample_steps=1)
+    resumed.load_state_dict(state)
+    with resumed.counting(), resumed.phase("forward"):
+        torch.nn.Linear(8, 2)(torch.randn(1, 8))
+    assert resumed.by_phase["forward"] == 9 * 2 * 8 * 2 and resumed.extrapolated == 4 * 2 * 8 * 2
+    assert resumed.total == meter.total + 2 * 8 * 2

@@ -122,3 +122,71 @@ def test_weights_filter_picks_every_multi_dimensional_encoder_weight() -> None:
     names = {id(p) for ps in method.modulated.values() for p in ps}
     dims = [p.dim() for p in method.model.encoders.parameters() if id(p) in names]
     assert dims and all(d > 1 for d in dims)
+
+
+# -- what the mutation run found untested (docs/testing.md) -----------------------------------------
+# tanh(0.3) = 0.2913126, tanh(0.6) = 0.5370496.
+
+
+def test_scores_below_one_keep_their_ratio() -> None:
+    # A score is a sum of probabilities over the batch and may be below 1: only exact zeros are guarded.
+    assert ogm_coefficients(torch.tensor([0.2, 0.4]), 0.3).tolist() == pytest.approx([1.0, 0.462950], abs=1e-6)
+
+
+def test_continuous_form_on_the_first_modality_and_with_three_modalities() -> None:
+    # ρ_a = 6/3 = 2 > 1 → k_a = 1 − tanh(0.3·(2 − 1)); with three, ρ = s_m / mean of the others = (2, 0.4, 1).
+    assert ogm_coefficients(torch.tensor([6.0, 3.0]), 0.3, continuous=True).tolist() == pytest.approx(
+        [0.708687, 1.0], abs=1e-6
+    )
+    assert ogm_coefficients(torch.tensor([6.0, 2.0, 4.0]), 0.3, continuous=True).tolist() == pytest.approx(
+        [0.708687, 1.0, 1.0], abs=1e-6
+    )
+
+
+def test_the_step_uses_the_continuous_setting() -> None:
+    _, plain_rule = _step_grads({"ge": False, "alpha": 0.5})
+    _, continuous = _step_grads({"ge": False, "alpha": 0.5, "continuous": True})
+    k_code = min(plain_rule.ctx.pop_logs().values())  # type: ignore[attr-defined]
+    k_cont = min(continuous.ctx.pop_logs().values())  # type: ignore[attr-defined]
+    rho = math.atanh(1 - k_code) / 0.5  # back from k = 1 − tanh(α·ρ)
+    assert k_cont == pytest.approx(1 - math.tanh(0.5 * (rho - 1)), abs=1e-9)
+
+
+def test_a_zero_gradient_gets_noise_of_std_1e_8() -> None:
+    data = TinyDataset()
+    model = tiny_model(data)
+    ctx = RunContext(data.modalities, seed=4)
+    method = create_method("ogm_ge", model, ctx, ge=True)
+    batch = first_batch(data)
+    out = method.forward(batch)
+    method.backward(method.losses(out, batch))
+    for ps in method.modulated.values():
+        for p in ps:
+            p.grad.zero_()
+    gen = torch.Generator().manual_seed(derive_seed(4, "method"))
+    method.after_backward(out, batch)
+    for m in data.modalities:
+        for p in method.modulated[m]:
+            assert torch.equal(p.grad, torch.randn(p.grad.shape, generator=gen) * torch.tensor(1e-8))
+
+
+def test_conv_filter_leaves_other_encoder_weights_alone() -> None:
+    data = TinyDataset()
+    model = tiny_model(data)
+    model.encoders["audio"].extra = torch.nn.Linear(2, 2)  # a matrix weight that is not a conv kernel
+    extra = model.encoders["audio"].extra.weight
+    conv = create_method("ogm_ge", model, params="conv")
+    weights = create_method("ogm_ge", model, params="weights")
+    assert all(p is not extra for p in conv.modulated["audio"])
+    assert any(p is extra for p in weights.modulated["audio"])
+
+
+def test_the_slice_guard_names_the_method_and_why() -> None:
+    from balancemm.catalog.methods import OGMGEHParams
+    from balancemm.errors import ConfigError
+    from balancemm.methods import METHODS
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(TinyDataset(), unimodal_heads="linear")
+    with pytest.raises(ConfigError, match=r"^ogm_ge scores each modality by its slice of the fusion head"):
+        METHODS.get("ogm_ge").model_spec(spec, OGMGEHParams())
