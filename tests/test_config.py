@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,67 @@ def test_a_damaged_saved_config_is_a_config_error() -> None:
         RunConfig.from_dict(saved)
     with pytest.raises(ConfigError, match="run: expected a mapping of RunSection fields, got 5"):
         RunConfig.from_dict({**resolve_config("baseline").to_dict(), "run": 5})
+
+
+# -- what the mutation run found unchecked (docs/testing.md) ------------------------------------------
+
+
+def test_the_run_id_hashes_the_canonical_json() -> None:
+    # Run ids must not depend on key order or whitespace: the digest is SHA-256 over sorted, compact JSON.
+    import hashlib
+    import json
+
+    cfg = resolve_config("ogm_ge", sets=["method.alpha=0.2"])
+    canonical = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    assert cfg.digest() == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("method", {"alpha": -1}, "method.alpha: -1.0 is out of range; allowed: >= 0"),
+        ("data", {"seed": "x"}, "data.seed: expected an integer, got 'x'"),
+        ("model", {"fusion": "late"}, "model.fusion: unknown fusion 'late'"),
+        ("train", {"epochs": 0}, "train.epochs: 0 is out of range"),
+    ],
+)
+def test_a_saved_config_names_the_bad_key(section: str, value: dict, message: str) -> None:
+    saved = resolve_config("ogm_ge").to_dict()
+    saved[section] = {**saved[section], **value}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig.from_dict(saved)
+
+
+@pytest.mark.parametrize(
+    ("method", "item", "message"),
+    [
+        ("agm", "method.kappa=abc", "method.kappa: 'abc' is not float or null"),
+        ("baseline", "model.encoders.audio.channels=abc", "model.encoders.audio.channels: expected a list of int"),
+        ("baseline", "model.encoders.audio.channels=[1, x]", "model.encoders.audio.channels[1]: expected an integer"),
+        ("baseline", "train.grad_clip=abc", "train.grad_clip: expected a number, got 'abc'"),
+    ],
+)
+def test_type_errors_describe_the_expected_type(method: str, item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(method, sets=[item])
+
+
+def test_a_dataset_registered_with_its_protocol_uses_it() -> None:
+    from balancemm.data import DATASETS
+    from balancemm.data.embedded import Embedded
+
+    class Toy(Embedded):
+        pass
+
+    encoders = {"audio": {"name": "cnn"}, "visual": {"name": "cnn"}}
+    with DATASETS.temporary():
+        DATASETS.register(
+            "toy_protocol",
+            modalities=("audio", "visual"),
+            protocol={"model": {"encoders": encoders}, "train": {"epochs": 7}},
+        )(Toy)
+        assert resolve_config("baseline", "toy_protocol").train.epochs == 7
+    with DATASETS.temporary():
+        DATASETS.register("toy_bad", modalities=("audio", "visual"), protocol={"train": 5})(Toy)
+        with pytest.raises(ConfigError, match="the protocol registered with dataset toy_bad: section train must"):
+            resolve_config("baseline", "toy_bad")

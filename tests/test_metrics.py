@@ -297,3 +297,6 @@ def test_meter_state_round_trips_and_keeps_counting() -> None:
         torch.nn.Linear(8, 2)(torch.randn(1, 8))
     assert resumed.by_phase["forward"] == 9 * 2 * 8 * 2 and resumed.extrapolated == 4 * 2 * 8 * 2
     assert resumed.total == meter.total + 2 * 8 * 2
+    with resumed.counting(), resumed.phase("backward"):  # a phase the checkpoint did not have
+        torch.nn.Linear(8, 2)(torch.randn(1, 8))
+    assert resumed.by_phase["backward"] == 2 * 8 * 2
