@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,104 @@ def test_a_dataset_registered_with_its_protocol_uses_it() -> None:
         DATASETS.register("toy_bad", modalities=("audio", "visual"), protocol={"train": 5})(Toy)
         with pytest.raises(ConfigError, match="the protocol registered with dataset toy_bad: section train must"):
             resolve_config("baseline", "toy_bad")
+
+
+def test_set_splits_at_the_first_equals_sign() -> None:
+    assert parse_sets(["method.name=a=b"]) == {"method": {"name": "a=b"}}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: parse_sets(["epochs=3"]),
+            "--set 'epochs=3': the key must start with a section (run, method, data, model, train), e.g. train.epochs",
+        ),
+        (
+            lambda: parse_sets(["train.optimizer=1", "train.optimizer.lr=2"]),
+            "--set 'train.optimizer.lr=2': optimizer is set twice with different shapes",
+        ),
+        (lambda: resolve_config(None), "no method given; use --method NAME, one of agm, amco, baseline, cml,"),
+        (
+            lambda: resolve_config("baseline", sets=["model.encoders.text.name=cnn"]),
+            "model.encoders must name exactly the dataset's modalities (audio, visual); unknown text",
+        ),
+    ],
+)
+def test_config_errors_read_in_full(call: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        call()
+    assert str(err.value).startswith(message)
+
+
+def test_yaml_errors_without_a_position_still_say_what_is_wrong(tmp_path: Path) -> None:
+    bad = tmp_path / "control.yaml"
+    bad.write_bytes(b"train:\n  epochs: \x07\n")  # a control character: PyYAML's reader gives no mark
+    with pytest.raises(ConfigError) as err:
+        resolve_config("baseline", config_file=bad)
+    assert str(err.value) == f"config file {bad} is not valid YAML: invalid YAML"
+
+
+def test_a_dataset_registered_without_its_modalities_is_named() -> None:
+    from balancemm.data import DATASETS
+    from balancemm.data.embedded import Embedded
+
+    class Toy(Embedded):
+        pass
+
+    with DATASETS.temporary():
+        DATASETS.register("toy_no_modalities", protocol={"model": {}})(Toy)
+        with pytest.raises(ConfigError) as err:
+            resolve_config("baseline", "toy_no_modalities")
+    assert str(err.value) == (
+        "dataset toy_no_modalities was registered without modalities=(...) (its sorted modality names)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.optimizer.lr=0", "train.optimizer.lr: 0.0 is out of range; allowed: > 0"),
+        ("data.val_fraction=0.5", "data.val_fraction: 0.5 is out of range; allowed: > 0, < 0.5"),
+        ("train.optimizer.momentum=1", "train.optimizer.momentum: 1.0 is out of range; allowed: >= 0, < 1"),
+        ("data.audio_informativeness=2", "data.audio_informativeness: 2.0 is out of range; allowed: >= 0, <= 1"),
+    ],
+)
+def test_range_errors_state_every_bound(item: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config("baseline", sets=[item])
+    assert str(err.value) == message
+
+
+def test_null_is_a_value_where_the_type_allows_it() -> None:
+    assert resolve_config("agm", sets=["method.kappa=null"]).method.kappa is None  # ranged, but None skips it
+
+
+def test_values_are_shown_cut_short_in_messages() -> None:
+    from balancemm.config import OptimizerConfig
+    from balancemm.schema import parse, show
+
+    assert show("x" * 50) == repr("x" * 50)
+    assert "..." in show("y" * 400) and len(show("y" * 400)) < 130  # reprlib shortens one long string
+    wide = show({f"k{i}": "z" * 120 for i in range(8)})  # eight shortened strings: still past 300
+    assert len(wide) == 300 and wide.endswith("...")
+    assert show(10**5000) == "<a int too long to print>"
+    with pytest.raises(ConfigError) as err:
+        parse(OptimizerConfig, 5)  # type: ignore[arg-type]
+    assert str(err.value) == "config: expected a mapping of OptimizerConfig fields, got 5"
+
+
+def test_registered_names_are_resolved_with_and_without_a_path() -> None:
+    from balancemm.registry import FUSION_NAMES
+    from balancemm.schema import resolve_name
+
+    assert resolve_name(FUSION_NAMES, "ConcatFusion") == "concat"
+    with pytest.raises(ConfigError) as err:
+        resolve_name(FUSION_NAMES, "late")
+    assert str(err.value).startswith("unknown fusion 'late'")
+    with pytest.raises(ConfigError) as err:
+        resolve_name(FUSION_NAMES, "x" * 100, "model.fusion")
+    assert str(err.value).startswith("model.fusion: unknown fusion 'xxxx")  # 100 characters: still echoed
+    with pytest.raises(ConfigError) as err:
+        resolve_name(FUSION_NAMES, "x" * 101, "model.fusion")
+    assert str(err.value).startswith("model.fusion: 'xxxx") and "is not a registered name" in str(err.value)
