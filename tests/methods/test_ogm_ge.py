@@ -190,3 +190,44 @@ def test_the_slice_guard_names_the_method_and_why() -> None:
     spec = tiny_spec(TinyDataset(), unimodal_heads="linear")
     with pytest.raises(ConfigError, match=r"^ogm_ge scores each modality by its slice of the fusion head"):
         METHODS.get("ogm_ge").model_spec(spec, OGMGEHParams())
+
+
+def test_model_spec_asks_for_head_slices() -> None:
+    from balancemm.catalog.methods import OGMGEHParams
+    from balancemm.methods import METHODS
+    from tests.conftest import tiny_spec
+
+    assert tiny_spec(TinyDataset()).unimodal_heads == "auto"
+    assert METHODS.get("ogm_ge").model_spec(tiny_spec(TinyDataset()), OGMGEHParams()).unimodal_heads == "slice"
+
+
+def test_the_method_takes_its_arguments_by_keyword_too() -> None:
+    from balancemm.catalog.methods import OGMGEHParams
+    from balancemm.methods import METHODS
+
+    data = TinyDataset()
+    hp = OGMGEHParams(alpha=0.7)
+    method = METHODS.get("ogm_ge")(model=tiny_model(data), ctx=RunContext(data.modalities), hp=hp)
+    assert method.hp is hp and set(method.modulated) == set(data.modalities)
+
+
+def test_a_kernel_without_gradient_does_not_stop_the_others() -> None:
+    data = TinyDataset()
+    model = tiny_model(data)
+    method = create_method("ogm_ge", model, RunContext(data.modalities), ge=False, alpha=0.5)
+    batch = first_batch(data)
+    out = method.forward(batch)
+    method.backward(method.losses(out, batch))
+    kept = {}
+    for m in data.modalities:  # in both modalities: one of them is shrunk (k < 1)
+        first, *rest = method.modulated[m]
+        assert rest, "the tiny encoder needs two conv kernels"
+        first.grad = None  # e.g. a frozen stage
+        kept[m] = (first, rest, [p.grad.clone() for p in rest])
+    method.after_backward(out, batch)
+    logs = method.ctx.pop_logs()
+    assert min(logs.values()) < 1.0
+    for m, (first, rest, before) in kept.items():
+        for p, g in zip(rest, before, strict=True):
+            torch.testing.assert_close(p.grad, g * logs[f"ogm/k_{m}"])
+        assert first.grad is None
