@@ -16,6 +16,17 @@ from balancemm.registry import METHOD_HPARAMS
 from balancemm.schema import EpochValue, epoch_meta, rng, window_order
 
 
+class ModulationWindow:
+    """Hyper-parameters that act from ``modulation_starts`` to ``modulation_ends`` (AGM, AMCo, OGM-GE,
+    PMR): a window that ends before it starts is refused when the config is parsed."""
+
+    modulation_starts: EpochValue
+    modulation_ends: EpochValue
+
+    def _validate(self, path: str) -> None:
+        window_order(self.modulation_starts, self.modulation_ends, path)
+
+
 @dataclass(frozen=True)
 class NoHParams:
     """For methods without hyper-parameters."""
@@ -23,7 +34,7 @@ class NoHParams:
 
 @METHOD_HPARAMS.register("agm", group="optimization", paper="Li et al., ICCV 2023", aliases=("AGM", "AGMTrainer"))
 @dataclass(frozen=True)
-class AGMHParams:
+class AGMHParams(ModulationWindow):
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # α; official --alpha 1.0 (README AV-MNIST 2.5); BMM 0.1
     kappa: float | None = field(default=10.0, metadata=rng(gt=0))  # κ: 10 CREMA-D, 7 URFunny, null MOSEI; BMM 7
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 0)
@@ -38,9 +49,6 @@ class AGMHParams:
     # last in-window c_m keep scaling ∂L/∂o_m (official: its gradient hooks stay registered)
     after_window: Literal["plain", "frozen"] = "plain"
 
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
-
 
 @METHOD_HPARAMS.register(
     "amco",
@@ -49,7 +57,7 @@ class AGMHParams:
     aliases=("AMCo", "AMCoTrainer"),
 )
 @dataclass(frozen=True)
-class AMCoHParams:
+class AMCoHParams(ModulationWindow):
     sigma: float = field(default=0.5, metadata=rng(gt=0, lt=1))  # σ, dependence threshold; BMM 0.5 (paper unknown)
     eps: float = field(default=0.3, metadata=rng(gt=0))  # ε, level at which p_t reaches 1; BMM 0.3 (paper unknown)
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with mask + co-loss (BMM 0)
@@ -57,9 +65,6 @@ class AMCoHParams:
     # what a flagged modality loses: feature units of h_m (BMM 596b434, U = 512) | class logits of u_m (BMM HEAD)
     mask_unit: Literal["feature", "class"] = "feature"
     rescale: bool = True  # feature mode: × 1/max(1 − p_t, 0.1) (BMM 596b434); false: plain zeroing (BMM HEAD: none)
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 METHOD_HPARAMS.register(
@@ -178,16 +183,13 @@ class ValuationHParams:
     "ogm_ge", group="optimization", paper="Peng et al., CVPR 2022 (OGM-GE)", aliases=("OGM", "OGM_GE", "OGMTrainer")
 )
 @dataclass(frozen=True)
-class OGMGEHParams:
+class OGMGEHParams(ModulationWindow):
     alpha: float = field(default=0.1, metadata=rng(ge=0))  # α; CVPR README default 0.1 (BMM 0.3)
     ge: bool = True  # add the Generalization-Enhancement noise; false = plain OGM
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first modulated epoch, 0-based (BMM 10)
     modulation_ends: EpochValue = field(default=50, metadata=epoch_meta())  # last modulated epoch, inclusive (BMM 80)
     params: Literal["conv", "weights"] = "conv"  # conv kernels (official) | all non-1-D weights (BMM)
     continuous: bool = False  # 1 − tanh(α·(ρ−1)) instead of the code's 1 − tanh(α·ρ)
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 @METHOD_HPARAMS.register(
@@ -207,7 +209,7 @@ class OPMHParams:
 
 @METHOD_HPARAMS.register("pmr", group="optimization", paper="Fan et al., CVPR 2023", aliases=("PMR", "PMRTrainer"))
 @dataclass(frozen=True)
-class PMRHParams:
+class PMRHParams(ModulationWindow):
     alpha: float = field(default=1.0, metadata=rng(ge=0))  # α, PCE weight; argparse 1.0, scripts 2–5 (BMM 0.6)
     momentum_coef: float = field(default=0.2, metadata=rng(ge=0, le=1))  # μ; argparse 0.2, scripts 0.0 (BMM 0.5)
     modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first epoch with PCE, 0-based (BMM 0)
@@ -216,9 +218,6 @@ class PMRHParams:
     # The computation that first blends in the old prototypes (the one before epoch 0 is the first); official
     # "third" (`epoch <= 0`, main_Prototype_grad.py 435, also catches the call after epoch 0), BMM "second"
     momentum_from: Literal["second", "third"] = "second"
-
-    def _validate(self, path: str) -> None:
-        window_order(self.modulation_starts, self.modulation_ends, path)
 
 
 @METHOD_HPARAMS.register(
