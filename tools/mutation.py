@@ -84,9 +84,6 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     },
 }
 
-DONE = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout"}
-SURVIVED, NO_TESTS = {0}, {5, 33}
-
 
 def existing(tests: list[str]) -> list[str]:
     """The test files and test ids of ``tests`` that exist in this tree (older trees lack some)."""
@@ -135,6 +132,8 @@ class Tally:
 
 def tally(where: Path, sources: list[str]) -> Tally:
     """Count the last mutmut run's verdicts in ``where`` for the files matching ``sources``."""
+    from mutmut.stats import status_by_exit_code
+
     per_file: dict[str, dict[str, int]] = {}
     survivors: list[str] = []
     for meta in sorted((where / "mutants").rglob("*.py.meta")):
@@ -144,14 +143,10 @@ def tally(where: Path, sources: list[str]) -> Tally:
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         counts = {"killed": 0, "timeout": 0, "survived": 0, "no tests": 0, "other": 0}
         for name, code in codes.items():
-            if code in SURVIVED:
-                counts["survived"] += 1
+            status = status_by_exit_code[code]  # mutmut's own reading of a mutant's exit code
+            counts[status if status in counts else "other"] += 1
+            if status in ("survived", "no tests"):
                 survivors.append(name)
-            elif code in NO_TESTS:
-                counts["no tests"] += 1
-                survivors.append(name)
-            else:
-                counts[DONE.get(code, "other")] += 1
         per_file[rel] = counts
     return Tally(per_file, survivors)
 
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [g for g in GROUPS if not args.groups or any(word in g for word in args.groups)]
     if not chosen:
         p.error(f"no group matches {args.groups}; groups: {', '.join(GROUPS)}")
-    if not args.report_only and shutil.which("mutmut") is None:
+    if shutil.which("mutmut") is None:
         p.error("mutmut is not installed: pip install -e '.[mutation]'")
     results: dict[str, Tally] = {}
     for group in chosen:
