@@ -429,10 +429,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         for epoch in bar:
+            # The rate this epoch trains at: the scheduler steps at the epoch's end.
+            lr = self.optimizer.param_groups[0]["lr"]
             logs = self._train_epoch(epoch)
             self._check_loss(epoch, logs)
             val = evaluate(self.method, self._batches("val"), self.data.num_classes)
-            self._write_epoch(epoch, val, logs, writer)
+            self._write_epoch(epoch, val, logs, lr, writer)
             self._select(epoch, val)
             self.run.save(self.run.last, self._state(epoch))
             loss = logs.get("loss/ce", next(iter(logs.values()), 0.0))
@@ -489,11 +491,11 @@ class Trainer:
                 "meaningless; lower train.optimizer.lr"
             )
 
-    def _write_epoch(self, epoch: int, val: dict[str, Any], logs: dict[str, float], writer: Any) -> None:
-        """The epoch's line in results.jsonl and its TensorBoard scalars."""
+    def _write_epoch(self, epoch: int, val: dict[str, Any], logs: dict[str, float], lr: float, writer: Any) -> None:
+        """The epoch's line in results.jsonl (with the learning rate it trained at) and its TensorBoard scalars."""
         record = self._record("val", epoch, val)
         record["train"] = logs
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["lr"] = lr
         self.run.append_record(record)
         if writer is None:
             return
