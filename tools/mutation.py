@@ -73,7 +73,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "balancemm/engine/probe.py",
             "balancemm/engine/artifacts.py",
         ],
-        ["tests/engine/test_trainer.py", "tests/engine/test_hook_order.py", "tests/engine/test_data_access.py"],
+        [
+            "tests/engine/test_loop.py",
+            "tests/engine/test_probe_artifacts.py",
+            "tests/engine/test_hook_order.py",
+            "tests/engine/test_data_access.py",
+        ],
     ),
     **{
         f"methods/{name}": (

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-import balancemm
+from balancemm.config import resolve_config
+from balancemm.engine.trainer import Trainer
 from balancemm.methods import METHODS, Method
 from balancemm.methods.baseline import Baseline
+from tests.conftest import TinyDataset
 
 CALLS: list[str] = []
 
@@ -49,16 +49,14 @@ class Recording(Baseline):
         return super().predict(batch)
 
 
-def test_hook_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_hook_order(tmp_path: Path) -> None:
     CALLS.clear()
-    # 1078 train rows / batch 512 = 3 steps; val and test fit in one eval batch each.
+    # 24 train rows / batch 8 = 3 steps; val and test (24 rows each) fit in one eval batch each.
     with METHODS.temporary():
         METHODS.register("recording", group="reference")(Recording)
-        balancemm.train(
-            "recording",
-            out=tmp_path / "r",
-            sets=["train.epochs=2", "train.batch_size=512", "train.eval_batch_size=2048"],
-        )
+        sets = ["train.epochs=2", "train.batch_size=8", "train.eval_batch_size=24"]
+        sets += [f"model.encoders.{m}.channels=[4,6]" for m in ("audio", "visual")]
+        Trainer(resolve_config("recording", sets=sets), tmp_path / "r", progress=False, dataset=TinyDataset()).fit()
     step = ["forward", "losses", "backward"]
 
     def epoch(e: int, s0: int) -> list[str]:

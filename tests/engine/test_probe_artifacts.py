@@ -1,0 +1,168 @@
+"""Linear probes and artifacts (a run's frozen unimodal runs), checked on tiny runs of an in-memory dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from balancemm.config import RunConfig, RunSection, resolve_config
+from balancemm.engine import probe
+from balancemm.engine.artifacts import Artifacts, load_run, unimodal_config
+from balancemm.engine.trainer import Trainer
+from balancemm.errors import ConfigError, DataError
+from balancemm.layout import default_out
+from tests.conftest import TinyDataset, tiny_model
+
+SMALL = [
+    "train.epochs=2",
+    "train.batch_size=8",
+    "model.encoders.audio.channels=[4,6]",
+    "model.encoders.visual.channels=[4,6]",
+]
+
+
+def trained(cfg: RunConfig, out: Path, data: TinyDataset) -> dict[str, Any]:
+    return Trainer(cfg, out, progress=False, dataset=data).fit()
+
+
+# -- probes ---------------------------------------------------------------------------------------
+
+
+def test_probe_features_are_the_encoders_pooled_output_on_every_row() -> None:
+    data = TinyDataset(n=20)
+    model = tiny_model(data).train()
+    got = probe.features(model, data, "val", "visual")
+    split = data.split("val")
+    assert not model.training and got.dtype == np.float32 and got.shape == (20, 6)
+    with torch.no_grad():
+        batch = next(iter(probe.Batching()(split, batch_size=20)))
+        expected = model.encode(batch, only=["visual"])["visual"]
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+class ScriptedClassifier:
+    """Stands in for LogisticRegression: its first score (validation) is scripted per C, a later one (test)
+    is 100 + C; it records what it was fitted on."""
+
+    val_score: ClassVar[dict[float, float]] = {}
+    seen: ClassVar[list[tuple[float, int, np.ndarray]]] = []
+
+    def __init__(self, C: float, max_iter: int) -> None:
+        self.C, self.scored = C, 0
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> ScriptedClassifier:
+        ScriptedClassifier.seen.append((self.C, len(y), x))
+        return self
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        self.scored += 1
+        return self.val_score[self.C] if self.scored == 1 else 100 + self.C
+
+
+def test_the_probe_keeps_the_first_c_with_the_best_validation_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn.linear_model
+
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", ScriptedClassifier)
+    ScriptedClassifier.seen.clear()
+    ScriptedClassifier.val_score.update({0.01: 0.25, 0.1: 0.5, 1.0: 0.5, 10.0: 0.125})
+    data = TinyDataset()
+    got = probe.linear_probe(tiny_model(data), data, "audio")
+    assert got == {"modality": "audio", "test_accuracy": 100.1, "val_accuracy": 0.5, "C": 0.1}
+    assert [c for c, _, _ in ScriptedClassifier.seen] == list(probe.C_GRID) == [0.01, 0.1, 1.0, 10.0]
+    _, rows, x = ScriptedClassifier.seen[0]  # the training features, standardised on themselves
+    assert rows == 24
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(x.std(0)[x.std(0) > 0], 1, atol=1e-5)
+
+
+def test_the_probe_of_a_run_reads_its_selected_weights_and_merges_probe_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sklearn.linear_model
+
+    import balancemm
+
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", ScriptedClassifier)
+    ScriptedClassifier.val_score.update({c: 0.5 for c in probe.C_GRID})
+    run = tmp_path / "r"
+
+    balancemm.train("baseline", out=run, sets=[*SMALL, "train.epochs=1", "data.val_fraction=0.1"])
+    (run / "probe.json").write_text(json.dumps({"visual": {"kept": True}}))
+    got = probe.probe_run(run, "audio", device="cpu")
+    assert got == {"audio": {"modality": "audio", "test_accuracy": 100.01, "val_accuracy": 0.5, "C": 0.01}}
+    assert json.loads((run / "probe.json").read_text()) == {"visual": {"kept": True}, **got}
+    with pytest.raises(ConfigError, match=r"has no modality 'text'; its modalities: audio, visual"):
+        probe.probe_run(run, "text", device="cpu")
+    (run / "probe.json").write_text("[1]")
+    with pytest.raises(Exception, match="is not a JSON object"):
+        probe.probe_run(run, "audio", device="cpu")
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+
+
+def test_a_unimodal_config_is_the_same_protocol_on_one_modality() -> None:
+    cfg = resolve_config("ogm_ge", sets=[*SMALL, "run.seed=5"])
+    uni = unimodal_config(cfg, "visual")
+    assert uni.run == RunSection("unimodal", "embedded", 5) and uni.method.modality == "visual"
+    assert (uni.data, uni.model, uni.train) == (cfg.data, cfg.model, cfg.train)
+
+
+def test_artifacts_are_trained_once_reused_and_served_frozen(tmp_path: Path) -> None:
+    data = TinyDataset()
+    cfg = resolve_config("umt", sets=SMALL)
+    fits: list[tuple[str, Path]] = []
+
+    def fit(c: RunConfig, out: Path) -> dict[str, Any]:
+        fits.append((c.method.modality, out))
+        torch.rand(3)  # a training draws from the global generator ...
+        return trained(c, out, data)
+
+    arts = Artifacts(cfg, tmp_path, ("audio", "visual"), data, torch.device("cpu"), fit)
+    with pytest.raises(KeyError, match=r"artifact unimodal:audio was not prepared; declare it in needs\.artifacts"):
+        arts.load("unimodal", "audio")
+    with pytest.raises(ValueError, match="unknown artifact kind 'teacher'; known: unimodal"):
+        arts.prepare(("teacher",))
+    torch.manual_seed(0)
+    arts.prepare(("unimodal",))
+    assert torch.equal(torch.rand(2), torch.rand(2, generator=torch.Generator().manual_seed(0)))  # ... not ours
+    paths = {m: default_out(unimodal_config(cfg, m), tmp_path) for m in ("audio", "visual")}
+    assert fits == [("audio", paths["audio"]), ("visual", paths["visual"])]
+    for m in ("audio", "visual"):
+        summary = json.loads((paths[m] / "summary.json").read_text())
+        assert arts.runs[f"unimodal:{m}"] == {
+            "run": str(paths[m]),
+            "reused": False,
+            "flops": summary["flops"]["total"],
+            "test_accuracy": summary["test"]["accuracy"],
+        }
+    again = Artifacts(cfg, tmp_path, ("audio", "visual"), data, torch.device("cpu"), fit)
+    again.prepare(("unimodal",))
+    assert again.runs["unimodal:audio"]["reused"] is True
+
+    model = arts.load("unimodal", "visual")
+    assert arts.load("unimodal", "visual") is model and model.modalities == ("visual",)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    best = torch.load(paths["visual"] / "checkpoints" / "best.pt", weights_only=True)["method"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, best[f"model.{name}"]), name
+
+
+def test_loading_a_run_needs_its_selected_weights(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_run(tmp_path)
+    assert str(err.value) == f"{tmp_path} has no checkpoints/best.pt; is it a finished BalanceMM run?"
+    data = TinyDataset()
+    trained(resolve_config("baseline", sets=SMALL), tmp_path / "r", data)
+    cfg, method = load_run(tmp_path / "r", data)
+    assert cfg == resolve_config("baseline", sets=SMALL)
+    best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)["method"]
+    assert all(torch.equal(v, best[k]) for k, v in method.state_dict().items())
+    (tmp_path / "r" / "config.json").unlink()
+    with pytest.raises(DataError):
+        load_run(tmp_path / "r", data)
