@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+import yaml
 
+from balancemm import config
+from balancemm.catalog import ENCODER_OPTIONS, FUSION_NAMES
 from balancemm.cli import main
-from balancemm.config import RunConfig, parse_sets, resolve_config
+from balancemm.config import MAX_DEPTH, MAX_VALUES, OptimizerConfig, RunConfig, load_yaml, parse_sets, resolve_config
 from balancemm.errors import ConfigError
+from balancemm.schema import coerce, epoch_meta, parse, resolve_epoch, resolve_name, rng, show, window_order
 
 
 def test_precedence_defaults_protocol_user_file_cli(tmp_path: Path) -> None:
@@ -357,3 +364,372 @@ def test_registered_names_are_resolved_with_and_without_a_path() -> None:
     with pytest.raises(ConfigError) as err:
         resolve_name(FUSION_NAMES, "x" * 101, "model.fusion")
     assert str(err.value).startswith("model.fusion: 'xxxx") and "is not a registered name" in str(err.value)
+
+
+# -- survivors of the second mutation run: exact messages, exact bounds ---------------------------------
+
+
+def _error(call: Any) -> str:
+    """The message of the ConfigError ``call()`` raises."""
+    with pytest.raises(ConfigError) as err:
+        call()
+    return str(err.value)
+
+
+def _values(n: int) -> str:
+    """A YAML document that stands for exactly ``n`` values once its aliases are expanded (n >= 99_003): a
+    mapping (1) with one key (1) holding a list (1) of a 1000-value anchored list, 98 aliases to it and
+    scalars for the rest; the mapping and the list each count themselves, so each of their +1s matters."""
+    block = "&b [" + ", ".join(["0"] * 999) + "]"
+    return "{a: [" + ", ".join([block] + ["*b"] * 98 + ["0"] * (n - 3 - 99_000)) + "]}"
+
+
+def test_a_document_of_exactly_max_values_is_read_and_one_more_is_refused() -> None:
+    assert len(parse_sets([f"data.x={_values(MAX_VALUES)}"])["data"]["x"]["a"]) == 1 + 98 + 997
+    message = _error(lambda: parse_sets([f"data.x={_values(MAX_VALUES + 1)}"]))
+    assert message.endswith(": the value is refused: expands to more than 100,000 values (aliases)")
+
+
+def test_aliases_used_as_keys_count_towards_the_size_bound() -> None:
+    # 101 keys that are each an alias to a 1000-value list: refused by size, before PyYAML builds anything
+    # (else the error would be PyYAML's "found unhashable key" or, with hashable keys, a huge mapping).
+    text = "{b: &b [" + ", ".join(["0"] * 999) + "], m: {" + ", ".join(["*b : 0"] * 101) + "}}"
+    message = _error(lambda: parse_sets([f"data.x={text}"]))
+    assert message.endswith(": the value is refused: expands to more than 100,000 values (aliases)")
+
+
+def test_a_document_nested_exactly_max_depth_levels_is_read_and_one_more_is_refused() -> None:
+    nested: list[Any] = []
+    for _ in range(MAX_DEPTH - 1):
+        nested = [nested]
+    assert parse_sets(["data.x=" + "[" * MAX_DEPTH + "]" * MAX_DEPTH]) == {"data": {"x": nested}}
+    item = "data.x=" + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)
+    assert _error(lambda: parse_sets([item])) == f"--set {item!r}: the value is refused: nested deeper than 32 levels"
+
+
+def test_the_depth_bound_counts_levels_after_a_sibling_returns() -> None:
+    # 40 levels, the second 20 under a list whose first item came back first: the depth must be restored
+    # to the level of that list, not reset.
+    item = "data.x=" + "[" * 20 + "0, " + "[" * 20 + "]" * 40
+    assert _error(lambda: parse_sets([item])).endswith("the value is refused: nested deeper than 32 levels")
+
+
+def test_a_refused_document_is_a_yaml_error_that_names_its_position() -> None:
+    # Code that catches yaml.YAMLError (not only load_yaml) prints it like PyYAML's own errors.
+    with pytest.raises(yaml.YAMLError) as err:
+        config._yaml("[" * 40)
+    mark = err.value.problem_mark  # type: ignore[attr-defined]
+    assert (mark.line, mark.column) == (0, 32)
+    assert str(err.value).startswith('nested deeper than 32 levels\n  in "<unicode string>", line 1, column 33:\n')
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("data: &a\n  x: *a\n", "is refused at line 1, column 7: an alias refers to the node that contains it"),
+        ("train: {a: 1", "is not valid YAML at line 1, column 13: expected ',' or '}', but got '<stream end>'"),
+        (
+            "train:\n  epochs: [1, 2\n",
+            "is not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
+        ("- 1\n- 2\n", "must hold a mapping, not [1, 2]"),
+        ("trian:\n  epochs: 3\n", ": unknown section 'trian'; allowed: run, method, data, model, train"),
+    ],
+)
+def test_load_yaml_messages_read_in_full(tmp_path: Path, content: str, message: str) -> None:
+    # Positions are 1-based; the message ends with what the parser or the check found.
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    sep = "" if message.startswith(":") else " "
+    assert _error(lambda: load_yaml(path)) == f"config file {path}{sep}{message}"
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [(PermissionError(13, "Permission denied"), "Permission denied"), (OSError("disk gone"), "disk gone")],
+)
+def test_a_file_that_cannot_be_read_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, shown: str
+) -> None:
+    # The OS's reason (strerror) when it gives one, else the exception's own text.
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {}\n")
+
+    def fail(self: Path) -> bytes:
+        raise error
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    assert _error(lambda: load_yaml(path)) == f"cannot read config file {path} ({shown})"
+
+
+def test_an_unreadable_value_is_quoted_up_to_200_characters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {}\n")
+
+    def fail(text: str) -> Any:
+        raise ValueError("v" * 300)
+
+    monkeypatch.setattr(config, "_yaml", fail)
+    assert _error(lambda: load_yaml(path)) == f"config file {path}: a value cannot be read ({'v' * 200})"
+
+
+def test_an_empty_section_is_skipped_not_the_sections_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\nmethod:\n  alpha: 0.4\n")
+    assert resolve_config("ogm_ge", config_file=path).method.alpha == 0.4
+    path.write_text("train:\ntrian: {}\n")
+    assert _error(lambda: load_yaml(path)) == (
+        f"config file {path}: unknown section 'trian'; allowed: run, method, data, model, train"
+    )
+
+
+def test_the_run_section_of_a_file_sets_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  method: ogm_ge\n  seed: 3\n")
+    run = resolve_config(config_file=path).run
+    assert (run.method, run.seed) == ("ogm_ge", 3)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.epochs", "--set 'train.epochs': expected key=value, e.g. --set train.epochs=5"),
+        (
+            "train=5",
+            "--set 'train=5': the key must start with a section (run, method, data, model, train), e.g. train.epochs",
+        ),
+        (
+            "train." + "a." * (MAX_DEPTH - 1) + "b=1",
+            f"--set 'train.{'a.' * (MAX_DEPTH - 1)}b=1': the key is nested deeper than 32 levels",
+        ),
+    ],
+)
+def test_set_errors_read_in_full(item: str, message: str) -> None:
+    assert _error(lambda: parse_sets([item])) == message
+
+
+def test_a_set_key_of_exactly_max_depth_parts_is_accepted() -> None:
+    value = parse_sets(["train." + "a." * (MAX_DEPTH - 2) + "b=1"])
+    for _ in range(MAX_DEPTH):  # train, 30 times a, b
+        (value,) = value.values()
+    assert value == 1
+
+
+@pytest.mark.parametrize(
+    ("item", "value"),
+    [
+        ("data.name=", ""),  # nothing after "=": the empty string, not YAML's null
+        ("data.name=  ", ""),
+        ("data.name=[1, 2", "[1, 2"),  # not YAML: the text as typed
+        ("data.name=" + "1" * 5000, "1" * 5000),  # an integer Python refuses to read: the text as typed
+    ],
+)
+def test_set_values_that_are_not_yaml_are_kept_as_typed(item: str, value: str) -> None:
+    assert parse_sets([item]) == {"data": {"name": value}}
+
+
+def test_a_dataset_protocol_may_set_the_data_section_but_not_the_run() -> None:
+    from balancemm.data import DATASETS
+    from balancemm.data.embedded import Embedded
+
+    class Toy(Embedded):
+        pass
+
+    encoders = {"audio": {"name": "cnn"}, "visual": {"name": "cnn"}}
+    with DATASETS.temporary():
+        DATASETS.register(
+            "toy_data", modalities=("audio", "visual"), protocol={"data": {"seed": 5}, "model": {"encoders": encoders}}
+        )(Toy)
+        assert resolve_config("baseline", "toy_data").data.seed == 5
+    with DATASETS.temporary():
+        DATASETS.register("toy_run", modalities=("audio", "visual"), protocol={"run": {"seed": 1}})(Toy)
+        assert _error(lambda: resolve_config("baseline", "toy_run")) == (
+            "the protocol registered with dataset toy_run: unknown section 'run'; allowed: data, model, train"
+        )
+
+
+def test_a_protocol_without_a_model_section_names_every_missing_modality() -> None:
+    from balancemm.data import DATASETS
+    from balancemm.data.embedded import Embedded
+
+    class Toy(Embedded):
+        pass
+
+    with DATASETS.temporary():
+        DATASETS.register("toy_no_model", modalities=("audio", "visual"), protocol={"train": {"epochs": 1}})(Toy)
+        assert _error(lambda: resolve_config("baseline", "toy_no_model")) == (
+            "model.encoders must name exactly the dataset's modalities (audio, visual); missing audio, visual"
+        )
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["model.encoders.text.name=cnn", "model.encoders.depth.name=cnn"],
+            "model.encoders must name exactly the dataset's modalities (audio, visual); unknown text, depth",
+        ),
+        (
+            ["model.encoders.audio=null"],
+            "model.encoders.audio: missing key 'name'; valid encoders: " + ", ".join(ENCODER_OPTIONS.names()),
+        ),
+        (
+            ["model.encoders.audio.name=vgg"],
+            "model.encoders.audio.name: unknown encoder 'vgg'; valid: " + ", ".join(ENCODER_OPTIONS.names()),
+        ),
+        (["model.encoders.audio.name=5"], "model.encoders.audio.name: expected a string, got 5"),
+        (["model.encoders=5"], "model.encoders: expected a mapping modality -> encoder, got 5"),
+        (
+            ["model.encoders." + "m" * 150 + "=abc"],
+            f"model.encoders.{'m' * 100}: expected a mapping with the encoder's name and options, got 'abc'",
+        ),
+        (["model.fusion=5"], "model.fusion: expected a string, got 5"),
+        (["run.seed=x"], "run.seed: expected an integer, got 'x'"),
+        (["train.optimizer=5"], "train.optimizer: expected a mapping of OptimizerConfig fields, got 5"),
+        (
+            ["train.optimizer.name=rmsprop"],
+            "train.optimizer.name: 'rmsprop' is not allowed; choose one of 'sgd', 'adamw', 'adam'",
+        ),
+        (["train.deterministic=1"], "train.deterministic: expected true or false, got 1"),
+        (["model.encoders.audio.channels=abc"], "model.encoders.audio.channels: expected a list of int, got 'abc'"),
+        (["method.x=5"], "unknown config key method.x; allowed keys: none"),  # baseline has no hyper-parameters
+        (
+            ["train.zzz=5"],
+            "unknown config key train.zzz; allowed keys: "
+            + ", ".join(f.name for f in dataclasses.fields(config.TrainConfig)),
+        ),
+    ],
+)
+def test_resolve_config_errors_read_in_full(sets: list[str], message: str) -> None:
+    assert _error(lambda: resolve_config("baseline", sets=sets)) == message
+
+
+def test_a_window_error_names_the_section() -> None:
+    message = _error(lambda: resolve_config("ogm_ge", sets=["method.modulation_starts=5", "method.modulation_ends=2"]))
+    assert message == "method.modulation_ends must be >= method.modulation_starts"
+
+
+def test_values_on_their_bound_are_accepted() -> None:
+    cfg = resolve_config("agm", sets=["data.audio_informativeness=1", "method.kappa=0.5"])
+    assert (cfg.data.audio_informativeness, cfg.method.kappa) == (1.0, 0.5)
+
+
+def test_a_saved_config_that_is_not_a_mapping_misses_every_section() -> None:
+    assert _error(lambda: RunConfig.from_dict(5)) == (  # type: ignore[arg-type]
+        "a saved config must hold the sections run, method, data, model, train; missing: run, method, data, model, "
+        "train"
+    )
+    saved = resolve_config("baseline").to_dict()
+    del saved["data"], saved["train"]
+    assert _error(lambda: RunConfig.from_dict(saved)) == (
+        "a saved config must hold the sections run, method, data, model, train; missing: data, train"
+    )
+
+
+def test_show_cuts_only_past_300_characters() -> None:
+    exactly = ["x" * 96] * 3  # repr: 300 characters
+    assert show(exactly) == repr(exactly)
+    longer = ["x" * 96, "x" * 96, "x" * 97]  # 301
+    assert show(longer) == repr(longer)[:297] + "..."
+
+
+def test_too_long_names_list_the_valid_ones() -> None:
+    name = "x" * 101
+    assert _error(lambda: resolve_name(FUSION_NAMES, name, "model.fusion")) == (
+        f"model.fusion: {name!r} is not a registered name; valid: {', '.join(FUSION_NAMES.names())}"
+    )
+
+
+def test_rng_declares_each_bound_and_each_bound_is_checked() -> None:
+    # Built here, not at import: field metadata is computed when the class is defined.
+    assert rng(ge=1, gt=2, le=3, lt=4) == {"ge": 1, "gt": 2, "le": 3, "lt": 4}
+
+    @dataclass(frozen=True)
+    class Ranged:
+        ge: float = field(default=0.0, metadata=rng(ge=0))
+        gt: float = field(default=1.0, metadata=rng(gt=0))
+        le: float = field(default=0.0, metadata=rng(le=1))
+        lt: float = field(default=0.0, metadata=rng(lt=1))
+
+    assert parse(Ranged, {"ge": 0, "gt": 0.5, "le": 1, "lt": 0.5}) == Ranged(0.0, 0.5, 1.0, 0.5)
+    for key, bad, allowed in [("ge", -1, ">= 0"), ("gt", 0, "> 0"), ("le", 1.5, "<= 1"), ("lt", 1, "< 1")]:
+        with pytest.raises(ConfigError) as err:
+            parse(Ranged, {key: bad}, "r")
+        assert str(err.value) == f"r.{key}: {float(bad)} is out of range; allowed: {allowed}"
+
+
+def test_epoch_fields_take_an_epoch_or_a_share_up_to_100_percent() -> None:
+    @dataclass(frozen=True)
+    class Window:
+        start: int | str = field(default=0, metadata=epoch_meta())
+        period: int | str = field(default=1, metadata=epoch_meta(ge=1))
+
+    assert parse(Window, {"start": 0, "period": 1}) == Window(0, 1)
+    assert parse(Window, {"start": " 100% ", "period": "0%"}) == Window("100%", "0%")
+    assert _error(lambda: parse(Window, {"start": -1}, "w")) == "w.start: -1 is out of range; allowed: >= 0"
+    assert _error(lambda: parse(Window, {"period": 0}, "w")) == "w.period: 0 is out of range; allowed: >= 1"
+    for bad in ("abc", "100.5%"):
+        with pytest.raises(ConfigError) as err:
+            parse(Window, {"start": bad}, "w")
+        assert str(err.value) == (
+            f"w.start: expected an epoch number or a share of train.epochs between '0%' and '100%', got {bad!r}"
+        )
+
+
+def test_resolve_epoch_rounds_half_up_and_bounds_below_by_ge() -> None:
+    assert resolve_epoch(7, 30) == 7
+    assert resolve_epoch("50%", 3) == 2  # 1.5 rounds up
+    assert resolve_epoch("1%", 30) == 0  # 0.3 rounds down; ge defaults to 0
+    assert resolve_epoch("1%", 30, ge=1) == 1
+
+
+def test_a_window_may_be_one_epoch_long_and_compares_integers_exactly() -> None:
+    window_order(5, 5, "m")
+    window_order("30%", "30%", "m")
+    window_order(5, "1%", "m")  # mixed units: compared once the protocol's length is known
+    # 2**53 + 1 and 2**53 are the same float: the order of epoch numbers is taken on the integers.
+    with pytest.raises(ConfigError) as err:
+        window_order(2**53 + 1, 2**53, "m")
+    assert str(err.value) == "m.modulation_ends must be >= m.modulation_starts"
+
+
+def test_coerce_tries_each_type_of_a_union_in_turn() -> None:
+    assert coerce(3, None | int, "x") == 3  # null first among the types
+    assert coerce(0.5, float | None, "x") == 0.5
+    assert coerce("abc", int | str, "x") == "abc"  # not an integer: the next type
+    assert coerce(None, int | None, "x") is None
+
+
+def test_an_unsupported_type_is_named_with_its_path() -> None:
+    # A schema bug, not a user error: a TypeError, with the key, also from inside a union.
+    with pytest.raises(TypeError) as err:
+        coerce({}, dict | None, "model.x")
+    assert str(err.value) == "unsupported config type <class 'dict'> at model.x"
+
+
+def test_a_type_left_as_a_string_is_described_by_that_string() -> None:
+    # tuple["Encoder", ...], as coerce may be handed it by code that does not resolve its type hints
+    unresolved = types.GenericAlias(tuple, ("Encoder", ...))
+    assert _error(lambda: coerce(5, unresolved, "x")) == "x: expected a list of Encoder, got 5"
+
+
+def test_coerce_type_errors_read_in_full() -> None:
+    assert _error(lambda: coerce(5, str, "x")) == "x: expected a string, got 5"
+    assert _error(lambda: coerce("b", Literal["a"], "x")) == "x: 'b' is not allowed; choose one of 'a'"
+
+
+def test_parse_messages_without_a_path_and_with_a_long_key() -> None:
+    allowed = "allowed keys: name, lr, momentum, weight_decay"
+    assert _error(lambda: parse(OptimizerConfig, {"lrr": 1})) == f"unknown config key lrr (did you mean lr?); {allowed}"
+    assert _error(lambda: parse(OptimizerConfig, {"zzz": 1})) == f"unknown config key zzz; {allowed}"
+    key = "k" * 150
+    assert _error(lambda: parse(OptimizerConfig, {key: 1}, "o")) == f"unknown config key o.{'k' * 100}; {allowed}"
+
+
+def test_a_missing_required_key_is_named() -> None:
+    @dataclass(frozen=True)
+    class Required:
+        x: int
+
+    assert _error(lambda: parse(Required, {}, "r")) == "missing required config key r.x"
+    assert _error(lambda: parse(Required, {})) == "missing required config key x"
