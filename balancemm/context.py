@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from balancemm.data.base import MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
+from balancemm.distributed import World, all_gather_rows, all_sum, broadcast_
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
 from balancemm.precision import Precision
@@ -87,6 +88,10 @@ class Batching:
     eval_batch_size: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     num_workers: int = 0
+    #: (rank, ranks) of a data-parallel run: each rank reads its shard (see ``Batches``).
+    shard: tuple[int, int] = (0, 1)
+    #: sees every batch handed out (the run context keeps the share of the latest).
+    observer: Callable[[Batch], None] | None = field(default=None, compare=False)
 
     def __call__(
         self,
@@ -110,6 +115,8 @@ class Batching:
             device=self.device,
             num_workers=self.num_workers,
             persistent=True,  # the run's loader pool: no worker start-up per call (the trainer closes it)
+            shard=self.shard,
+            observer=self.observer,
         )
 
 
@@ -135,6 +142,11 @@ class RunContext:
         device: where the model lives.
         precision: autocast and loss scaling (``train.precision``); methods take gradients through
             :meth:`backward` and :meth:`grad`, which always leave true (unscaled) gradients.
+        world: this process's rank among the run's (one process: ``World()``). In a data-parallel run
+            every batch a method gets is this rank's shard of the global batch; :meth:`backward` and
+            :meth:`grad` leave the global batch's gradients on every rank, and :meth:`all_sum` /
+            :meth:`gather` turn a statistic of the shard into the global batch's (see ``methods/base.py``).
+        share: the fraction of its global batch that the latest batch handed out holds (1 on one process).
     """
 
     def __init__(
@@ -154,6 +166,7 @@ class RunContext:
         num_workers: int = 0,
         artifact_loader: Callable[[str, str], nn.Module] | None = None,
         precision: Precision | None = None,
+        world: World | None = None,
     ) -> None:
         self.modalities = modalities
         self.seed = seed
@@ -173,7 +186,11 @@ class RunContext:
         self._checked = False  # the current step's gradients were found finite (fp16)
         self._dataset = dataset
         self._needs = needs or Needs()
-        self.batching = Batching(batch_size, eval_batch_size, self.device, num_workers)
+        self.world = world or World()
+        self.share = 1.0
+        shard = (self.world.rank, self.world.size)
+        observer = self._saw if self.world.distributed else None
+        self.batching = Batching(batch_size, eval_batch_size, self.device, num_workers, shard, observer)
         self._optimizer_factory = optimizer_factory
         self._grad_clip = grad_clip
         self.meter = meter or FlopMeter("off")
@@ -243,15 +260,75 @@ class RunContext:
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         """``loss.backward(**kwargs)`` under the run's precision: outside autocast, loss-scaled in fp16,
-        and the gradients it leaves in ``.grad`` are true ones, whatever was accumulated before."""
-        params = self._grad_params() if self.precision.scaled else []
-        self.precision.backward(loss, params, **kwargs)
+        and the gradients it leaves in ``.grad`` are true ones, whatever was accumulated before.
+
+        In a data-parallel run the gradient this pass adds is averaged over the ranks, each weighted by
+        its share of the global batch, so every rank holds the global batch's gradient afterwards.
+        """
+        distributed = self.world.distributed
+        params = self._grad_params() if self.precision.scaled or distributed else []
+        before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None} if distributed else {}
+        self.precision.backward(loss, params if self.precision.scaled else [], **kwargs)
+        if distributed:
+            self._sync_grads(params, before)
 
     def grad(
         self, outputs: Tensor | Sequence[Tensor], inputs: Sequence[Tensor], **kwargs: Any
     ) -> tuple[Tensor | None, ...]:
-        """``torch.autograd.grad`` under the run's precision: true gradients, also in fp16."""
-        return self.precision.grad(outputs, inputs, **kwargs)
+        """``torch.autograd.grad`` under the run's precision: true gradients, also in fp16; in a
+        data-parallel run, the global batch's (as :meth:`backward`)."""
+        grads = self.precision.grad(outputs, inputs, **kwargs)
+        if not self.world.distributed:
+            return grads
+        return tuple(self._global_sum([self.share * g if g is not None else None for g in grads], inputs))
+
+    def _sync_grads(self, params: list[nn.Parameter], before: dict[int, Tensor]) -> None:
+        """Replace the gradient each of ``params`` gained in this rank's pass by the ranks' weighted sum."""
+        added = [
+            None if p.grad is None else self.share * (p.grad - before[id(p)] if id(p) in before else p.grad)
+            for p in params
+        ]
+        for p, total in zip(params, self._global_sum(added, params), strict=True):
+            if total is not None:
+                p.grad = total + before[id(p)] if id(p) in before else total
+
+    def _global_sum(self, tensors: list[Tensor | None], like: Sequence[Tensor]) -> list[Tensor | None]:
+        """The sum over ranks of each tensor, in one collective; a tensor that is None on every rank stays
+        None, one that is None on some ranks counts as zeros there (a branch only some shards took)."""
+        held = torch.tensor([t is not None for t in tensors], dtype=torch.int32, device=self.device)
+        held = all_sum(held, self.world) > 0
+        parts = [
+            (t if t is not None else torch.zeros_like(x)).reshape(-1).float()
+            for t, x, h in zip(tensors, like, held.tolist(), strict=True)
+            if h
+        ]
+        if not parts:
+            return [None] * len(tensors)
+        flat = all_sum(torch.cat(parts), self.world)
+        out: list[Tensor | None] = []
+        offset = 0
+        for x, h in zip(like, held.tolist(), strict=True):
+            if not h:
+                out.append(None)
+                continue
+            out.append(flat[offset : offset + x.numel()].view_as(x).to(x.dtype))
+            offset += x.numel()
+        return out
+
+    def _saw(self, batch: Batch) -> None:
+        self.share = batch.share
+
+    # -- collectives -------------------------------------------------------------------------------
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (``t`` itself on one process): a sum over this rank's rows becomes
+        the sum over the global batch's, so every rank computes the same statistic."""
+        return all_sum(t, self.world)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """``[n_r, ...]`` rows of every rank concatenated in rank order (``t`` itself on one process): a
+        per-row quantity of the shard becomes the global batch's, in its order."""
+        return all_gather_rows(t, self.world)
 
     def overflowed(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Whether a gradient of this step overflowed under fp16 loss scaling (the step must then be
@@ -271,6 +348,9 @@ class RunContext:
         self._end_step(overflow=True)
 
     def _end_step(self, overflow: bool) -> None:
+        if self.world.distributed and self._module is not None:
+            # Running statistics (BatchNorm) see only the shard: rank 0's are every rank's, as DDP does.
+            broadcast_(self._module.buffers(), self.world)
         self.precision.update(overflow)
         if self.precision.scaled:
             self.log(**{"amp/skipped_steps": float(overflow), "amp/loss_scale": self.precision.scale})

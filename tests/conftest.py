@@ -14,6 +14,7 @@ import torch
 from balancemm.config import EncoderConfig
 from balancemm.data.base import InMemorySplit, MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch
+from balancemm.distributed import World
 from balancemm.methods import METHODS, Method, RunContext
 from balancemm.models import ModelSpec, MultimodalClassifier, build_model
 from balancemm.models.encoders.cnn import CompactCNNOptions
@@ -81,11 +82,17 @@ def first_batch(data: TinyDataset, n: int = 8) -> Batch:
 
 
 def build_method(
-    name: str, data: TinyDataset, *, lr: float = 0.05, precision: Precision | None = None, **hparams: Any
+    name: str,
+    data: TinyDataset,
+    *,
+    lr: float = 0.05,
+    precision: Precision | None = None,
+    world: World | None = None,
+    **hparams: Any,
 ) -> Method:
     """A registered method on a tiny model, with the data, an SGD recipe (attached as the run's
-    optimiser), untrained stand-ins for the unimodal runs a method may declare as artifacts, and
-    ``precision`` (fp32 by default)."""
+    optimiser), untrained stand-ins for the unimodal runs a method may declare as artifacts,
+    ``precision`` (fp32 by default) and this process's ``world`` (one process by default)."""
     cls = METHODS.get(name)
     hp = parse(cls.HParams, hparams, "method")
     torch.manual_seed(0)
@@ -109,6 +116,7 @@ def build_method(
         optimizer_factory=recipe,
         artifact_loader=unimodal,
         precision=precision,
+        world=world,
     )
     method = cls(model, ctx, hp)
     ctx.attach_optimizer(recipe(method.trainable_parameters()), method)

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("balancemm.catalog",),  # the torch-free catalog of names and options
     ("balancemm.config",),  # reads the catalog, never the methods, datasets or models themselves
     ("balancemm.layout",),  # the run directory's files (torch-free: the report and a sweep read it)
-    ("balancemm.device",),
+    ("balancemm.device", "balancemm.distributed"),  # where a run computes; which rank of how many
     ("balancemm.precision",),
     ("balancemm.data",),
     ("balancemm.models",),

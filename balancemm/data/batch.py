@@ -22,6 +22,8 @@ class Batch:
             ``modalities[j]``. The Shapley metric, coalition passes and resampled copies all work by
             editing this mask, never by editing inputs.
         modalities: the sorted modality names that index ``present``'s columns.
+        share: the fraction of the global batch these rows are, in a data-parallel run (1 on one
+            process): a rank's gradient counts for this much of the global batch's.
     """
 
     inputs: dict[str, Tensor]
@@ -29,6 +31,7 @@ class Batch:
     index: Tensor
     present: Tensor
     modalities: tuple[str, ...]
+    share: float = 1.0
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -57,6 +60,7 @@ class Batch:
             self.index.to(device, non_blocking=True),
             self.present.to(device, non_blocking=True),
             self.modalities,
+            self.share,
         )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from balancemm.data.base import Split
 from balancemm.data.batch import Batch, SamplePlan
+from balancemm.distributed import shard_bounds
 
 # A split is kept on a device while all resident splits together take at most this share of its memory.
 RESIDENT_SHARE = 0.25
@@ -93,6 +94,13 @@ class Batches:
         num_workers: worker processes for splits without an in-memory fast path.
         subset: ``[K]`` split indices to draw from instead of the whole split.
         persistent: keep the worker processes for the next epoch (a run's loaders; see the module).
+        shard: ``(rank, ranks)`` of a data-parallel run: this rank reads only its rows. Shuffled batches
+            (training) are global batches of ``batch_size`` of which each rank takes one contiguous part,
+            so the ranks' parts together are the one-process batch; a last global batch with fewer rows
+            than ranks is left out on every rank (:attr:`dropped`), since a rank cannot step on no rows.
+            Unshuffled passes (evaluation, statistics) give each rank one contiguous part of the rows,
+            read in batches of its own; gathered in rank order they are the split in order.
+        observer: called with each batch as it is handed out (the run context keeps its share).
     """
 
     def __init__(
@@ -108,8 +116,11 @@ class Batches:
         num_workers: int = 0,
         subset: Tensor | None = None,
         persistent: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        observer: Callable[[Batch], None] | None = None,
     ) -> None:
         self.split = split
+        self.observer = observer
         self.persistent = persistent
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -128,18 +139,43 @@ class Batches:
         if shuffle:
             perm = torch.randperm(rows.numel(), generator=generator)
             rows, present = rows[perm], present[perm]
+        rank, ranks = shard
+        if not shuffle and ranks > 1:
+            start, end = shard_bounds(rows.numel(), rank, ranks)
+            rows, present = rows[start:end], present[start:end]
         self.rows, self.present = rows, present
         # Only augmenting splits consume a draw, so the shuffles of other datasets are unchanged.
         self.aug_seed: int | None = None
         if shuffle and split.augments:
             self.aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         n = rows.numel()
-        self._len = n // batch_size if drop_last else math.ceil(n / batch_size)
+        count = n // batch_size if drop_last else math.ceil(n / batch_size)
+        #: (start, end, share) of each batch this rank reads, in positions of ``rows``.
+        self._slices: list[tuple[int, int, float]] = []
+        self.dropped = 0  # rows of a last global batch too small to give every rank one
+        for k in range(count):
+            lo, hi = k * batch_size, min((k + 1) * batch_size, n)
+            if not shuffle or ranks == 1:
+                self._slices.append((lo, hi, 1.0))
+            elif hi - lo < ranks:
+                self.dropped = hi - lo
+            else:
+                a, b = shard_bounds(hi - lo, rank, ranks)
+                self._slices.append((lo + a, lo + b, (b - a) / (hi - lo)))
+        self._len = len(self._slices)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.observer is None:
+            yield from self._batches()
+            return
+        for batch in self._batches():
+            self.observer(batch)
+            yield batch
+
+    def _batches(self) -> Iterator[Batch]:
         # An empty probe tells whether the split can slice stacked tensors (no per-sample collation).
         if self.split.get_batch(self.rows[:0]) is not None:
             held = resident(self.split, self.device) if self.device.type != "cpu" else None
@@ -154,31 +190,33 @@ class Batches:
     def _resident(self, inputs: dict[str, Tensor], labels: Tensor) -> Iterator[Batch]:
         # One small copy per epoch (the order and the mask); every batch is then sliced on the device.
         rows, present = self.rows.to(self.device), self.present.to(self.device)
-        for k in range(self._len):
-            sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            index = rows[sl]
+        for lo, hi, share in self._slices:
+            index = rows[lo:hi]
             yield Batch(
-                {m: x[index] for m, x in inputs.items()}, labels[index], index, present[sl], self.split.modalities
+                {m: x[index] for m, x in inputs.items()},
+                labels[index],
+                index,
+                present[lo:hi],
+                self.split.modalities,
+                share,
             )
 
     def _in_memory(self) -> Iterator[Batch]:
-        for k in range(self._len):
-            sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            rows = self.rows[sl]
+        for lo, hi, share in self._slices:
+            rows = self.rows[lo:hi]
             inputs = self.split.get_batch(rows)
             assert inputs is not None
-            yield Batch(inputs, self.split.labels[rows], rows, self.present[sl], self.split.modalities)
+            yield Batch(inputs, self.split.labels[rows], rows, self.present[lo:hi], self.split.modalities, share)
 
     def _collated(self) -> Iterator[Batch]:
-        order = self.rows[: self._len * self.batch_size].tolist()  # drops the tail only if drop_last
+        order = self.rows.tolist()
         # Seed per position in the epoch: the same row drawn twice (a SamplePlan copy) is augmented twice.
         keys = [(row, None if self.aug_seed is None else self.aug_seed + k) for k, row in enumerate(order)]
         pooled = self._loader()
-        pooled.feed.batches = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        pooled.feed.batches = [keys[lo:hi] for lo, hi, _ in self._slices]
         try:
-            for k, (inputs, label, rows) in enumerate(pooled.loader):
-                present = self.present[k * self.batch_size : k * self.batch_size + label.shape[0]]
-                yield Batch(inputs, label, rows, present, self.split.modalities)
+            for (lo, hi, share), (inputs, label, rows) in zip(self._slices, pooled.loader, strict=True):
+                yield Batch(inputs, label, rows, self.present[lo:hi], self.split.modalities, share)
         finally:
             pooled.busy = False
 

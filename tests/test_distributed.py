@@ -1,0 +1,125 @@
+"""Data-parallel runs: shards, collectives, and two gloo processes that train as one process on the global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from balancemm.data.loader import Batches
+from balancemm.distributed import World, all_gather_rows, all_sum, launched_world, shard_bounds
+from balancemm.errors import ConfigError
+from balancemm.methods import Method
+from tests.conftest import TinyDataset, build_method
+
+
+def test_shards_are_contiguous_and_the_first_ranks_hold_the_remainder() -> None:
+    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [shard_bounds(8, r, 2) for r in range(2)] == [(0, 4), (4, 8)]
+    assert [shard_bounds(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]
+    for n in range(12):
+        for size in (1, 2, 3, 5):
+            parts = [torch.arange(n)[slice(*shard_bounds(n, r, size))] for r in range(size)]
+            assert [len(p) for p in parts] == [len(p) for p in torch.tensor_split(torch.arange(n), size)]
+            assert torch.equal(torch.cat(parts), torch.arange(n))
+
+
+def test_the_ranks_batches_together_are_the_one_process_batches() -> None:
+    split = TinyDataset(n=29).split("train")
+
+    def batches(shard: tuple[int, int], shuffle: bool) -> Batches:
+        order = torch.Generator().manual_seed(5)
+        return Batches(split, 8, shuffle=shuffle, generator=order, shard=shard)
+
+    whole = list(batches((0, 1), True))
+    ranks = [list(batches((r, 2), True)) for r in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 4
+    for k, batch in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0][k].index, ranks[1][k].index]), batch.index)
+        assert torch.equal(torch.cat([ranks[0][k].inputs["audio"], ranks[1][k].inputs["audio"]]), batch.inputs["audio"])
+        assert ranks[0][k].share + ranks[1][k].share == 1.0 and batch.share == 1.0
+    assert [b.share for b in ranks[0]] == [0.5, 0.5, 0.5, 0.6]  # the last global batch of 5 rows: 3 + 2
+    # A pass in split order gives each rank one contiguous part of the split.
+    parts = [torch.cat([b.index for b in batches((r, 2), False)]) for r in range(2)]
+    assert torch.equal(parts[0], torch.arange(15)) and torch.equal(parts[1], torch.arange(15, 29))
+
+
+def test_a_last_global_batch_smaller_than_the_ranks_is_left_out_on_every_rank() -> None:
+    split = TinyDataset(n=17).split("train")
+    shards = [Batches(split, 8, shuffle=True, generator=torch.Generator(), shard=(r, 2)) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2] and [s.dropped for s in shards] == [1, 1]
+    assert Batches(split, 8, shuffle=True, generator=torch.Generator()).dropped == 0
+
+
+def test_on_one_process_the_collectives_return_their_input() -> None:
+    t = torch.arange(6.0).view(3, 2)
+    assert all_sum(t, World()) is t and all_gather_rows(t, World()) is t
+    assert not World().distributed and World().main and World(1, 2).distributed and not World(1, 2).main
+
+
+def test_the_launch_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert launched_world() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launched_world() == (1, 2, 1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match=r"inconsistent launch environment: RANK=2, WORLD_SIZE=2, LOCAL_RANK=1"):
+        launched_world()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match="must be integers"):
+        launched_world()
+
+
+# -- two processes ------------------------------------------------------------------------------------
+
+
+def _without_batch_statistics(method: Method) -> None:
+    """BatchNorm normalises each shard by its own statistics; without it a shard's gradient is exact."""
+    for module in list(method.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.Identity())
+
+
+def train_steps(name: str, world: World, epochs: int = 2, **hparams: Any) -> dict[str, torch.Tensor]:
+    """``epochs`` epochs of ``name`` on 29 rows in global batches of 8 (the last of 5: 3 + 2 rows on two ranks)."""
+    data = TinyDataset(n=29)
+    method = build_method(name, data, world=world, **hparams)
+    _without_batch_statistics(method)
+    ctx = method.ctx
+    for epoch in range(epochs):
+        ctx.epoch = epoch
+        method.train()
+        order = torch.Generator().manual_seed(epoch)
+        method.train_epoch(epoch, ctx.batching(data.split("train"), shuffle=True, generator=order))
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def _rank(rank: int, rendezvous: str, out: str, name: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        torch.save(train_steps(name, World(rank, 2, rank, "gloo")), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path), "baseline"), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    one = train_steps("baseline", World())
+    assert ranks[0].keys() == ranks[1].keys() == one.keys()
+    moved = False
+    initial = build_method("baseline", TinyDataset(n=29)).state_dict()
+    for key, value in one.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the replicas never drift apart
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        moved |= key in initial and not torch.equal(value, initial[key])
+    assert moved
