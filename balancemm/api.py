@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from balancemm.config import deep_merge, resolve_config
+from balancemm.config import RunConfig, deep_merge, resolve_config
 from balancemm.errors import ConfigError
 from balancemm.files import PARTIAL
 from balancemm.layout import CONFIG_FILE, ENTRIES, RunFiles, default_out
 
 if TYPE_CHECKING:
+    from balancemm.engine.trainer import Trainer
     from balancemm.models import MultimodalClassifier
 
 __all__ = ["check_run_out", "create_model", "default_out", "list_datasets", "train"]
@@ -63,15 +65,30 @@ def train(
     The run directory defaults to ``runs/<method>-<dataset>-seed<N>-<hash8>``; calling again with the
     same arguments resumes an interrupted run or returns the finished one.
     """
-    from balancemm.engine.trainer import Trainer
-
     extra = {"method": {k: v for k, v in hparams.items() if v is not None}} if hparams else {}
     cfg = resolve_config(
         method, dataset, config_file=config, sets=sets, overrides=deep_merge(overrides or {}, extra), seed=seed
     )
     out = default_out(cfg) if out is None else out
-    check_run_out(out)
-    return Trainer(cfg, out, device=device, progress=progress).fit()
+    with trainer_for(cfg, out, device=device, progress=progress) as trainer:
+        return trainer.fit()
+
+
+@contextmanager
+def trainer_for(cfg: RunConfig, out: str | Path, *, device: str = "auto", progress: bool = False) -> Iterator[Trainer]:
+    """The trainer of a run, in the process group torchrun started if there is one (``balancemm train
+    --nproc N`` and ``torchrun ... -m balancemm train``); the group is left when the block ends."""
+    from balancemm.device import resolve_device
+    from balancemm.distributed import start, stop
+    from balancemm.engine.trainer import Trainer
+
+    world = start(resolve_device(device).type)
+    try:
+        if world.main:  # the other ranks would see rank 0's run directory being made
+            check_run_out(out)
+        yield Trainer(cfg, out, device=device, progress=progress, world=world)
+    finally:
+        stop(world)
 
 
 def create_model(dataset: str = "embedded", method: str = "baseline", **resolve: Any) -> MultimodalClassifier:

@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel training on N processes of this machine (one per GPU; gloo on CPUs), started "
+        "through torch's launcher; train.batch_size stays the global batch",
+    )
 
     ls = sub.add_parser("list", help="list registered methods or datasets")
     ls.add_argument("what", choices=["methods", "datasets"])
@@ -199,19 +207,62 @@ def format_summary(s: dict[str, Any], run_dir: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from balancemm.api import check_run_out, default_out
+    from balancemm.api import default_out, trainer_for
     from balancemm.config import resolve_config
-    from balancemm.engine.trainer import Trainer
 
     cfg = resolve_config(args.method, args.dataset, config_file=args.config, sets=args.sets, seed=args.seed)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: the number of processes must be at least 1")
+        if args.nproc > 1:
+            return _launch(args.nproc, args.argv)
     out = args.out if args.out is not None else str(default_out(cfg))
-    check_run_out(out)
-    trainer = Trainer(cfg, out, device=args.device, progress=not args.quiet)
-    warning = missing_clips_warning(cfg.run.dataset, trainer.data.describe())
-    if warning:
-        print(f"balancemm: warning: {warning}", file=sys.stderr)
-    summary = trainer.fit()
-    print(format_summary(summary, out))
+    with trainer_for(cfg, out, device=args.device, progress=not args.quiet) as trainer:
+        warning = missing_clips_warning(cfg.run.dataset, trainer.data.describe())
+        if warning and trainer.world.main:
+            print(f"balancemm: warning: {warning}", file=sys.stderr)
+        summary = trainer.fit()
+        if trainer.world.main:
+            print(format_summary(summary, out))
+    return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``balancemm train … --nproc N``: the same command on N local processes, through torch's launcher
+    (torchrun's ``--standalone`` rendezvous); the workers' output reaches this console as it comes."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc inside a launched process: leave --nproc out under torchrun")
+    rest, skip = [], False
+    for arg in argv:  # the command again, without --nproc (each worker is one process)
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    # The launcher logs each worker's exit and its own clean-up; the workers' lines say what matters.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "balancemm", *rest)
+    except ChildFailedError as exc:
+        # Rank 0 has said what went wrong; the launcher's report would only repeat it as a traceback.
+        codes = [f.exitcode for f in exc.failures.values()]
+        return next((c for c in codes if c > 0), 1)
     return 0
 
 
@@ -459,6 +510,7 @@ def _data(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         commands = {
             "train": _train,
@@ -472,7 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except BalanceMMError as exc:
-        print(f"balancemm: error: {exc}", file=sys.stderr)
+        # Every rank of a data-parallel run makes the same checks: rank 0 speaks for them.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("balancemm: interrupted; run the same command again to resume", file=sys.stderr)

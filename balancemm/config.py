@@ -131,6 +131,7 @@ class TrainConfig:
     deterministic: bool = True
     channels_last: bool = False  # 2-D convolution encoders in channels-last memory format (tensor cores)
     compile: bool = False  # torch.compile each encoder's forward
+    sync_bn: bool = False  # data-parallel runs on GPUs: BatchNorm statistics over the global batch
 
 
 @dataclass(frozen=True)

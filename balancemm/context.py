@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from balancemm.data.base import MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
-from balancemm.distributed import World, all_gather_rows, all_sum, broadcast_
+from balancemm.distributed import World, all_gather_rows, all_sum, broadcast_, gather_objects
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
 from balancemm.precision import Precision
@@ -470,9 +470,12 @@ class RunContext:
 
     def check_finite(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         """Stop the run if any loss term is NaN or infinite; return the terms as floats for logging."""
-        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+        stacked = torch.stack([v.detach().float() for v in losses.values()])
+        values = stacked.tolist()
         out = dict(zip(losses, values, strict=True))
-        for name, value in out.items():
+        # Every rank stops together: a term that is not finite on any rank is not finite in the sum.
+        seen = dict(zip(losses, self.all_sum(stacked).tolist(), strict=True)) if self.world.distributed else out
+        for name, value in seen.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss term {name!r} became {value} at epoch {self.epoch}, step {self.step}; "
@@ -483,7 +486,12 @@ class RunContext:
         return out
 
     def pop_logs(self) -> dict[str, float]:
-        """Per-epoch means of everything logged since the last call."""
-        out = {k: v.total / v.count for k, v in sorted(self._logs.items()) if v.count}
+        """Per-epoch means of everything logged since the last call (over every rank's values)."""
+        sums = {k: (v.total, v.count) for k, v in self._logs.items() if v.count}
         self._logs.clear()
-        return out
+        merged: dict[str, tuple[float, int]] = {}
+        for part in gather_objects(sums, self.world):
+            for key, (total, count) in part.items():
+                t, c = merged.get(key, (0.0, 0))
+                merged[key] = (t + total, c + count)
+        return {k: t / c for k, (t, c) in sorted(merged.items())}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,8 @@ def start(device_type: str) -> World:
     if size == 1:
         return World()
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)  # NCCL's collectives run on the current device
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return World(rank, size, local, backend)
@@ -85,12 +88,28 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def _on_backend(t: Tensor, world: World) -> Tensor:
+    """``t`` where the backend can reduce it: NCCL only reduces GPU tensors (host counters travel there)."""
+    if world.backend == "nccl" and t.device.type != "cuda":
+        return t.detach().to(torch.device("cuda", torch.cuda.current_device()))
+    return t.detach().clone()
+
+
 def all_sum(t: Tensor, world: World) -> Tensor:
-    """The sum of ``t`` over all ranks (a new tensor; ``t`` is untouched)."""
+    """The sum of ``t`` over all ranks (a new tensor on ``t``'s device; ``t`` is untouched)."""
     if not world.distributed:
         return t
-    out = t.detach().clone()
+    out = _on_backend(t, world)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable: logged scalars, FLOP counts), in rank order."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -98,15 +117,16 @@ def all_gather_rows(t: Tensor, world: World) -> Tensor:
     """Every rank's ``t`` concatenated along dim 0 in rank order; the ranks may hold different row counts."""
     if not world.distributed:
         return t
-    rows = torch.tensor([t.shape[0]], device=t.device)
+    local = _on_backend(t, world)
+    rows = torch.tensor([t.shape[0]], device=local.device)
     counts = [torch.zeros_like(rows) for _ in range(world.size)]
     dist.all_gather(counts, rows)
     most = int(max(int(c) for c in counts))
-    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t.detach()
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=local.device)
+    padded[: t.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)]).to(t.device)
 
 
 def broadcast_(tensors: Iterable[Tensor], world: World, src: int = 0) -> None:
@@ -114,7 +134,12 @@ def broadcast_(tensors: Iterable[Tensor], world: World, src: int = 0) -> None:
     if not world.distributed:
         return
     for t in tensors:
-        dist.broadcast(t, src)
+        if world.backend == "nccl" and t.device.type != "cuda":
+            on = _on_backend(t, world)
+            dist.broadcast(on, src)
+            t.copy_(on)
+        else:
+            dist.broadcast(t, src)
 
 
 def barrier(world: World) -> None:

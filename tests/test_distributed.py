@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from balancemm.config import resolve_config
 from balancemm.data.loader import Batches
 from balancemm.distributed import World, all_gather_rows, all_sum, launched_world, shard_bounds
+from balancemm.engine.trainer import Trainer
 from balancemm.errors import ConfigError
 from balancemm.methods import Method
 from tests.conftest import TinyDataset, build_method
@@ -123,3 +128,35 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path: Path) -> N
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
         moved |= key in initial and not torch.equal(value, initial[key])
     assert moved
+
+
+def test_two_ranks_through_the_cli_write_one_run_directory_and_count_every_test_sample_once(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    sets = ["train.epochs=2", "model.encoders.audio.channels=[4,6]", "model.encoders.visual.channels=[4,6]"]
+    command = [sys.executable, "-m", "balancemm", "train", "--method", "baseline", "--nproc", "2", "--quiet"]
+    done = subprocess.run([*command, "--out", str(out), "--set", *sets], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("baseline on embedded") == 1  # rank 0 alone prints the summary
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert summary["test"]["num_samples"] == summary["dataset_info"]["sizes"]["test"] == 360
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["epoch"]) for r in records] == [("val", 0), ("val", 1), ("test", summary["selected_epoch"])]
+    assert records[0]["num_samples"] == 359  # validation too: every sample once, none twice
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_what_cannot_run_distributed_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from balancemm.cli import main
+
+    assert main(["train", "--method", "baseline", "--nproc", "0"]) == 2
+    assert capsys.readouterr().err == "balancemm: error: --nproc 0: the number of processes must be at least 1\n"
+    cfg = resolve_config("baseline", sets=["train.batch_size=63"])
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg, "unused", world=World(0, 2, 0, "gloo"), dataset=TinyDataset())
+    assert str(err.value) == (
+        "train.batch_size=63 is the global batch and must divide by the 2 processes; choose a multiple of 2"
+    )
+    with pytest.raises(ConfigError, match=r"train\.sync_bn synchronises BatchNorm across GPUs; on a CPU set"):
+        Trainer(resolve_config("baseline", sets=["train.sync_bn=true"]), "unused", device="cpu", dataset=TinyDataset())
+    assert not Path("unused").exists()

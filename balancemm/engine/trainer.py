@@ -36,6 +36,7 @@ from balancemm.context import RunContext, derive_seed
 from balancemm.data import SPLITS, Batches, MultimodalDataset, SamplePlan, SplitName, create_dataset
 from balancemm.data.loader import close_loaders
 from balancemm.device import deterministic_setup, device_environment, resolve_device, resolve_precision
+from balancemm.distributed import World, barrier, gather_objects
 from balancemm.engine.artifacts import Artifacts
 from balancemm.engine.evaluate import evaluate
 from balancemm.engine.rundir import BEST, RunDir
@@ -51,6 +52,8 @@ from balancemm.precision import Precision
 # even while every loss stays finite (NonFiniteLossError catches the rest). Across the 162 runs of a
 # 30-epoch bench on the embedded data no method went above 1.1 times its first epoch's loss.
 LOSS_GROWTH_LIMIT = 1e3
+# The start of the warning of a data-parallel run whose last global batch cannot give every rank a row.
+DROPPED = "the last global batch of an epoch is left out"
 # What last.pt must hold (the keys of Trainer._state).
 LAST: Schema = {
     "epoch": int,
@@ -174,16 +177,22 @@ class Trainer:
         progress: bool = True,
         dataset: MultimodalDataset | None = None,
         concurrent_jobs: int | None = 1,
+        world: World | None = None,
     ) -> None:
         self.cfg = cfg
+        # A data-parallel run: every rank trains, rank 0 alone writes the run directory and speaks.
+        self.world = world or World()
         # How many jobs shared this machine while it trained (a sweep's --jobs; None: unknown, e.g. a
         # cluster): the report says when times were measured under contention.
         self.concurrent_jobs = concurrent_jobs
         self.device = resolve_device(device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
+        self._refuse_distributed_misfits()
         # Before anything runs on the device: deterministic cuBLAS must be set up before it starts.
         deterministic_setup(self.device, cfg.train.deterministic)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.progress = progress
+        self.progress = progress and self.world.main
         self.run = RunDir(out)
         self.run_id = cfg.digest()[:12]
         self.method_entry = METHODS.entry(cfg.run.method)
@@ -204,6 +213,16 @@ class Trainer:
         self._started = time.perf_counter()
 
     # -- building --------------------------------------------------------------------------------
+
+    def _refuse_distributed_misfits(self) -> None:
+        train, ranks = self.cfg.train, self.world.size
+        if train.batch_size % ranks:
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} is the global batch and must divide by the {ranks} "
+                f"processes; choose a multiple of {ranks}"
+            )
+        if train.sync_bn and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn synchronises BatchNorm across GPUs; on a CPU set train.sync_bn=false")
 
     def _refuse_another_config(self) -> None:
         existing = self.run.config_hash()
@@ -233,6 +252,8 @@ class Trainer:
         method_cls = METHODS.get(cfg.run.method)
         torch.manual_seed(derive_seed(cfg.run.seed, "init"))
         model = build_model(spec)
+        if train.sync_bn and self.world.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         root = self.run.path.parent
         self.artifacts = Artifacts(cfg, root, spec.modalities, self.data, self.device, self._fit_artifact)
         self.meter = FlopMeter(train.flops, train.flops_sample_steps)
@@ -251,6 +272,7 @@ class Trainer:
             num_workers=train.num_workers,
             artifact_loader=self.artifacts.load,
             precision=Precision(self.precision, self.device.type),
+            world=self.world,
         )
         method: Method = method_cls(model, self.ctx, cfg.method).to(self.device)
         speed_up(model, channels_last=train.channels_last, compile=train.compile)
@@ -267,7 +289,9 @@ class Trainer:
 
     def _fit_artifact(self, cfg: RunConfig, out: Path) -> dict[str, Any]:
         """Train (or reuse) the run an artifact is, in ``out``, on this run's data, device and console."""
-        return Trainer(cfg, out, device=str(self.device), progress=self.progress, dataset=self.data).fit()
+        return Trainer(
+            cfg, out, device=str(self.device), progress=self.progress, dataset=self.data, world=self.world
+        ).fit()
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -276,7 +300,8 @@ class Trainer:
     def _warn(self, text: str) -> None:
         """One line on the console, also with --quiet (no progress bars is not no news), and in the summary."""
         self.warnings.append(text)
-        tqdm.write(f"balancemm: warning: {text}", file=sys.stderr)
+        if self.world.main:
+            tqdm.write(f"balancemm: warning: {text}", file=sys.stderr)
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -346,8 +371,12 @@ class Trainer:
         finished = self._finished()
         if finished is not None:
             return finished
+        if not self.world.main:
+            barrier(self.world)  # rank 0 has opened the run directory
+            return self._fit()
         self._open_run()
         with self.run.locked():
+            barrier(self.world)
             # Another process may have finished the run since the first look.
             finished = self._finished()
             return finished if finished is not None else self._fit()
@@ -363,14 +392,16 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         run, cfg = self.run, self.cfg
-        run.failed.unlink(missing_ok=True)
+        if self.world.main:
+            run.failed.unlink(missing_ok=True)
         self._say_environment()
         try:
             # The resume point and the records are checked before anything is trained (teachers too).
             state = self._resume_point()
             start = 0 if state is None else int(state["epoch"]) + 1
             # Also without a checkpoint: a kill in the first epoch can leave its validation record.
-            run.truncate_records(start - 1)
+            if self.world.main:
+                run.truncate_records(start - 1)
             # Artifacts (e.g. teachers) are whole runs of their own: prepared outside the FLOP meter
             # and reported separately in the summary.
             self.artifacts.prepare(self.ctx.needs.artifacts)
@@ -383,12 +414,14 @@ class Trainer:
             self._train_epochs(start)
             return self._finish()
         except NonFiniteLossError as exc:
-            run.mark_failed(str(exc))
+            if self.world.main:
+                run.mark_failed(str(exc))
             raise
         except BalanceMMError:
             raise
         except Exception as exc:
-            run.mark_failed(f"{type(exc).__name__}: {exc}")
+            if self.world.main:
+                run.mark_failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             close_loaders([self.data.split(s) for s in SPLITS])
@@ -418,7 +451,7 @@ class Trainer:
 
     def _train_epochs(self, start: int) -> None:
         epochs = self.cfg.train.epochs
-        writer = _tensorboard(self.run.tensorboard, start)
+        writer = _tensorboard(self.run.tensorboard, start) if self.world.main else None
         bar = tqdm(
             range(start, epochs),
             desc="epochs",
@@ -436,7 +469,8 @@ class Trainer:
             val = evaluate(self.method, self._batches("val"), self.data.num_classes)
             self._write_epoch(epoch, val, logs, lr, writer)
             self._select(epoch, val)
-            self.run.save(self.run.last, self._state(epoch))
+            if self.world.main:
+                self.run.save(self.run.last, self._state(epoch))
             loss = logs.get("loss/ce", next(iter(logs.values()), 0.0))
             bar.set_postfix_str(f"loss {loss:.3f} val acc {100 * val['accuracy']:.1f}")
         if writer is not None:
@@ -450,8 +484,14 @@ class Trainer:
         t0 = time.perf_counter()
         with self._hook("on_epoch_start"):
             plan = method.on_epoch_start(epoch)
+        batches = self._batches("train", epoch, plan)
+        if batches.dropped and not any(w.startswith(DROPPED) for w in self.warnings):
+            self._warn(
+                f"{DROPPED} ({batches.dropped} rows, fewer than the {self.world.size} processes) in epoch {epoch}; "
+                "a train.batch_size that leaves a larger remainder keeps every row"
+            )
         inner = tqdm(
-            self._batches("train", epoch, plan),
+            batches,
             desc=f"epoch {epoch}",
             leave=False,
             disable=not self.progress,
@@ -496,7 +536,8 @@ class Trainer:
         record = self._record("val", epoch, val)
         record["train"] = logs
         record["lr"] = lr
-        self.run.append_record(record)
+        if self.world.main:
+            self.run.append_record(record)
         if writer is None:
             return
         scalars = [("val/accuracy", val["accuracy"]), ("val/macro_f1", val["macro_f1"]), ("val/loss", val["loss"])]
@@ -511,9 +552,11 @@ class Trainer:
         score = val[self.cfg.train.select_metric]
         if score > self.best["value"]:
             self.best = {"epoch": epoch, "value": score}
-            self.run.save(
-                self.run.best, {"epoch": epoch, "config_hash": self.cfg.digest(), "method": self.method.state_dict()}
-            )
+            if self.world.main:
+                self.run.save(
+                    self.run.best,
+                    {"epoch": epoch, "config_hash": self.cfg.digest(), "method": self.method.state_dict()},
+                )
 
     def _record(self, split: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
@@ -528,7 +571,7 @@ class Trainer:
             "split": split,
             **metrics,
             "train_time_s": self.train_time,
-            "flops_cumulative": self.meter.total if self.meter.enabled else None,
+            "flops_cumulative": self._global_flops()["total"] if self.meter.enabled else None,
         }
 
     # -- the end ---------------------------------------------------------------------------------
@@ -537,13 +580,15 @@ class Trainer:
         """Test the selected epoch once, then write the summary and the done marker."""
         test, subsets = self._test()
         summary = self._summary(test, subsets)
-        write_json(self.run.summary, summary)
-        self.run.mark_done()
+        if self.world.main:
+            write_json(self.run.summary, summary)
+            self.run.mark_done()
         return summary
 
     def _test(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load the selected epoch's weights; score the test split, and its named subsets (no Shapley)."""
         run, method = self.run, self.method
+        barrier(self.world)  # rank 0 has saved the last selected weights
         best = run.load(run.best, BEST)
         if best["epoch"] != self.best["epoch"]:
             raise DamagedFile(
@@ -554,7 +599,9 @@ class Trainer:
         method.load_state_dict(best["method"])
         test = evaluate(method, self._batches("test"), self.data.num_classes)
         test["shapley_by_mask"] = self._shapley_by_mask(test)
-        run.append_record(self._record("test", self.best["epoch"], test))
+        record = self._record("test", self.best["epoch"], test)
+        if self.world.main:
+            run.append_record(record)
         subsets = {}
         for name, rows in self.data.eval_subsets("test").items():
             batches = self.ctx.batching(self.data.split("test"), subset=rows)
@@ -631,6 +678,7 @@ class Trainer:
             },
             "dataset_info": self.data.describe(),
             "environment": environment(self.device, self.precision),
+            "distributed": {"world_size": self.world.size, "backend": self.world.backend},
             "warnings": self.warnings,
         }
 
@@ -644,18 +692,28 @@ class Trainer:
             "before_selected": bool(epochs) and epochs[0] <= self.best["epoch"],
         }
 
+    def _global_flops(self) -> dict[str, Any]:
+        """The FLOP counts of every rank added up (each rank counts its own shards): the run's training cost."""
+        by_phase: dict[str, int] = {}
+        extrapolated = 0
+        for part in gather_objects((dict(self.meter.by_phase), self.meter.extrapolated), self.world):
+            for phase, flops in part[0].items():
+                by_phase[phase] = by_phase.get(phase, 0) + flops
+            extrapolated += part[1]
+        return {"total": sum(by_phase.values()), "by_phase": by_phase, "extrapolated": extrapolated}
+
     def _flops(self) -> dict[str, Any]:
-        cfg, meter = self.cfg, self.meter
+        cfg, on = self.cfg, self.meter.enabled
         artifacts = {k: a["flops"] for k, a in self.artifacts.runs.items()}
-        on = meter.enabled
+        counted = self._global_flops()
         return {
             "counting": cfg.train.flops,
             "sample_steps": cfg.train.flops_sample_steps if cfg.train.flops == "sampled" else None,
-            "total": meter.total if on else None,
-            "extrapolated": meter.extrapolated if on else None,
-            "by_phase": dict(sorted(meter.by_phase.items())) if on else {},
+            "total": counted["total"] if on else None,
+            "extrapolated": counted["extrapolated"] if on else None,
+            "by_phase": dict(sorted(counted["by_phase"].items())) if on else {},
             "artifacts": artifacts,
-            "total_with_artifacts": meter.total + sum(f or 0 for f in artifacts.values()) if on else None,
+            "total_with_artifacts": counted["total"] + sum(f or 0 for f in artifacts.values()) if on else None,
         }
 
 
