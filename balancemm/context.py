@@ -280,7 +280,8 @@ class RunContext:
         grads = self.precision.grad(outputs, inputs, **kwargs)
         if not self.world.distributed:
             return grads
-        return tuple(self._global_sum([self.share * g if g is not None else None for g in grads], inputs))
+        like = [inputs] if isinstance(inputs, Tensor) else list(inputs)  # autograd takes one tensor too
+        return tuple(self._global_sum([self.share * g if g is not None else None for g in grads], like))
 
     def _sync_grads(self, params: list[nn.Parameter], before: dict[int, Tensor]) -> None:
         """Replace the gradient each of ``params`` gained in this rank's pass by the ranks' weighted sum."""
@@ -324,6 +325,14 @@ class RunContext:
         """``t`` summed over the ranks (``t`` itself on one process): a sum over this rank's rows becomes
         the sum over the global batch's, so every rank computes the same statistic."""
         return all_sum(t, self.world)
+
+    def global_mean(self, t: Tensor) -> Tensor:
+        """The mean over the rows of ``t`` ``[n_r, ...]`` of every rank (``t.mean(0)`` on one process):
+        the global batch's mean, whatever share of it each rank holds."""
+        if not self.world.distributed:
+            return t.mean(0)
+        rows = torch.tensor([t.shape[0]], dtype=t.dtype, device=t.device)
+        return self.all_sum(t.sum(0)) / self.all_sum(rows)
 
     def gather(self, t: Tensor) -> Tensor:
         """``[n_r, ...]`` rows of every rank concatenated in rank order (``t`` itself on one process): a

@@ -19,7 +19,7 @@ from balancemm.data.loader import Batches
 from balancemm.distributed import World, all_gather_rows, all_sum, launched_world, shard_bounds
 from balancemm.engine.trainer import Trainer
 from balancemm.errors import ConfigError
-from balancemm.methods import Method
+from balancemm.methods import Method, list_methods
 from tests.conftest import TinyDataset, build_method
 
 
@@ -160,3 +160,54 @@ def test_what_cannot_run_distributed_is_one_line(capsys: pytest.CaptureFixture[s
     with pytest.raises(ConfigError, match=r"train\.sync_bn synchronises BatchNorm across GPUs; on a CPU set"):
         Trainer(resolve_config("baseline", sets=["train.sync_bn=true"]), "unused", device="cpu", dataset=TinyDataset())
     assert not Path("unused").exists()
+
+
+# Hyper-parameters under which every method acts within two short epochs (schedules start at once).
+ACTING: dict[str, dict[str, Any]] = {
+    "unimodal": {"modality": "audio"},
+    "gblending": {"super_epoch": 1},
+    "reconboost": {"epochs_per_stage": 1, "correct_epoch": 1},
+    "greedy": {"starting_epoch": 0, "epsilon": 0.0},
+    "modality_valuation": {"warmup": 0},
+    "opm": {"modulation_starts": 0},
+    "relearning": {"reinit_epoch": 1, "n_init": 1},
+}
+
+
+def _every_method(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        states: dict[str, Any] = {}
+        for name in list_methods():
+            data = TinyDataset(n=29)
+            method = build_method(name, data, world=World(rank, 2, rank, "gloo"), **ACTING.get(name, {}))
+            ctx = method.ctx
+            method.on_fit_start()
+            for epoch in range(2):
+                ctx.epoch = epoch
+                method.train()
+                plan = method.on_epoch_start(epoch)
+                order = torch.Generator().manual_seed(epoch)
+                method.train_epoch(epoch, ctx.batching(data.split("train"), shuffle=True, generator=order, plan=plan))
+                method.on_epoch_end(epoch)
+            states[name] = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        torch.save(states, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_states(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    where = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_every_method, args=(str(where / "rendezvous"), str(where)), nprocs=2)
+    return [torch.load(where / f"{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_keeps_its_replicas_identical_on_two_ranks(name: str, two_rank_states: list[Any]) -> None:
+    # Parameters, buffers and method state after two epochs of the method acting: the same on both ranks,
+    # bit for bit; a statistic computed from a rank's own shard would make them drift apart.
+    first, second = (states[name] for states in two_rank_states)
+    assert first.keys() == second.keys()
+    drifted = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not drifted, f"{name}: {drifted[:5]}"

@@ -43,6 +43,22 @@ backward pass and, under fp16 loss scaling, return true gradients, so no method 
 or rewrites a scaled gradient. A method that steps an optimiser itself calls ``ctx.optimizer_step``,
 which skips a step whose gradients overflowed.
 
+Data-parallel runs (``--nproc N``, torchrun): every batch a method sees is this rank's shard of the
+global batch (``batch.share`` of it), and passes over a split in order (``ctx.batches(split)``) give
+each rank a part of the split. What a method author must do:
+
+* take gradients only through ``ctx.backward`` / ``ctx.grad``: they return the global batch's gradient
+  on every rank (a second synchronisation of them would count it twice);
+* compute every batch or split statistic that steers training (scores, coefficients, prototypes,
+  means, valuations, weights) over all ranks: ``ctx.all_sum(t)`` for sums, ``ctx.global_mean(t)`` for a
+  mean over rows, ``ctx.gather(t)`` for per-row values in global order; all three return their input
+  on one process, so the method stays the same code;
+* draw randomness from ``ctx.generator`` / ``ctx.device_generator``: they are seeded alike on every rank;
+* make the same collective calls on every rank (a branch on a shard's own data must not skip one).
+
+``tests/test_distributed.py`` trains every registered method on two gloo ranks and requires the
+parameters, buffers and state to stay bit-identical on both.
+
 A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses)`` on its losses
 (the default loop does), so NaN detection and loss logging keep working, and must wrap each step in
 ``self.ctx.counted_step(batch_size)``: with sampled FLOP counting only its steps are counted.

@@ -231,7 +231,9 @@ class MLA(Method):
         hp = self.hp
         if hp.gs and int(self.updates) > 0:
             with torch.no_grad():
-                self.projector.copy_(owm_update(self.projector, h.mean(0), alpha, hp.gs_denominator))
+                # The global batch's mean feature: every rank's shard in a data-parallel run.
+                mean = self.ctx.global_mean(h)
+                self.projector.copy_(owm_update(self.projector, mean, alpha, hp.gs_denominator))
                 grad = self.head.weight.grad
                 if grad is not None:
                     grad.copy_(project(grad, self.projector, hp.gs_mode))
@@ -240,8 +242,9 @@ class MLA(Method):
     def training_step(self, batch: Batch) -> tuple[ModelOutput, dict[str, Tensor]]:
         ctx, model = self.ctx, self.model
         if self._batch_idx == 0:
-            # Batches hold batch_size rows except the last, so the first one gives the batch size.
-            self._num_batches = math.ceil(ctx.split_size("train") / len(batch))
+            # Batches hold batch_size rows except the last, so the first one gives the batch size (the
+            # global batch's: a rank's shard holds its share of it).
+            self._num_batches = math.ceil(ctx.split_size("train") / round(len(batch) / batch.share))
         alpha = gs_alpha(self._batch_idx, self._num_batches)
         with ctx.hook_phase("forward"):
             features = model.encode(batch)

@@ -142,7 +142,8 @@ class ModalityValuation(Method):
                 chunks.append(torch.stack([phi[m] for m in mods], dim=1).cpu())
                 rows.append(batch.index.cpu())
         out = torch.empty(self.ctx.split_size("train"), len(mods), dtype=torch.float64)
-        out[torch.cat(rows)] = torch.cat(chunks)
+        # In a data-parallel run each rank valued its part of the split: every rank gets every row's φ.
+        out[self.ctx.gather(torch.cat(rows))] = self.ctx.gather(torch.cat(chunks))
         return out
 
     def sample_plan(self, phi: Tensor) -> SamplePlan:

@@ -108,11 +108,14 @@ class OGMGE(Method):
         if not self.acts_in(ctx.epoch):
             return
         with torch.no_grad():
-            scores = torch.stack(
-                [
-                    torch.softmax(out.unimodal_logits[m], dim=1).gather(1, batch.label[:, None]).sum()
-                    for m in self.model.modalities
-                ]
+            # Sums over the batch: over every rank's shard in a data-parallel run (the global batch's).
+            scores = ctx.all_sum(
+                torch.stack(
+                    [
+                        torch.softmax(out.unimodal_logits[m], dim=1).gather(1, batch.label[:, None]).sum()
+                        for m in self.model.modalities
+                    ]
+                )
             )
             k = ogm_coefficients(scores, hp.alpha, hp.continuous).tolist()
             for m, coeff in zip(self.model.modalities, k, strict=True):
