@@ -119,11 +119,23 @@ def test_masked_modality_gives_zero_cosine_without_nan(tiny: TinyDataset) -> Non
     assert torch.isfinite(coal).all() and torch.count_nonzero(coal[0]) == 0
 
 
-@pytest.mark.parametrize("fusion", ["gated", "film"])
-def test_fusions_without_per_modality_linear_terms_are_refused(fusion: str) -> None:
-    with pytest.raises(ConfigError, match=r"use model\.fusion=concat or sum"):
-        MMCosine.model_spec(tiny_spec(TinyDataset(), fusion=fusion), MMCosine.HParams())
-    spec = MMCosine.model_spec(tiny_spec(TinyDataset(), fusion="sum"), MMCosine.HParams())
-    assert spec.fusion == "cosine"
-    with pytest.raises(ConfigError, match="unimodal_heads=auto or slice"):
-        MMCosine.model_spec(tiny_spec(TinyDataset(), unimodal_heads="linear"), MMCosine.HParams())
+REFUSED = [("gated", "auto"), ("film", "auto"), ("amco", "auto"), ("concat", "linear")]
+
+
+@pytest.mark.parametrize(("fusion", "heads"), REFUSED)
+def test_fusions_without_per_modality_linear_terms_are_refused(fusion: str, heads: str) -> None:
+    # AMCo's masked head is sliceable too, but its slices are not the late linear terms the cosine replaces.
+    with pytest.raises(ConfigError) as err:
+        MMCosine.model_spec(tiny_spec(TinyDataset(), fusion=fusion, unimodal_heads=heads), MMCosine.HParams())
+    assert str(err.value) == (
+        "mmcosine replaces a late linear fusion head by per-modality cosines, which are also its per-modality "
+        f"logits (got model.fusion={fusion}, model.unimodal_heads={heads}): use model.fusion=concat or sum with "
+        "model.unimodal_heads=auto or slice"
+    )
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "cosine"])
+def test_late_linear_fusions_and_its_own_cosine_head_are_taken(fusion: str) -> None:
+    # "cosine" is what model_spec itself installs: a spec that went through it once passes again.
+    spec = MMCosine.model_spec(tiny_spec(TinyDataset(), fusion=fusion), MMCosine.HParams(scale=7.0))
+    assert (spec.fusion, spec.unimodal_heads, spec.fusion_options) == ("cosine", "slice", {"scale": 7.0})
