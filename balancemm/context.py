@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from balancemm.data.base import MultimodalDataset, Split, SplitName
 from balancemm.data.batch import Batch, SamplePlan
 from balancemm.data.loader import Batches
-from balancemm.distributed import World, all_gather_rows, all_sum, broadcast_, gather_objects
+from balancemm.distributed import World, all_gather_rows, all_sum, broadcast_, gather_objects, shard_bounds
 from balancemm.errors import NonFiniteLossError
 from balancemm.metrics.flops import FlopMeter
 from balancemm.precision import Precision
@@ -333,6 +333,16 @@ class RunContext:
             return t.mean(0)
         rows = torch.tensor([t.shape[0]], dtype=t.dtype, device=t.device)
         return self.all_sum(t.sum(0)) / self.all_sum(rows)
+
+    def rows_in_global_batch(self, batch: Batch) -> tuple[int, int, int]:
+        """``(start, end, size)``: this rank holds rows ``start:end`` of its global batch of ``size`` rows
+        (``(0, len(batch), len(batch))`` on one process). Per-row randomness drawn for all ``size`` rows
+        from ``ctx.generator`` and sliced to ``start:end`` is the one process's draw, row for row."""
+        if not self.world.distributed:
+            return 0, len(batch), len(batch)
+        size = round(len(batch) / batch.share)
+        start, end = shard_bounds(size, self.world.rank, self.world.size)
+        return start, end, size
 
     def gather(self, t: Tensor) -> Tensor:
         """``[n_r, ...]`` rows of every rank concatenated in rank order (``t`` itself on one process): a

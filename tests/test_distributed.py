@@ -19,7 +19,7 @@ from balancemm.data.loader import Batches
 from balancemm.distributed import World, all_gather_rows, all_sum, launched_world, shard_bounds
 from balancemm.engine.trainer import Trainer
 from balancemm.errors import ConfigError
-from balancemm.methods import Method, list_methods
+from balancemm.methods import list_methods
 from tests.conftest import TinyDataset, build_method
 
 
@@ -86,50 +86,6 @@ def test_the_launch_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPa
 # -- two processes ------------------------------------------------------------------------------------
 
 
-def _without_batch_statistics(method: Method) -> None:
-    """BatchNorm normalises each shard by its own statistics; without it a shard's gradient is exact."""
-    for module in list(method.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, name, nn.Identity())
-
-
-def train_steps(name: str, world: World, epochs: int = 2, **hparams: Any) -> dict[str, torch.Tensor]:
-    """``epochs`` epochs of ``name`` on 29 rows in global batches of 8 (the last of 5: 3 + 2 rows on two ranks)."""
-    data = TinyDataset(n=29)
-    method = build_method(name, data, world=world, **hparams)
-    _without_batch_statistics(method)
-    ctx = method.ctx
-    for epoch in range(epochs):
-        ctx.epoch = epoch
-        method.train()
-        order = torch.Generator().manual_seed(epoch)
-        method.train_epoch(epoch, ctx.batching(data.split("train"), shuffle=True, generator=order))
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
-
-
-def _rank(rank: int, rendezvous: str, out: str, name: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        torch.save(train_steps(name, World(rank, 2, rank, "gloo")), f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path), "baseline"), nprocs=2)
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
-    one = train_steps("baseline", World())
-    assert ranks[0].keys() == ranks[1].keys() == one.keys()
-    moved = False
-    initial = build_method("baseline", TinyDataset(n=29)).state_dict()
-    for key, value in one.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the replicas never drift apart
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
-        moved |= key in initial and not torch.equal(value, initial[key])
-    assert moved
-
-
 def test_two_ranks_through_the_cli_write_one_run_directory_and_count_every_test_sample_once(tmp_path: Path) -> None:
     out = tmp_path / "r"
     sets = ["train.epochs=2", "model.encoders.audio.channels=[4,6]", "model.encoders.visual.channels=[4,6]"]
@@ -174,23 +130,26 @@ ACTING: dict[str, dict[str, Any]] = {
 }
 
 
+def _two_epochs(name: str, world: World) -> dict[str, torch.Tensor]:
+    """Two epochs of ``name`` acting, on 29 rows in global batches of 8 (the last: 3 + 2 rows on two ranks)."""
+    data = TinyDataset(n=29)
+    method = build_method(name, data, world=world, **ACTING.get(name, {}))
+    ctx = method.ctx
+    method.on_fit_start()
+    for epoch in range(2):
+        ctx.epoch = epoch
+        method.train()
+        plan = method.on_epoch_start(epoch)
+        order = torch.Generator().manual_seed(epoch)
+        method.train_epoch(epoch, ctx.batching(data.split("train"), shuffle=True, generator=order, plan=plan))
+        method.on_epoch_end(epoch)
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
 def _every_method(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        states: dict[str, Any] = {}
-        for name in list_methods():
-            data = TinyDataset(n=29)
-            method = build_method(name, data, world=World(rank, 2, rank, "gloo"), **ACTING.get(name, {}))
-            ctx = method.ctx
-            method.on_fit_start()
-            for epoch in range(2):
-                ctx.epoch = epoch
-                method.train()
-                plan = method.on_epoch_start(epoch)
-                order = torch.Generator().manual_seed(epoch)
-                method.train_epoch(epoch, ctx.batching(data.split("train"), shuffle=True, generator=order, plan=plan))
-                method.on_epoch_end(epoch)
-            states[name] = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        states = {name: _two_epochs(name, World(rank, 2, rank, "gloo")) for name in list_methods()}
         torch.save(states, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -211,3 +170,64 @@ def test_every_method_keeps_its_replicas_identical_on_two_ranks(name: str, two_r
     assert first.keys() == second.keys()
     drifted = [k for k in first if not torch.equal(first[k], second[k])]
     assert not drifted, f"{name}: {drifted[:5]}"
+
+
+def _plain_normalisation() -> None:
+    # BatchNorm normalises each shard by its own statistics, which no data-parallel run can avoid (short of
+    # train.sync_bn on GPUs): it is switched off here, in place, so that state dicts keep their keys.
+    nn.modules.batchnorm._BatchNorm.forward = lambda self, x: x  # type: ignore[method-assign,assignment]
+
+
+def _every_method_without_batch_statistics(rank: int, rendezvous: str, out: str) -> None:
+    _plain_normalisation()
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        states = {name: _two_epochs(name, World(rank, 2, rank, "gloo")) for name in list_methods()}
+        if rank == 0:
+            torch.save(states, f"{out}/states.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+#: Methods whose two-rank run is not yet the one-process algorithm, and why.
+NOT_YET_EXACT: dict[str, str] = {
+    "agm": "coalition scores of the rank's own shard",
+    "amco": "per-row masks drawn for the shard, not the global batch",
+    "cml": "its batch statistics are the shard's",
+    "gblending": "blend weights from the shard's validation losses",
+    "greedy": "its balance statistics are the shard's",
+    "modality_valuation": "re-sampled copies change the epoch's size; its last global batch may be left out",
+    "opm": "per-row drops drawn for the shard, not the global batch",
+    "pmr": "prototypes of the shard",
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks_and_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    where = tmp_path_factory.mktemp("parity")
+    mp.spawn(_every_method_without_batch_statistics, args=(str(where / "rendezvous"), str(where)), nprocs=2)
+    forward = nn.modules.batchnorm._BatchNorm.forward
+    try:
+        _plain_normalisation()
+        one = {name: _two_epochs(name, World()) for name in list_methods()}
+    finally:
+        nn.modules.batchnorm._BatchNorm.forward = forward  # type: ignore[method-assign]
+    return torch.load(where / "states.pt", weights_only=False), one
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_EXACT[n])) if n in NOT_YET_EXACT else n
+        for n in list_methods()
+    ],
+)
+def test_every_method_on_two_ranks_is_the_one_process_algorithm(
+    name: str, two_ranks_and_one: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    two, one = (states[name] for states in two_ranks_and_one)
+    for key, value in one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(two[key], value), key
