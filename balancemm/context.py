@@ -469,7 +469,8 @@ class RunContext:
         return self.meter.phase(name)
 
     def mean_loss(self, per_sample: Callable[[Batch], Tensor], split: SplitName) -> float:
-        """Mean over every sample of a split of ``per_sample(batch) → [B]`` (no gradients).
+        """Mean over every sample of a split of ``per_sample(batch) → [B]`` (no gradients); in a
+        data-parallel run each rank reads its part of the split and the sums are added over the ranks.
 
         The caller chooses the mode, typically inside ``eval_mode(module)``.
         """
@@ -478,6 +479,8 @@ class RunContext:
             for batch in self.batches(split):
                 total += float(per_sample(batch).sum())
                 count += len(batch)
+        if self.world.distributed:
+            total, count = self.all_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / max(count, 1)
 
     def log(self, **scalars: float | Tensor) -> None:
