@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +89,15 @@ def test_the_launch_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPa
 # -- two processes ------------------------------------------------------------------------------------
 
 
+SMALL = ["train.epochs=2", "model.encoders.audio.channels=[4,6]", "model.encoders.visual.channels=[4,6]"]
+TRAIN_ON_TWO = [sys.executable, "-m", "balancemm", "train", "--method", "ogm_ge", "--nproc", "2", "--quiet"]
+
+
 def test_two_ranks_through_the_cli_write_one_run_directory_and_count_every_test_sample_once(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    sets = ["train.epochs=2", "model.encoders.audio.channels=[4,6]", "model.encoders.visual.channels=[4,6]"]
-    command = [sys.executable, "-m", "balancemm", "train", "--method", "baseline", "--nproc", "2", "--quiet"]
-    done = subprocess.run([*command, "--out", str(out), "--set", *sets], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*TRAIN_ON_TWO, "--out", str(out), "--set", *SMALL], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("baseline on embedded") == 1  # rank 0 alone prints the summary
+    assert done.stdout.count("ogm_ge on embedded") == 1  # rank 0 alone prints the summary
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert summary["test"]["num_samples"] == summary["dataset_info"]["sizes"]["test"] == 360
@@ -100,6 +105,25 @@ def test_two_ranks_through_the_cli_write_one_run_directory_and_count_every_test_
     assert [(r["split"], r["epoch"]) for r in records] == [("val", 0), ("val", 1), ("test", summary["selected_epoch"])]
     assert records[0]["num_samples"] == 359  # validation too: every sample once, none twice
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+    # Killed with SIGKILL (every process) after its first checkpoint, the same command resumes it and ends
+    # where the uninterrupted run ended.
+    cut = tmp_path / "cut"
+    command = [*TRAIN_ON_TWO, "--out", str(cut), "--set", *SMALL]
+    running = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = cut / "checkpoints" / "last.pt"
+    while not last.is_file() and running.poll() is None:
+        time.sleep(0.05)
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    assert last.is_file() and not (cut / "done").exists()
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((cut / "summary.json").read_text())
+    for key in ("test", "shapley", "selected_epoch", "flops"):
+        assert resumed[key] == summary[key], key
+    records = [json.loads(line) for line in (cut / "results.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["epoch"]) for r in records] == [("val", 0), ("val", 1), ("test", summary["selected_epoch"])]
 
 
 def test_what_cannot_run_distributed_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
