@@ -62,6 +62,9 @@ z from the slices and skips the concat head's matrix product, so steps with and 
 slightly in FLOPs per sample and sampled FLOP counting is off by about 1e-3 (measured +0.13 % over 30
 epochs on ``embedded``); epoch 0 never masks, so a one-epoch run is counted exactly.
 
+Data-parallel runs: the masses are averaged over the global batch's rows (``ctx.global_mean``), so
+every rank flags the same modalities; the mask is one draw per batch, the same on every rank.
+
 Deviations from the paper (unknown; these are BalanceMM's readings): the dependence criterion and the
 schedule are BalanceMM's; α = 0.1 of BalanceMM's config (``configs/trainer_config.yaml:21``) is used by
 none of its code and is not a parameter here.
@@ -91,7 +94,7 @@ Deviations from BalanceMM (``AMCo_trainer.py``):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, cast
 
@@ -122,14 +125,17 @@ def random_mask(size: int, masked: int, generator: torch.Generator) -> Tensor:
     return torch.ones(size, device=generator.device).index_fill_(0, order[:masked], 0)
 
 
-def dependence_mass(unimodal: list[Tensor]) -> Tensor:
+def dependence_mass(unimodal: list[Tensor], batch_mean: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Per-modality mass ``[M]`` of one joint softmax over the concatenated ``[B, M·C]`` logits.
 
     Args:
         unimodal: M tensors ``[B, C]``, one per modality in sorted order.
+        batch_mean: the mean over rows of the per-row masses ``[B, M]`` (default ``t.mean(0)``); a
+            data-parallel run passes ``ctx.global_mean``, the mean over the global batch's rows.
     """
     joint = torch.softmax(torch.cat(unimodal, dim=1), dim=1)  # [B, M·C]
-    return joint.view(joint.shape[0], len(unimodal), -1).sum(2).mean(0)
+    per_row = joint.view(joint.shape[0], len(unimodal), -1).sum(2)  # [B, M]
+    return per_row.mean(0) if batch_mean is None else batch_mean(per_row)
 
 
 @METHODS.register("amco")
@@ -207,7 +213,7 @@ class AMCo(Method):
         mods = self.model.modalities
         if self._in_window():
             with torch.no_grad():
-                mass = dependence_mass([out.unimodal_logits[m] for m in mods])
+                mass = dependence_mass([out.unimodal_logits[m] for m in mods], self.ctx.global_mean)
             self.dependent.copy_(mass > self.hp.sigma)
             self.ctx.log(**{f"amco/mass_{m}": v for m, v in zip(mods, mass, strict=True)})
             flags = self.dependent.tolist()

@@ -44,6 +44,9 @@ Cost: the MMTM layers (small linear layers) in every forward/backward; on non-cu
 steps skip the cared modality's excitation backward, so their backward is slightly cheaper. The
 Shapley evaluation needs one forward per coalition (2^M), since modalities meet inside the encoders.
 
+Data-parallel runs: the speeds need nothing (the gradients are the global batch's on every rank); the
+MMTM running gate averages fold in the gates' mean over the global batch's rows (``ctx.global_mean``).
+
 Deviations from the paper/official code:
   * "main_m" is found by structure (encoder m + its branch classifier), "bypass_m" likewise (the
     blocks' excitation layer m + the shared squeeze layers), not by parameter-name substrings; the
@@ -161,7 +164,9 @@ class Greedy(Method):
 
     def forward(self, batch: Batch) -> ModelOutput:
         assert self.model.mid_fusion is not None  # checked in __init__
-        with self.model.mid_fusion.curating(self.caring if self.curation_left > 0 else None):
+        mid = self.model.mid_fusion
+        # The running gate averages fold in the mean gates of the global batch (of the batch on one process).
+        with mid.curating(self.caring if self.curation_left > 0 else None), mid.averaging(self.ctx.global_mean):
             return self.model(batch)
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:

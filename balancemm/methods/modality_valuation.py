@@ -37,6 +37,10 @@ Three or more modalities (no official version): sample-level is unchanged (copie
 modality-level uses the largest minus the smallest γ for |γ_a − γ_v| and keeps only the modality of
 largest γ (our extension; for M = 2 it is the official rule).
 
+Data-parallel runs: each rank values its part of the split and φ is gathered in split order
+(``ctx.gather``), so every rank builds the same plan; the one difference from one process is the data
+layer's: if the copies leave a last global batch with fewer rows than ranks, it is left out on every rank.
+
 Deviations from the paper/official code:
   * Valuation happens at the start of each epoch ≥ ``warmup`` on the previous epoch's model, which is
     the official order (after epoch e ≥ warmup − 1, for epoch e + 1). The official code also values

@@ -45,6 +45,9 @@ Logged per step: ``opm/s_<m>`` always; in modulated epochs ``opm/q_<m>`` and ``o
 executed steps ``opm/theta`` and ``opm/kept`` (share of rows kept), and the loss term
 ``half_theta_sq`` with ``score_gradient="official"``.
 
+Data-parallel runs: the scores s_m are summed over the ranks (``ctx.all_sum``), κ is drawn for the
+whole global batch and sliced to the rank's rows, and the CE is the mean over the global batch's kept rows.
+
 Deviations from the paper/official code:
   * The fused logits are computed on every row and the dropped rows are left out of the loss (the
     official code removes them before the fusion head): same loss and gradients, and the FLOPs per
@@ -139,7 +142,7 @@ def frozen_head_slices(fusion: ConcatFusion, features: dict[str, Tensor]) -> dic
 
 
 def drop_features(
-    features: dict[str, Tensor], q: Tensor, generator: torch.Generator
+    features: dict[str, Tensor], q: Tensor, generator: torch.Generator, rows: tuple[int, int, int] | None = None
 ) -> tuple[dict[str, Tensor], Tensor, float]:
     """Randomly drop each modality's feature per sample and rescale; the official ``execute_drop``.
 
@@ -148,15 +151,20 @@ def drop_features(
         q: ``[M]`` drop probabilities, on the features' device.
         generator: the only source of randomness, on the features' device (the run's
             ``ctx.device_generator``): κ is drawn there, so a step copies nothing from the host.
+        rows: ``(start, end, size)``: these B rows are rows ``start:end`` of a global batch of ``size``
+            (``ctx.rows_in_global_batch``); κ is drawn for all ``size`` rows and sliced, so every rank
+            of a data-parallel run draws the one-process κ of its rows. Default: the B rows are the batch.
 
     Returns:
         ``{m: [B, d_m]}`` features κ_{m,i}·h_{m,i}/(1 − θ), the ``[B]`` bool mask of rows that keep at
         least one modality, and θ = Σ_m d_m q_m / Σ_m d_m.
     """
     first = next(iter(features.values()))
+    start, end, size = rows if rows is not None else (0, first.shape[0], first.shape[0])
     theta = float(drop_rate(q, [h.shape[1] for h in features.values()]))
     # κ ~ Bernoulli(1 − q): u < 1 − q with u uniform on [0, 1), drawn on the features' device.
-    keep = torch.rand(first.shape[0], len(features), generator=generator, dtype=q.dtype, device=first.device) < (1 - q)
+    u = torch.rand(size, len(features), generator=generator, dtype=q.dtype, device=first.device)[start:end]
+    keep = u < (1 - q)
     # θ = 1 only if every q is 1, and then every κ is 0: nothing is left to rescale.
     scale = 1.0 / (1.0 - theta) if theta < 1 else 0.0
     dropped = {m: h * (keep[:, j, None].to(h.dtype) * scale) for j, (m, h) in enumerate(features.items())}
@@ -200,8 +208,8 @@ class OPM(Method):
         # The scores keep a graph to the features only where an executed drop may use it (below).
         with torch.set_grad_enabled(torch.is_grad_enabled() and acts and hp.score_gradient == "official"):
             unimodal = frozen_head_slices(self.fusion, features)
-            live_scores = torch.stack(
-                [torch.softmax(unimodal[m], dim=1).gather(1, batch.label[:, None]).sum() for m in mods]
+            live_scores = self._over_ranks(
+                torch.stack([torch.softmax(unimodal[m], dim=1).gather(1, batch.label[:, None]).sum() for m in mods])
             )
         scores = live_scores.detach()
         ctx.log(**{f"opm/s_{m}": s for m, s in zip(mods, scores, strict=True)})
@@ -217,11 +225,23 @@ class OPM(Method):
                     # The same θ, differentiable through the scores (see ``losses``).
                     live_q = opm_drop_probabilities(live_scores, hp.q_base, hp.lam, hp.ratio_to)
                     self.theta = drop_rate(live_q, [features[m].shape[1] for m in mods])
-                features, kept, theta = drop_features(features, q, ctx.device_generator)
+                rows = ctx.rows_in_global_batch(batch)
+                features, kept, theta = drop_features(features, q, ctx.device_generator, rows)
                 self.kept = kept
                 ctx.log(**{"opm/theta": theta})
-                ctx.log(**{"opm/kept": kept.float().mean()})
+                ctx.log(**{"opm/kept": ctx.global_mean(kept.float())})
         return ModelOutput(model.fuse(features), features, {m: z.detach() for m, z in unimodal.items()})
+
+    def _over_ranks(self, scores: Tensor) -> Tensor:
+        """The scores ``[M]`` summed over the ranks' shards: the global batch's (``scores`` on one process).
+
+        With a graph (``score_gradient="official"``) the sum keeps it to this rank's features: the
+        other ranks' part is a constant here, and they take its gradient through their own rows.
+        """
+        if not self.ctx.world.distributed:
+            return scores
+        total = self.ctx.all_sum(scores.detach())
+        return total + (scores - scores.detach()) if scores.requires_grad else total
 
     @property
     def fusion(self) -> ConcatFusion:
@@ -235,11 +255,24 @@ class OPM(Method):
             return {"ce": F.cross_entropy(out.logits, batch.label)}
         per_row = F.cross_entropy(out.logits, batch.label, reduction="none")
         kept = self.kept.to(per_row.dtype)
-        # Mean over the kept rows; with none kept the loss is 0 and every gradient is zero.
-        terms = {"ce": (per_row * kept).sum() / kept.sum().clamp(min=1)}
+        if not self.ctx.world.distributed:
+            # Mean over the kept rows; with none kept the loss is 0 and every gradient is zero.
+            terms = {"ce": (per_row * kept).sum() / kept.sum().clamp(min=1)}
+            any_kept = kept.amax()
+        else:
+            # The global batch's kept rows: the gradients are averaged with weight ``batch.share``, so
+            # this rank's sum is divided by the global count times its share (the one-process loss).
+            total = self.ctx.all_sum(kept.sum())
+            terms = {"ce": (per_row * kept).sum() / (total.clamp(min=1) * batch.share)}
+            any_kept = (total > 0).to(per_row.dtype)
         if self.theta is not None:
             # The official θ backward returns θ itself as θ's gradient, whatever the loss: the gradient
             # of ½θ², which this term adds through the loss (so loss scaling covers it). It is dropped
             # with the batch when no row is kept, as the official code skips that batch.
-            terms["half_theta_sq"] = (0.5 * self.theta.square()).to(per_row.dtype) * kept.amax()  # amax: any kept
+            half = (0.5 * self.theta.square()).to(per_row.dtype)
+            if self.ctx.world.distributed:
+                # θ is the global batch's; its gradient here reaches this rank's rows only, which the
+                # share-weighted average would scale by ``batch.share``: undone, the value unchanged.
+                half = half.detach() + (half - half.detach()) / batch.share
+            terms["half_theta_sq"] = half * any_kept
         return terms

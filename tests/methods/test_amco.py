@@ -295,3 +295,38 @@ def test_class_mode_steps_make_no_host_data() -> None:
     watch = ctx.meter = _StepWatch(ctx)
     train_epochs(method, 2)  # epoch 1 masks from its second batch on
     assert not watch.found, sorted(watch.found)
+
+
+# -- data-parallel runs -------------------------------------------------------------------------
+
+
+def test_dependence_of_shards_with_a_global_mean_is_the_whole_batchs() -> None:
+    g = torch.Generator().manual_seed(0)
+    u_a, u_v = torch.randn(5, 3, generator=g) * 3, torch.randn(5, 3, generator=g)
+    ranks = [([u_a[:3], u_v[:3]], u_a[3:], u_v[3:]), ([u_a[3:], u_v[3:]], u_a[:3], u_v[:3])]
+    for shard, other_a, other_v in ranks:
+        # The other rank's per-row masses joined to this rank's: what ctx.global_mean averages.
+        others = dependence_mass([other_a, other_v], batch_mean=lambda t: t)
+
+        def global_mean(t: torch.Tensor, others: torch.Tensor = others) -> torch.Tensor:
+            return torch.cat([t, others]).mean(0)
+
+        together = dependence_mass(shard, global_mean)
+        torch.testing.assert_close(together, dependence_mass([u_a, u_v]), rtol=0, atol=1e-6)
+
+
+def test_the_flags_come_from_the_mean_over_every_ranks_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = TinyDataset()
+    method = _method(data)
+    batch = first_batch(data)
+    seen: list[torch.Tensor] = []
+
+    def global_mean(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return torch.tensor([0.3, 0.7])  # the global batch's masses, whatever this shard holds
+
+    monkeypatch.setattr(method.ctx, "global_mean", global_mean)
+    out = method.forward(batch)
+    method.after_backward(out, batch)
+    assert [tuple(t.shape) for t in seen] == [(len(batch), 2)]  # per-row masses, one row per sample
+    assert method.dependent.tolist() == [False, True]

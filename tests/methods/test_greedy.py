@@ -193,3 +193,24 @@ def test_the_probe_of_an_mmtm_encoder_reads_it_without_the_other_modality() -> N
     fused = model.encode(first_batch(data))["visual"]
     alone = torch.from_numpy(features(model, data, "train", "visual")[:8])
     assert not torch.allclose(fused, alone)  # the masking matters: with audio present the features differ
+
+
+def test_the_running_gate_averages_fold_in_the_mean_over_every_ranks_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = TinyDataset()
+    method = _greedy(data)
+    batch = first_batch(data)
+    seen: list[torch.Tensor] = []
+
+    def global_mean(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return torch.full_like(t[0], 0.25)  # the global batch's mean gates, whatever this shard holds
+
+    monkeypatch.setattr(method.ctx, "global_mean", global_mean)
+    method.forward(batch)
+    blocks = _blocks(method)
+    assert [tuple(t.shape) for t in seen] == [(len(batch), sum(b.dims)) for b in blocks]
+    assert all(torch.equal(b.average, torch.full_like(b.average, 0.25)) for b in blocks)  # the first call: ḡ = mean
+    assert method.model.mid_fusion is not None and method.model.mid_fusion.row_mean is None  # only inside forward
+    method.eval()
+    method.forward(batch)  # evaluation folds nothing in and asks no rank for anything
+    assert len(seen) == len(blocks)

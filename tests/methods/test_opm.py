@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import balancemm.methods.opm  # noqa: F401  (registers "opm")
+from balancemm.distributed import World
 from balancemm.errors import ConfigError
 from balancemm.methods.opm import OPM, OPMHParams, drop_features, frozen_head_slices, opm_drop_probabilities
 from balancemm.models.classifier import ModelOutput
@@ -330,3 +332,77 @@ def test_non_concat_models_are_refused(kw: dict[str, str]) -> None:
 def test_score_gradient_is_validated() -> None:
     with pytest.raises(ConfigError, match="score_gradient"):
         _method(score_gradient="original")
+
+
+# -- data-parallel runs -------------------------------------------------------------------------
+
+
+def test_each_ranks_kappa_is_its_rows_of_the_one_process_draw() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = {"audio": torch.randn(5, 3, generator=g), "visual": torch.randn(5, 3, generator=g)}
+    q = torch.tensor([0.6, 0.3], dtype=torch.float64)
+    whole, kept, _ = drop_features(h, q, torch.Generator().manual_seed(4))
+    parts = [
+        drop_features({m: x[a:b] for m, x in h.items()}, q, torch.Generator().manual_seed(4), (a, b, 5))
+        for a, b in ((0, 3), (3, 5))  # two ranks holding 3 + 2 rows of a global batch of 5
+    ]
+    assert torch.equal(torch.cat([k for _, k, _ in parts]), kept)
+    for m in h:
+        assert torch.equal(torch.cat([out[m] for out, _, _ in parts]), whole[m])
+    # One process: the rows are the whole batch, the same draw as without them.
+    again, kept_again, _ = drop_features(h, q, torch.Generator().manual_seed(4), (0, 5, 5))
+    assert torch.equal(kept_again, kept) and all(torch.equal(again[m], whole[m]) for m in h)
+
+
+def test_on_a_rank_of_two_the_scores_kappa_and_ce_are_the_global_batchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = TinyDataset()
+    method = _method(data, p_exe=1.0, modulation_starts=0)
+    ctx = method.ctx
+    other = torch.tensor([0.0, 6.0], dtype=torch.float64)  # the other rank's scores: visual dominates
+    summed: list[torch.Tensor] = []
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        summed.append(t)
+        # The scores get the other rank's; counts come from a second rank holding as many kept rows.
+        return t + other.to(t.dtype) if t.shape == other.shape else 2 * t
+
+    # Rank 0 of two, holding the first 8 rows of a global batch of 16 (no collective is really run).
+    monkeypatch.setattr(ctx, "world", World(0, 2, 0, "gloo"))
+    monkeypatch.setattr(ctx, "all_sum", all_sum)
+    batch = replace(first_batch(data), share=0.5)
+    state = ctx.generator.get_state()
+    out = method.forward(batch)
+    local = summed[0]
+    assert not local.requires_grad and local.shape == (2,)
+    q = opm_drop_probabilities(local + other, 0.5, 0.5)
+    assert q[0] == 0 and q[1] > 0  # the global batch's dominant modality, not this shard's
+    replay = torch.Generator().manual_seed(0)
+    replay.set_state(state)
+    assert float(torch.rand((), generator=replay)) < 1.0  # the execution coin
+    u = torch.rand(16, 2, generator=replay, dtype=torch.float64)[:8]  # κ for all 16 rows, this rank's 8
+    assert method.kept is not None and torch.equal(method.kept, (u < 1 - q).any(dim=1))
+    kept = method.kept.float()
+    per_row = F.cross_entropy(out.logits, batch.label, reduction="none")
+    # The global batch's mean over kept rows, as this rank's share-weighted part of it.
+    expected = (per_row * kept).sum() / (2 * kept.sum() * 0.5)
+    torch.testing.assert_close(method.losses(out, batch)["ce"], expected)
+
+
+def test_on_a_rank_of_two_half_theta_sq_is_the_global_value_with_its_share_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = TinyDataset()
+    method = _method(data, p_exe=1.0, modulation_starts=0, score_gradient="official")
+    ctx = method.ctx
+    other = torch.tensor([0.0, 6.0])
+    monkeypatch.setattr(ctx, "world", World(0, 2, 0, "gloo"))
+    monkeypatch.setattr(ctx, "all_sum", lambda t: t + other.to(t.dtype) if t.shape == other.shape else 2 * t)
+    batch = replace(first_batch(data), share=0.5)
+    out = method.forward(batch)
+    theta = method.theta
+    assert theta is not None and theta.requires_grad
+    half = method.losses(out, batch)["half_theta_sq"]
+    assert half.item() == pytest.approx(0.5 * theta.item() ** 2)
+    # The gradient reaches this rank's rows only; the gradient average weights it by its share (½).
+    (grad,) = torch.autograd.grad(half, theta)
+    assert grad.item() == pytest.approx(theta.item() / 0.5)

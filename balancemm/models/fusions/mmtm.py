@@ -21,7 +21,8 @@ For M = 2 both readings give the official size.
 Running average of each gate (the curation target), over every *training* forward call since
 construction: ḡ_m ← (mean_batch g_m + ḡ_m·t)/(t + 1), detached, one buffer per block holding
 [ḡ_0; …; ḡ_{M−1}] (so each modality's average is its own gate, sized d_m; the official code updates
-modality 1's average with modality 0's gate and sizes it d_0).
+modality 1's average with modality 0's gate and sizes it d_0). The batch mean can be replaced
+(:meth:`MidFusion.averaging`): a data-parallel run folds in the global batch's mean, not the shard's.
 
 Curation (the Greedy re-balancing step): the cared modality c gets ḡ_c broadcast over the batch
 instead of g_c, so its features stop depending on the other modalities; the others keep g_m.
@@ -34,7 +35,7 @@ feature is zeroed by the classifier afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -96,7 +97,12 @@ class MMTM(nn.Module):
         return list(self.average.split(self.dims))
 
     def forward(
-        self, maps: Sequence[Tensor], batch_size: int, keep: Tensor | None = None, caring: int | None = None
+        self,
+        maps: Sequence[Tensor],
+        batch_size: int,
+        keep: Tensor | None = None,
+        caring: int | None = None,
+        row_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
         """Gate each modality's map by the joint excitation.
 
@@ -105,6 +111,8 @@ class MMTM(nn.Module):
             batch_size: B, the number of samples (to unfold the frames).
             keep: optional ``[B, M]`` mask of present modalities; absent ones squeeze to zero.
             caring: curation: this modality's gate is its running average ḡ_c instead of g_c.
+            row_mean: the mean over rows of the gates ``[B, Σd]`` that a training call folds into the
+                running average (default ``t.mean(0)``; Greedy passes ``ctx.global_mean``).
 
         Returns:
             F_m ⊙ g_m with the shapes of ``maps``.
@@ -119,7 +127,9 @@ class MMTM(nn.Module):
         if self.training:
             with torch.no_grad():
                 t = self.calls
-                self.average.copy_((torch.cat(gates, dim=1).mean(0) + self.average * t) / (t + 1))
+                stacked = torch.cat(gates, dim=1)
+                mean = stacked.mean(0) if row_mean is None else row_mean(stacked)
+                self.average.copy_((mean + self.average * t) / (t + 1))
                 self.calls += 1
         if caring is not None:
             gates[caring] = self.running_gates()[caring].expand_as(gates[caring])
@@ -173,6 +183,17 @@ class MidFusion(nn.Module):
             for j in range(self.depth)
         )
         self.caring: int | None = None
+        self.row_mean: Callable[[Tensor], Tensor] | None = None
+
+    @contextmanager
+    def averaging(self, row_mean: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
+        """Inside, every block folds ``row_mean`` of its gates ``[B, Σd]`` into its running average instead
+        of their batch mean (None: the batch mean); ``ctx.global_mean`` makes it the global batch's."""
+        previous, self.row_mean = self.row_mean, row_mean
+        try:
+            yield
+        finally:
+            self.row_mean = previous
 
     @contextmanager
     def curating(self, caring: int | None) -> Iterator[None]:
@@ -215,5 +236,5 @@ class MidFusion(nn.Module):
                 h[m] = stage(h[m])
         for j, block in enumerate(self.blocks):
             maps = [stages[m][len(stages[m]) - self.depth + j](h[m]) for m in self.modalities]
-            h = dict(zip(self.modalities, block(maps, batch_size, keep, self.caring), strict=True))
+            h = dict(zip(self.modalities, block(maps, batch_size, keep, self.caring, self.row_mean), strict=True))
         return {m: encoders[m].exit(h[m], batch_size) for m in self.modalities}
