@@ -210,6 +210,7 @@ def _train(args: argparse.Namespace) -> int:
     from balancemm.api import default_out, trainer_for
     from balancemm.config import resolve_config
 
+    _end_with_launcher()
     cfg = resolve_config(args.method, args.dataset, config_file=args.config, sets=args.sets, seed=args.seed)
     if args.nproc is not None:
         if args.nproc < 1:
@@ -225,6 +226,24 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.world.main:
             print(format_summary(summary, out))
     return 0
+
+
+#: Set for the workers ``--nproc`` starts: the launcher's process id.
+LAUNCHER_PID = "BALANCEMM_LAUNCHER_PID"
+
+
+def _end_with_launcher() -> None:
+    """A worker of ``--nproc`` ends when its launcher does, also when the launcher is killed with SIGKILL:
+    left running, it would train on and hold the run directory that the same command, run again, resumes."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed with the parent
+    if os.getppid() != int(launcher):  # the launcher ended before the request took effect
+        os._exit(137)
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -257,6 +276,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
     )
     # The launcher logs each worker's exit and its own clean-up; the workers' lines say what matters.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers end with this process (_end_with_launcher)
     try:
         elastic_launch(config, sys.executable)("-m", "balancemm", *rest)
     except ChildFailedError as exc:

@@ -21,7 +21,7 @@ import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -207,6 +207,9 @@ class RunContext:
         for name in [k for k in vars(child) if callable(getattr(type(child), k, None))]:
             delattr(child, name)
         child.step, child.optimizer, child._module, child._checked = 0, None, None, False
+        if child.world.distributed:
+            # The child's batches tell the child their share (its backward passes weigh by it).
+            child.batching = replace(self.batching, observer=child._saw)
         child._logs = defaultdict(_Mean)
         child.used_val = False
         child.attach_optimizer(optimizer)
@@ -331,7 +334,7 @@ class RunContext:
         the global batch's mean, whatever share of it each rank holds."""
         if not self.world.distributed:
             return t.mean(0)
-        rows = torch.tensor([t.shape[0]], dtype=t.dtype, device=t.device)
+        rows = torch.tensor(t.shape[0], dtype=t.dtype, device=t.device)
         return self.all_sum(t.sum(0)) / self.all_sum(rows)
 
     def rows_in_global_batch(self, batch: Batch) -> tuple[int, int, int]:

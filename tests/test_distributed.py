@@ -218,15 +218,6 @@ def _every_method_without_batch_statistics(rank: int, rendezvous: str, out: str)
         dist.destroy_process_group()
 
 
-#: Methods whose two-rank run is not yet the one-process algorithm, and why.
-NOT_YET_EXACT: dict[str, str] = {
-    "agm": "coalition scores of the rank's own shard",
-    "cml": "its batch statistics are the shard's",
-    "gblending": "blend weights from the shard's validation losses",
-    "pmr": "prototypes of the shard",
-}
-
-
 @pytest.fixture(scope="module")
 def two_ranks_and_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
     where = tmp_path_factory.mktemp("parity")
@@ -240,13 +231,7 @@ def two_ranks_and_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[st
     return torch.load(where / "states.pt", weights_only=False), one
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_EXACT[n])) if n in NOT_YET_EXACT else n
-        for n in list_methods()
-    ],
-)
+@pytest.mark.parametrize("name", list_methods())
 def test_every_method_on_two_ranks_is_the_one_process_algorithm(
     name: str, two_ranks_and_one: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:

@@ -29,6 +29,9 @@ Per step (hook ``forward``, the coalition passes inside the phase ``agm/coalitio
 Hook ``after_backward``: if any entry of the fusion head's weight gradient leaves [−θ, θ], clip the
 norm of all gradients to ``clip_norm`` (the official AGM rule).
 
+Data-parallel runs: s_m is the mean over the global batch's rows (``ctx.global_mean`` of the per-row
+values), so every rank updates the same S̄ and c; the clipping rule reads the ranks' averaged gradients.
+
 Deviations from the paper/official code:
   * Zero-padded passes are shared: in eval mode an encoder's output on its real input is the same in
     every coalition, and its output on a zero input is the same for every row, so each encoder runs
@@ -62,7 +65,7 @@ Deviations from BalanceMM (``AGM_trainer.py``), each a BalanceMM bug:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -93,11 +96,15 @@ def zero_padded(batch: Batch, keep: frozenset[str]) -> Batch:
     return Batch(inputs, batch.label, batch.index, batch.present, batch.modalities)
 
 
-def agm_scores(outputs: dict[str, Tensor], label: Tensor) -> Tensor:
-    """s ``[M]``: batch-mean cross-entropy of each o_m, with the true-class probability clamped at 1e-8."""
-    return torch.stack(
-        [-torch.softmax(o, dim=1).gather(1, label[:, None]).clamp(min=1e-8).log().mean() for o in outputs.values()]
-    )
+def agm_scores(
+    outputs: dict[str, Tensor], label: Tensor, mean: Callable[[Tensor], Tensor] = lambda t: t.mean(0)
+) -> Tensor:
+    """s ``[M]``: batch-mean cross-entropy of each o_m, with the true-class probability clamped at 1e-8.
+
+    ``mean`` averages the per-row values ``[B]`` (``ctx.global_mean``: over the global batch's rows).
+    """
+    rows = [torch.softmax(o, dim=1).gather(1, label[:, None])[:, 0].clamp(min=1e-8).log() for o in outputs.values()]
+    return -torch.stack([mean(r) for r in rows]).reshape(len(rows))  # a mean may come back as [1]
 
 
 def agm_coefficients(scores: Tensor, running: Tensor, alpha: float, kappa: float | None) -> Tensor:
@@ -161,7 +168,7 @@ class AGM(Method):
         fused[frozenset(mods)] = full
         outputs = mono_outputs(fused, mods)
         with torch.no_grad():
-            scores = agm_scores(outputs, batch.label)
+            scores = agm_scores(outputs, batch.label, ctx.global_mean)  # the global batch's mean
             if self.modulates(ctx.epoch):
                 self.coefficients.copy_(agm_coefficients(scores, self.running, hp.alpha, hp.kappa))
             self.iteration += 1

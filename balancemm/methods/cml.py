@@ -23,6 +23,10 @@ Per step (hook ``losses``), with conf_k,i = max_c softmax(z_k,i)_c and ŷ_k,i = 
              — a per-sample hinge *summed* over the batch and the M − 1 consecutive pairs;
 6. loss      L = L_cls + λ·L_reg, λ = β/100 = 0.1 (README ``--beta 10``), ε = 0.
 
+Data-parallel runs: removal orders are drawn for every row of the global batch and each rank keeps its
+rows' (``ctx.rows_in_global_batch``); L_reg, a sum over the batch, is divided by the rank's share, so
+the share-weighted average of the ranks' gradients is the gradient of the global batch's sum.
+
 Three or more modalities: the chain has M elements and M − 1 consecutive pairs, as in the code (the
 paper's general form uses all pairs T ⊂ S).
 
@@ -124,11 +128,15 @@ class CML(Method):
     needs = Needs(min_modalities=2)
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
-        chain = removal_chain(len(batch), len(batch.modalities), self.ctx.device_generator)
+        # Orders are drawn for every row of the global batch and this rank keeps its rows' orders.
+        start, end, size = self.ctx.rows_in_global_batch(batch)
+        chain = removal_chain(size, len(batch.modalities), self.ctx.device_generator)[:, start:end]
         logits = self.chain_logits(out, batch, chain & batch.present)  # [M, B, C]
         # Every chain element has B rows, so the mean over all M·B rows is the mean of the M CEs.
         ce = F.cross_entropy(logits.flatten(0, 1), batch.label.repeat(len(logits)))
-        reg = calibration_penalty(logits, batch.label, self.hp.variant, self.hp.epsilon)
+        # L_reg is a sum over the global batch's rows: a rank's sum over its shard, divided by its share
+        # (1 on one process), makes the ranks' share-weighted gradient average that sum's gradient.
+        reg = calibration_penalty(logits, batch.label, self.hp.variant, self.hp.epsilon) / batch.share
         return {"ce": ce, "calibration": self.hp.lam * reg}
 
     def chain_logits(self, out: ModelOutput, batch: Batch, chain: Tensor) -> Tensor:

@@ -23,6 +23,10 @@ on the training and validation splits:
 
 Offline mode estimates once, at epoch 0, with side trainings as long as the whole run.
 
+Data-parallel runs: L^T and L^V are means over the whole split: each rank reads a part of it, the
+per-row losses are gathered in split order (``ctx.gather``) and summed per evaluation batch as one
+process sums them; the side models train on sharded global batches like the run's model.
+
 Cost: every estimation trains (M + 1) copies for n epochs plus 4(M + 1) loss passes — about 4× the
 baseline for 30 epochs with n = 10 and M = 2. All of it is counted in the run's training FLOPs
 (phase ``gblending/estimate``). It reads the validation split (``needs.val``), never the test split.
@@ -141,13 +145,26 @@ class GBlending(Method):
 
     def _losses(self, side: _OneHead) -> dict[str, float]:
         """Per-sample mean loss of the side model's head on the training and validation splits."""
+        ctx = self.ctx
 
-        def per_sample(batch: Batch) -> Tensor:
-            return F.cross_entropy(head_logits(side.model(batch), side.head), batch.label, reduction="none")
+        def mean_loss(split: SplitName) -> float:
+            # ``ctx.mean_loss`` over the whole split on every rank: each rank reads a part of the split, so
+            # the per-row losses are gathered in split order and summed per evaluation batch, in the order
+            # one process sums them (ΔO is a small difference of these means: a sum in another order would
+            # move the weights by ~1e-4 of their size).
+            parts = [
+                F.cross_entropy(head_logits(side.model(batch), side.head), batch.label, reduction="none")
+                for batch in ctx.batches(split)
+            ]
+            rows = ctx.gather(torch.cat(parts) if parts else torch.zeros(0, device=ctx.device))
+            total = 0.0
+            for chunk in rows.split(ctx.batching.eval_batch_size):
+                total += float(chunk.clone().sum())  # clone: a fresh tensor, as each batch's losses were
+            return total / max(len(rows), 1)
 
         splits: tuple[SplitName, ...] = ("train", "val")
-        with self.ctx.eval_mode(side):
-            return {s: self.ctx.mean_loss(per_sample, s) for s in splits}
+        with ctx.eval_mode(side):
+            return {s: mean_loss(s) for s in splits}
 
     def losses(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         return {

@@ -40,6 +40,9 @@ division, so a rounded ratio can never disagree between the two modalities.
 Logged: loss terms ``ce`` and ``pce_<m>`` (= β_m·CE(−d_m, y)), ``pmr/rho_<m>`` and ``pmr/beta_<m>`` each
 step, ``pmr/classes_sampled`` each prototype pass.
 
+Data-parallel runs: the prototype pass's per-class feature sums and counts and each step's scores s^p_m
+are summed over the ranks (``ctx.all_sum``), so every rank holds the global prototypes and β.
+
 Deviations from the paper/official code:
   * A class absent from the prototype sample keeps its previous prototype (the zero vector if it was
     never seen); the official code divides by its zero count and the prototype becomes NaN. Momentum
@@ -162,6 +165,9 @@ class PMR(Method):
                 for m, h in features.items():
                     sums[m].index_add_(0, batch.label, h.to(sums[m].dtype))
                 counts += torch.bincount(batch.label, minlength=counts.numel())
+        # Every rank sampled its shard of the same global batches: the class sums are the ranks' sums.
+        sums = {m: ctx.all_sum(s) for m, s in sums.items()}
+        counts = ctx.all_sum(counts)
         blend = self.seen
         if self.hp.momentum_from == "third" and epoch < 2:
             # The official recomputation after epoch 0 (here: at the start of epoch 1) is unblended.
@@ -185,7 +191,7 @@ class PMR(Method):
             logits = proto_logits(out.features[m], self.prototypes(m))  # [B, C]
             pce[m] = F.cross_entropy(logits, batch.label)
             scores.append(logits.detach().softmax(1).gather(1, batch.label[:, None]).sum())
-        beta, rho = pmr_coefficients(torch.stack(scores), hp.alpha)
+        beta, rho = pmr_coefficients(ctx.all_sum(torch.stack(scores)), hp.alpha)  # the global batch's sums
         for m, b, r in zip(self.model.modalities, beta, rho, strict=True):
             ctx.log(**{f"pmr/rho_{m}": r, f"pmr/beta_{m}": b})
         return {"ce": ce, **{f"pce_{m}": b.to(pce[m].dtype) * pce[m] for m, b in zip(pce, beta, strict=True)}}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from balancemm.config import RunConfig, RunSection, resolve_config
+from balancemm.context import RunContext
 from balancemm.engine import probe
 from balancemm.engine.artifacts import Artifacts, load_run, unimodal_config
 from balancemm.engine.trainer import Trainer
@@ -60,6 +61,7 @@ class ScriptedClassifier:
         return self
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        assert len(x) == len(y) and len(y) > 0  # scored against the split's own labels
         self.scored += 1
         return self.val_score[self.C] if self.scored == 1 else 100 + self.C
 
@@ -158,9 +160,11 @@ def test_loading_a_run_needs_its_selected_weights(tmp_path: Path) -> None:
         load_run(tmp_path)
     assert str(err.value) == f"{tmp_path} has no checkpoints/best.pt; is it a finished BalanceMM run?"
     data = TinyDataset()
-    trained(resolve_config("baseline", sets=SMALL), tmp_path / "r", data)
+    sets = [*SMALL, "method.alpha=0.3"]
+    trained(resolve_config("ogm_ge", sets=sets), tmp_path / "r", data)
     cfg, method = load_run(tmp_path / "r", data)
-    assert cfg == resolve_config("baseline", sets=SMALL)
+    assert cfg == resolve_config("ogm_ge", sets=sets) and method.hp == cfg.method and method.hp.alpha == 0.3
+    assert isinstance(method.ctx, RunContext) and method.ctx.modalities == ("audio", "visual")
     best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)["method"]
     assert all(torch.equal(v, best[k]) for k, v in method.state_dict().items())
     (tmp_path / "r" / "config.json").unlink()

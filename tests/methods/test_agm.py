@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -205,7 +206,7 @@ def test_frozen_keeps_scaling_by_the_last_in_window_coefficients(monkeypatch: py
     # Σ_S ∂L/∂f(S) = [½(c_a + c_v) + ½(c_a − c_v) + ½(c_v − c_a)]·g = ½(c_a + c_v)·g, g the plain
     # CE gradient: 0.953688 × the plain bias gradient (fresh coefficients: 1.027749; plain CE: 1).
     scores = iter([torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])])
-    monkeypatch.setattr(agm_module, "agm_scores", lambda outputs, label: next(scores))
+    monkeypatch.setattr(agm_module, "agm_scores", lambda outputs, label, mean: next(scores))
     data = TinyDataset()
     method = build_method("agm", data, alpha=0.1, modulation_ends=0, after_window="frozen")
     batch = first_batch(data)
@@ -286,3 +287,43 @@ def test_default_window_is_the_official_twenty_epochs() -> None:
         out = method.forward(batch)
         assert ("agm/c_audio" in method.ctx.pop_logs()) == modulated
         assert bool(out.unimodal_logits) == modulated
+
+
+# -- data-parallel runs -------------------------------------------------------------------------
+
+
+def test_scores_of_shards_with_a_global_mean_are_the_whole_batchs() -> None:
+    g = torch.Generator().manual_seed(0)
+    o = {"a": torch.randn(5, 3, generator=g), "v": torch.randn(5, 3, generator=g)}
+    label = torch.tensor([0, 2, 1, 1, 0])
+
+    def rows_of(lo: int, hi: int) -> list[torch.Tensor]:
+        """The per-row values ``[B]`` that the scores of rows lo:hi average, one per modality."""
+        seen: list[torch.Tensor] = []
+        agm_scores({m: x[lo:hi] for m, x in o.items()}, label[lo:hi], lambda t: seen.append(t) or t.mean(0))
+        return seen
+
+    def global_mean_with(other: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """ctx.global_mean on a rank whose peer holds ``other``: a mean over both, [1] as on two ranks."""
+        others = iter(other)
+        return lambda t: torch.cat([t, next(others)]).mean(0, keepdim=True)
+
+    for (lo, hi), other in (((0, 3), rows_of(3, 5)), ((3, 5), rows_of(0, 3))):  # two ranks: 3 + 2 rows
+        shard = agm_scores({m: x[lo:hi] for m, x in o.items()}, label[lo:hi], global_mean_with(other))
+        torch.testing.assert_close(shard, agm_scores(o, label), rtol=0, atol=1e-6)
+
+
+def test_the_scores_and_coefficients_come_from_the_global_batchs_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batch = _method(alpha=0.1)
+    means = iter([torch.tensor([-1.0]), torch.tensor([-2.0])])  # the global batch's mean log-probabilities
+    seen: list[torch.Tensor] = []
+
+    def global_mean(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return next(means)
+
+    monkeypatch.setattr(method.ctx, "global_mean", global_mean)
+    method.forward(batch)
+    assert [tuple(t.shape) for t in seen] == [(len(batch),)] * 2  # per-row values, one call per modality
+    assert method.running.tolist() == [1.0, 2.0]  # s = (1, 2), whatever this shard's own scores are
+    assert method.coefficients.tolist() == pytest.approx([0.842124, 1.065253], abs=1e-6)  # as by hand above

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import balancemm.methods.cml  # noqa: F401  (registers the method)
+from balancemm.distributed import World
 from balancemm.methods import RunContext, create_method
 from balancemm.methods.cml import calibration_penalty, removal_chain
 from tests.conftest import TinyDataset, build_method, first_batch, tiny_model, train_epochs
@@ -153,3 +154,26 @@ def test_one_optimiser_step_per_batch(tiny: TinyDataset) -> None:
     method = build_method("cml", tiny)
     train_epochs(method, 1)
     assert method.ctx.step == 3
+
+
+# -- data-parallel runs -------------------------------------------------------------------------
+
+
+def test_on_a_rank_of_two_the_chain_is_its_rows_of_the_global_draw_and_the_penalty_a_share(
+    tiny: TinyDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method = _method(tiny, lam=0.5)
+    ctx, model = method.ctx, method.model  # type: ignore[attr-defined]
+    # Rank 1 of two, holding the last 8 rows of a global batch of 16 (no collective is run).
+    monkeypatch.setattr(ctx, "world", World(1, 2, 1, "gloo"))
+    batch = replace(first_batch(tiny), share=0.5)
+    replay = torch.Generator().manual_seed(0)
+    replay.set_state(ctx.device_generator.get_state())
+    losses = method.losses(method.forward(batch), batch)  # type: ignore[attr-defined]
+    chain = removal_chain(16, len(tiny.modalities), replay)[:, 8:]  # the one-process orders of rows 8–15
+    logits = torch.stack([model(replace(batch, present=p)).logits for p in chain])
+    ce = torch.stack([F.cross_entropy(z, batch.label) for z in logits]).mean()
+    torch.testing.assert_close(losses["ce"], ce)  # a mean: the gradient averaging weights it by the share
+    # A sum over the global batch: this rank's part, divided by its share, so the share-weighted average of
+    # the ranks' gradients is the gradient of the sum.
+    torch.testing.assert_close(losses["calibration"], 0.5 * calibration_penalty(logits, batch.label) / 0.5)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import balancemm
 from balancemm.methods import RunContext, create_method
-from balancemm.methods.gblending import GBlending, blend_weights
+from balancemm.methods.gblending import GBlending, _OneHead, blend_weights
 from tests.conftest import TinyDataset, first_batch, tiny_model
 
 
@@ -95,3 +95,33 @@ def test_online_estimation_end_to_end(tmp_path: Path, dataset: str) -> None:
     assert 2 * heads * 2 * per_epoch * 0.3 < side < 2 * heads * 2 * per_epoch * 1.5
     lines = (tmp_path / "r" / "results.jsonl").read_text().splitlines()
     assert all("gblending/w_fused" in line for line in lines if '"split": "val"' in line)
+
+
+def test_on_a_rank_of_two_the_side_losses_are_the_whole_splits_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each rank reads a part of a split; the per-row losses of every rank are gathered in split order.
+    data = TinyDataset()
+    method = create_method(
+        "gblending",
+        tiny_model(data, unimodal_heads="linear"),
+        RunContext(data.modalities, dataset=data, needs=GBlending.needs),
+    )
+    assert isinstance(method, GBlending)
+    side = _OneHead(method.model, method.ctx, "audio")
+    others = torch.tensor([0.5, 1.5, 4.0])  # the losses of the rows another rank read
+    gathered: list[torch.Tensor] = []
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        gathered.append(t)
+        return torch.cat([t, others])  # this rank is rank 0: its rows come first
+
+    monkeypatch.setattr(method.ctx, "gather", gather)
+    got = method._losses(side)
+    for split, rows in zip(("train", "val"), gathered, strict=True):
+        n = len(data.split(split))
+        assert rows.shape == (n,)  # one loss per row this rank read
+        method.model.eval()
+        with torch.no_grad():
+            batch = next(iter(method.ctx.batches(split)))
+            expected = F.cross_entropy(method.model(batch).unimodal_logits["audio"], batch.label, reduction="none")
+        method.model.train()
+        assert got[split] == pytest.approx((float(expected.sum()) + 6.0) / (n + 3), rel=1e-6)

@@ -329,3 +329,59 @@ def test_hyper_parameters_are_validated() -> None:
         create_method("pmr", tiny_model(data), proto_fraction=0.0)
     with pytest.raises(ConfigError):
         create_method("pmr", tiny_model(data), momentum_from="first")
+
+
+# -- data-parallel runs -------------------------------------------------------------------------
+
+
+def test_on_a_rank_of_two_the_prototypes_are_the_class_means_of_every_ranks_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = TinyDataset()
+    method = _method(data, proto_fraction=1.0)
+    summed: list[torch.Tensor] = []
+    other_counts = torch.tensor([2, 0, 1])  # the other rank sampled 2 rows of class 0 and 1 of class 2 …
+    other_sums = {m: torch.ones(data.num_classes, d) for m, d in method.model.fusion.dims.items()}  # … summing to 1s
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        summed.append(t.clone())
+        if t.dtype == torch.long:
+            return t + other_counts
+        return t + other_sums[data.modalities[len(summed) - 1]]
+
+    monkeypatch.setattr(method.ctx, "all_sum", all_sum)
+    method.on_epoch_start(0)
+    *sums, counts = summed  # this rank's feature sums (one per modality, in order), then its counts
+    assert len(sums) == len(data.modalities) and counts.sum() == len(data.split("train"))
+    total = counts + other_counts
+    for m, s in zip(data.modalities, sums, strict=True):
+        torch.testing.assert_close(method.prototypes(m), (s + other_sums[m]) / total[:, None])
+    assert method.ctx.pop_logs()["pmr/classes_sampled"] == data.num_classes
+
+
+def test_on_a_rank_of_two_the_weaker_modality_is_the_global_batchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hand-computed shard of the test above, weak audio: s^p = (2, 3.973229) on this rank. The other
+    # rank's shard scores (4, 0) make audio the stronger one over the global batch: (6, 3.973229).
+    data = TinyDataset(2, num_classes=2)
+    method = _method(data, alpha=0.7)
+    batch = first_batch(data, n=4)
+    features = {}
+    for m, d in method.model.fusion.dims.items():
+        c = torch.zeros(2, d)
+        c[1, :2] = torch.tensor([3.0, 4.0])
+        method.prototypes(m).copy_(c)
+        h = c[batch.label, :2] if m != "audio" else torch.tensor([1.5, 2.0]).expand(4, 2)
+        features[m] = torch.cat([h, torch.zeros(4, d - 2)], 1)
+    summed: list[torch.Tensor] = []
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        summed.append(t)
+        return t + torch.tensor([4.0, 0.0], dtype=t.dtype)
+
+    monkeypatch.setattr(method.ctx, "all_sum", all_sum)
+    losses = method.losses(ModelOutput(torch.zeros(4, 2), features, {}), batch)
+    logs = method.ctx.pop_logs()
+    (local,) = summed
+    assert local.tolist() == pytest.approx([2.0, 4 / (1 + math.exp(-5))], abs=1e-6)  # the shard's sums
+    assert logs["pmr/beta_audio"] == 0.0 and logs["pmr/beta_visual"] == 0.7
+    assert losses["pce_audio"].item() == 0.0 and losses["pce_visual"].item() > 0.0
