@@ -299,11 +299,11 @@ class RunContext:
     def _global_sum(self, tensors: list[Tensor | None], like: Sequence[Tensor]) -> list[Tensor | None]:
         """The sum over ranks of each tensor, in one collective; a tensor that is None on every rank stays
         None, one that is None on some ranks counts as zeros there (a branch only some shards took)."""
-        held = torch.tensor([t is not None for t in tensors], dtype=torch.int32, device=self.device)
-        held = all_sum(held, self.world) > 0
+        present = torch.tensor([t is not None for t in tensors], dtype=torch.int32, device=self.device)
+        held = (all_sum(present, self.world) > 0).tolist()  # one read back to the host, not one per use
         parts = [
             (t if t is not None else torch.zeros_like(x)).reshape(-1).float()
-            for t, x, h in zip(tensors, like, held.tolist(), strict=True)
+            for t, x, h in zip(tensors, like, held, strict=True)
             if h
         ]
         if not parts:
@@ -311,7 +311,7 @@ class RunContext:
         flat = all_sum(torch.cat(parts), self.world)
         out: list[Tensor | None] = []
         offset = 0
-        for x, h in zip(like, held.tolist(), strict=True):
+        for x, h in zip(like, held, strict=True):
             if not h:
                 out.append(None)
                 continue

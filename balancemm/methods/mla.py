@@ -244,7 +244,7 @@ class MLA(Method):
         if self._batch_idx == 0:
             # Batches hold batch_size rows except the last, so the first one gives the batch size (the
             # global batch's: a rank's shard holds its share of it).
-            self._num_batches = math.ceil(ctx.split_size("train") / round(len(batch) / batch.share))
+            self._num_batches = math.ceil(ctx.split_size("train") / ctx.rows_in_global_batch(batch)[2])
         alpha = gs_alpha(self._batch_idx, self._num_batches)
         with ctx.hook_phase("forward"):
             features = model.encode(batch)
