@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,6 +125,50 @@ def test_two_ranks_through_the_cli_write_one_run_directory_and_count_every_test_
         assert resumed[key] == summary[key], key
     records = [json.loads(line) for line in (cut / "results.jsonl").read_text().splitlines()]
     assert [(r["split"], r["epoch"]) for r in records] == [("val", 0), ("val", 1), ("test", summary["selected_epoch"])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_on_one_node_and_on_two_nodes_trains_the_same_run(tmp_path: Path) -> None:
+    # torchrun itself (the console script beside this interpreter, or its module), not our --nproc launcher:
+    # 2 workers on one node, then 2 "nodes" of 1 worker each on this machine, rendezvous over TCP. The
+    # run directory is on a filesystem both nodes see, as on a cluster. torchrun gives each worker one
+    # thread only when a node runs several; the same thread count on both sides keeps the sums' order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(sys.executable).with_name("torchrun")
+    torchrun = [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    train = ["-m", "balancemm", "train", "--method", "ogm_ge", "--quiet", "--set", *SMALL, "--out"]
+    one = subprocess.run(
+        [*torchrun, "--standalone", "--nproc-per-node", "2", *train, str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout.count("ogm_ge on embedded") == 1
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen(
+            [*torchrun, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1"]
+            + ["--master-addr", "127.0.0.1", "--master-port", port, *train, str(tmp_path / "two")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert [out.count("ogm_ge on embedded") for out, _ in outputs] == [1, 0]  # global rank 0 alone reports
+    runs = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert runs[0]["distributed"] == runs[1]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    for key in ("test", "shapley", "selected_epoch", "flops"):
+        assert runs[0][key] == runs[1][key], key
 
 
 def test_what_cannot_run_distributed_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
