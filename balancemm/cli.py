@@ -1,4 +1,5 @@
-"""The ``balancemm`` command: ``train``, ``config``, ``list``, ``sweep``, ``bench``, ``probe``, ``report``, ``data``.
+"""The ``balancemm`` command: ``train``, ``eval``, ``config``, ``list``, ``sweep``, ``bench``, ``probe``, ``report``,
+``data``.
 
 Any user error is printed as one line (``balancemm: error: …``) with a nonzero exit and no traceback.
 Heavy imports happen inside the subcommands, so ``balancemm --help`` is instant.
@@ -137,6 +138,27 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir", type=_path)
     pr.add_argument("--modality", default=None)
     pr.add_argument("--device", default="auto", help="where features are extracted: auto, cpu, cuda or cuda:N")
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a finished run's selected weights, clean and with a modality missing or corrupted"
+    )
+    ev.add_argument("run_dir", type=_path)
+    ev.add_argument("--split", default="test", help="val or test (default: test)")
+    ev.add_argument("--dataset", default=None, help="another dataset with the run's modalities (default: the run's)")
+    ev.add_argument("--set", nargs="+", default=[], metavar="data.KEY=VALUE", help="data options, e.g. data.root=…")
+    ev.add_argument(
+        "--corrupt",
+        nargs="+",
+        default=["all"],
+        metavar="SPEC",
+        help="MODALITY:KIND (kinds: missing, gaussian, time_mask, blur, token_drop), MODALITY (its defaults) or "
+        "all (default)",
+    )
+    ev.add_argument(
+        "--severities", type=_severities, default=None, metavar="S,S,…", help="in [0, 1] (default: 0,0.25,0.5,0.75,1)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="the corruptions' seed (default: 0)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     rp = sub.add_parser("report", help="tables and figures from finished run directories (no torch needed)")
     rp.add_argument("runs_dir", type=_path, help="directory searched recursively for run directories")
@@ -442,6 +464,41 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _severities(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from balancemm.engine.corrupted import DEFAULT_SEVERITIES, eval_run
+
+    result = eval_run(
+        args.run_dir,
+        split=args.split,
+        dataset=args.dataset,
+        sets=args.set,
+        corruptions=args.corrupt,
+        severities=args.severities if args.severities is not None else DEFAULT_SEVERITIES,
+        seed=args.seed,
+        device=args.device,
+    )
+    clean, robust = result["clean"], result["robustness"]
+    request = result["request"]
+    print(
+        f"{request['dataset']} {request['split']}: accuracy {100 * clean['accuracy']:.2f}  (n={clean['num_samples']})"
+    )
+    grid = request["severities"]
+    print(f"{'corruption':22s} " + " ".join(f"{s:>6g}" for s in grid) + "     AUC  relative")
+    for name, c in robust["corruptions"].items():
+        relative = "-" if c["relative"] is None else f"{c['relative']:.3f}"
+        accuracy = " ".join(f"{100 * a:6.2f}" for a in c["accuracy"])
+        print(f"{name:22s} {accuracy}  {100 * c['auc']:6.2f}  {relative:>8s}")
+    print(f"stored in {Path(args.run_dir) / 'eval.json'} under {result['key']}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from balancemm.report import write_report
 
@@ -539,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": _sweep,
             "bench": _bench,
             "probe": _probe,
+            "eval": _eval,
             "report": _report,
             "data": _data,
         }

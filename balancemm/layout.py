@@ -6,6 +6,7 @@ Layout::
     results.jsonl        one self-describing JSON line per evaluation (val each epoch, test once)
     summary.json         the final numbers (see README "Run directory")
     probe.json           linear-probe results of the selected weights (``balancemm probe``), if probed
+    eval.json            evaluations of the selected weights under corruptions (``balancemm eval``), by key
     checkpoints/last.pt  full training state after the latest epoch (resume point)
     checkpoints/best.pt  weights of the epoch selected on validation
     tb/                  TensorBoard scalars
@@ -43,6 +44,7 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 PROBE_FILE = "probe.json"
+EVAL_FILE = "eval.json"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = f"{CHECKPOINTS_DIR}/last.pt"
 BEST_CHECKPOINT = f"{CHECKPOINTS_DIR}/best.pt"
@@ -58,6 +60,7 @@ ENTRIES = frozenset(
         RESULTS_FILE,
         SUMMARY_FILE,
         PROBE_FILE,
+        EVAL_FILE,
         CHECKPOINTS_DIR,
         TENSORBOARD_DIR,
         DONE_MARKER,
@@ -164,6 +167,7 @@ class RunFiles:
         self.results = self.path / RESULTS_FILE
         self.summary = self.path / SUMMARY_FILE
         self.probe = self.path / PROBE_FILE
+        self.eval = self.path / EVAL_FILE
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.last = self.path / LAST_CHECKPOINT
         self.best = self.path / BEST_CHECKPOINT

@@ -1,0 +1,296 @@
+"""``balancemm eval``: corruptions, robustness metrics, and re-evaluating a finished run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import balancemm
+from balancemm.cli import main
+from balancemm.data.corruptions import Corruption, corrupt, default_corruptions, parse_corruption
+from balancemm.engine import corrupted
+from balancemm.engine.corrupted import eval_run, evaluate_corrupted, input_scales
+from balancemm.engine.evaluate import evaluate
+from balancemm.metrics.robustness import auc, curve_summary, effective_robustness
+from tests.conftest import TinyDataset, build_method, first_batch
+
+# -- the metrics ---------------------------------------------------------------------------------------
+
+
+def test_auc_is_the_trapezoid_mean_and_relative_divides_by_the_clean_accuracy() -> None:
+    # (0.5·(0.8 + 0.6)/2 + 0.5·(0.6 + 0.2)/2) / 1 = 0.35 + 0.2
+    assert auc([0.0, 0.5, 1.0], [0.8, 0.6, 0.2]) == pytest.approx(0.55)
+    # over [0.5, 1] only: (0.6 + 0.2)/2
+    assert auc([0.5, 1.0], [0.6, 0.2]) == pytest.approx(0.4)
+    assert auc([0.3], [0.7]) == 0.7
+    assert curve_summary([0.0, 0.5, 1.0], [0.8, 0.6, 0.2]) == pytest.approx({"auc": 0.55, "relative": 0.6875})
+    assert curve_summary([0.5, 1.0], [0.6, 0.2])["relative"] is None  # no clean point on the grid
+    with pytest.raises(ValueError, match="increase"):
+        auc([0.5, 0.5], [0.1, 0.2])
+
+
+def test_effective_robustness_is_the_gap_to_the_line_fitted_across_methods() -> None:
+    # mean clean 0.7, mean robust 0.5, slope Σ(dx·dy)/Σdx² = 0.06/0.08 = 0.75: the line gives 0.35, 0.5, 0.65
+    gaps = effective_robustness([0.5, 0.7, 0.9], [0.3, 0.6, 0.6])
+    assert gaps == pytest.approx([-0.05, 0.1, -0.05])
+    assert effective_robustness([0.6, 0.6], [0.2, 0.4]) == pytest.approx([-0.1, 0.1])  # flat line at the mean
+
+
+# -- the corruptions -----------------------------------------------------------------------------------
+
+
+def _batch(data: TinyDataset) -> balancemm.data.batch.Batch:
+    return first_batch(data)
+
+
+def test_the_corruption_specs_and_their_defaults() -> None:
+    mods = ("audio", "text", "visual")
+    assert [c.name for c in default_corruptions(mods)] == [
+        "audio:missing",
+        "audio:gaussian",
+        "audio:time_mask",
+        "text:missing",
+        "text:gaussian",
+        "text:token_drop",
+        "visual:missing",
+        "visual:gaussian",
+        "visual:blur",
+    ]
+    assert parse_corruption("visual", mods) == default_corruptions(("visual",))
+    assert parse_corruption("audio:missing", mods) == [Corruption("audio", "missing")]
+    for text, message in (
+        ("depth:missing", "unknown modality 'depth'"),
+        ("audio:fog", "unknown corruption 'fog'"),
+        ("visual:time_mask", "time_mask applies to audio, not visual"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_corruption(text, mods)
+
+
+def test_missing_removes_the_modality_from_a_share_of_rows_and_touches_nothing_else() -> None:
+    data = TinyDataset()
+    batch = _batch(data)
+    column = batch.modalities.index("audio")
+    gone = corrupt(batch, Corruption("audio", "missing"), 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert not gone.present[:, column].any() and gone.present[:, 1 - column].all()
+    assert gone.inputs is batch.inputs  # on features only: the inputs are the same tensors
+    none = corrupt(batch, Corruption("audio", "missing"), 0.0, 0.0, torch.Generator().manual_seed(0))
+    assert none.present.all()
+    half = corrupt(batch, Corruption("audio", "missing"), 0.5, 0.0, torch.Generator().manual_seed(3))
+    expected = torch.rand(len(batch), generator=torch.Generator().manual_seed(3)) >= 0.5
+    assert torch.equal(half.present[:, column], expected)
+
+
+def test_gaussian_noise_is_severity_times_sigma_times_the_seeded_draw() -> None:
+    data = TinyDataset()
+    batch = _batch(data)
+    x = batch.inputs["visual"]
+    noisy = corrupt(batch, Corruption("visual", "gaussian"), 0.5, 2.0, torch.Generator().manual_seed(7))
+    draw = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy.inputs["visual"] - x, 0.5 * 2.0 * draw)
+    assert noisy.inputs["audio"] is batch.inputs["audio"]
+    with pytest.raises(ValueError, match="outside"):
+        corrupt(batch, Corruption("visual", "gaussian"), 1.5, 1.0, torch.Generator())
+
+
+def test_time_masking_zeroes_one_contiguous_block_of_the_time_axis_per_row() -> None:
+    x = torch.ones(4, 3, 10)  # [B, F, T]
+    batch = balancemm.data.batch.Batch(
+        {"audio": x}, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.ones(4, 1, dtype=torch.bool), ("audio",)
+    )
+    out = corrupt(batch, Corruption("audio", "time_mask"), 0.3, 1.0, torch.Generator().manual_seed(0)).inputs["audio"]
+    for row in out:
+        assert torch.equal(row[0], row[1]) and torch.equal(row[0], row[2])  # whole time steps, every frequency
+        zeros = (row[0] == 0).nonzero().flatten()
+        assert zeros.numel() == 3 and int(zeros[-1] - zeros[0]) == 2  # round(0.3 · 10) steps, contiguous
+    gone = corrupt(batch, Corruption("audio", "time_mask"), 1.0, 1.0, torch.Generator()).inputs["audio"]
+    assert not gone.any()
+
+
+def test_blur_spreads_a_point_with_the_gaussian_of_its_severity() -> None:
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 4, 4] = 1.0
+    batch = balancemm.data.batch.Batch(
+        {"visual": x},
+        torch.zeros(1, dtype=torch.long),
+        torch.arange(1),
+        torch.ones(1, 1, dtype=torch.bool),
+        ("visual",),
+    )
+    out = corrupt(batch, Corruption("visual", "blur"), 0.5, 1.0, torch.Generator()).inputs["visual"]
+    # σ = 0.5 · 8/4 = 1 pixel, radius 3: the normalised kernel's centre is 1/(1 + 2(e^-½ + e^-2 + e^-4.5)) = 0.399050
+    assert float(out[0, 0, 4, 4]) == pytest.approx(0.399050**2, abs=1e-6)
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-6)  # the point is far enough from the border
+    flat = torch.full((2, 3, 5, 7), 0.25)
+    same = corrupt(
+        balancemm.data.batch.Batch(
+            {"visual": flat},
+            torch.zeros(2, dtype=torch.long),
+            torch.arange(2),
+            torch.ones(2, 1, dtype=torch.bool),
+            ("visual",),
+        ),
+        Corruption("visual", "blur"),
+        1.0,
+        1.0,
+        torch.Generator(),
+    ).inputs["visual"]
+    torch.testing.assert_close(same, flat)  # a uniform image has nothing to blur
+    assert torch.equal(corrupt(batch, Corruption("visual", "blur"), 0.0, 1.0, torch.Generator()).inputs["visual"], x)
+
+
+def test_token_dropout_zeroes_vectors_or_ids() -> None:
+    vectors = torch.ones(2, 6, 4)
+    ids = torch.arange(1, 13).view(2, 6)
+    for x in (vectors, ids):
+        batch = balancemm.data.batch.Batch(
+            {"text": x},
+            torch.zeros(2, dtype=torch.long),
+            torch.arange(2),
+            torch.ones(2, 1, dtype=torch.bool),
+            ("text",),
+        )
+        out = corrupt(batch, Corruption("text", "token_drop"), 0.5, 1.0, torch.Generator().manual_seed(1))
+        dropped = torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+        y = out.inputs["text"]
+        kept = y.ne(0) if x.dim() == 2 else y.ne(0).all(-1)
+        assert torch.equal(kept, ~dropped)
+        assert not corrupt(batch, Corruption("text", "token_drop"), 1.0, 1.0, torch.Generator()).inputs["text"].any()
+
+
+# -- scoring a method ----------------------------------------------------------------------------------
+
+
+def _batches(data: TinyDataset) -> list[balancemm.data.batch.Batch]:
+    return [first_batch(data, 8), first_batch(data, 16)]
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+def test_a_missing_modality_scores_the_shapley_coalition_without_it(modalities: int) -> None:
+    data = TinyDataset(num_modalities=modalities)
+    method = build_method("baseline", data)
+    batches = _batches(data)
+    clean = evaluate(method, batches, data.num_classes)
+    scales = input_scales(batches, data.modalities)
+    chosen = [Corruption(m, "missing") for m in data.modalities]
+    robust = evaluate_corrupted(method, batches, chosen, [0.0, 1.0], seed=0, scales=scales)
+    assert robust["num_samples"] == clean["num_samples"] == 24
+    assert robust["clean_accuracy"] == clean["accuracy"]
+    for m in data.modalities:
+        without = "+".join(x for x in data.modalities if x != m)
+        curve = robust["corruptions"][f"{m}:missing"]
+        assert curve["accuracy"] == [clean["accuracy"], clean["coalition_values"][without]]
+
+
+def test_the_encoders_run_once_per_batch_and_severity_and_only_where_a_corruption_changes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = TinyDataset()
+    method = build_method("baseline", data)
+    calls = {m: 0 for m in data.modalities}
+    for m, encoder in method.model.encoders.items():
+        real = encoder.forward
+
+        def counted(x: torch.Tensor, m: str = m, real=real) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            calls[m] += 1
+            return real(x)
+
+        monkeypatch.setattr(encoder, "forward", counted)
+    batches = _batches(data)
+    chosen = [Corruption("audio", "missing"), Corruption("audio", "gaussian"), Corruption("visual", "missing")]
+    evaluate_corrupted(method, batches, chosen, [0.0, 0.5, 1.0], seed=0, scales={"audio": 1.0, "visual": 1.0})
+    # per batch: one clean pass of each encoder, and audio again for each noisy severity (0.5 and 1); missing
+    # re-runs only the fusion
+    assert calls == {"audio": 2 * 3, "visual": 2 * 1}
+
+
+def test_a_method_with_its_own_prediction_is_scored_by_it() -> None:
+    data = TinyDataset()
+    method = build_method("mla", data)
+    batches = _batches(data)
+    robust = evaluate_corrupted(method, batches, [Corruption("visual", "missing")], [0.0, 1.0], seed=0, scales={})
+    with torch.no_grad():
+        method.eval()
+        right = sum(int((method.predict(b.with_only(["audio"])).logits.argmax(1) == b.label).sum()) for b in batches)
+    assert robust["corruptions"]["visual:missing"]["accuracy"][1] == right / 24
+
+
+# -- a finished run ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    balancemm.train("baseline", "embedded", out=out, sets=["train.epochs=1"])
+    return out
+
+
+def test_eval_stores_its_result_and_the_same_evaluation_is_computed_once(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["eval", str(run), "--corrupt", "audio:missing", "visual", "--severities", "0,0.5,1"]) == 0
+    printed = capsys.readouterr().out
+    assert "audio:missing" in printed and "visual:blur" in printed
+    stored = json.loads((run / "eval.json").read_text())
+    (entry,) = stored.values()
+    assert entry["request"]["corruptions"] == ["audio:missing", "visual:missing", "visual:gaussian", "visual:blur"]
+    assert entry["clean"]["accuracy"] == summary["test"]["accuracy"]  # the selected weights, on the test split
+    assert entry["robustness"]["clean_accuracy"] == summary["test"]["accuracy"]
+    full = entry["robustness"]["corruptions"]["audio:missing"]["accuracy"][-1]
+    assert full == summary["coalition_values"]["visual"]  # the Shapley metric's v({visual})
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(corrupted, "evaluate_corrupted", never)
+    again = eval_run(run, corruptions=["audio:missing", "visual"], severities=[1, 0.5, 0])
+    assert again == entry  # the same request however it is spelled: severities sorted, specs expanded
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--corrupt", "audio:fog"], "unknown corruption 'fog'"),
+        (["--corrupt", "depth"], "unknown modality 'depth'"),
+        (["--severities", "0,1.5"], "every severity must be in [0, 1]"),
+        (["--split", "train"], "--split train: evaluate on val or test"),
+        (["--dataset", "embedded3"], "dataset embedded3 has modalities audio, text, visual; the run was trained on"),
+        (["--set", "train.epochs=3"], "eval --set takes data.* keys only"),
+    ],
+)
+def test_bad_requests_are_one_line_and_write_nothing(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    assert main(["eval", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (run / "eval.json").exists()
+
+
+def test_unfinished_missing_and_damaged_runs_are_one_line(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished, unfinished)
+    (unfinished / "done").unlink()
+    assert main(["eval", str(unfinished)]) == 2
+    assert "is not a finished run (no done marker)" in capsys.readouterr().err
+    assert not (unfinished / "eval.json").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished, damaged)
+    (damaged / "eval.json").write_text('{"x": 1}')
+    assert main(["eval", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.json is not a BalanceMM evaluation file" in err
+    assert (damaged / "eval.json").read_text() == '{"x": 1}'
