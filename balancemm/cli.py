@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address, e.g. auto, head:6379 or ray://head:10001 (ray only)"
     )
     sw.add_argument("--probe", action="store_true", help="linear-probe each multimodal run's encoders (Fig. 2)")
+    sw.add_argument(
+        "--robustness", action="store_true", help="evaluate each multimodal run with modalities missing or corrupted"
+    )
     sw.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -117,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--jobs", type=int, default=None, help="jobs at once (default: one per CPU core or GPU slot)")
     be.add_argument(
         "--report", type=_path, default="reports/bench", help="where the report goes (default: reports/bench)"
+    )
+    be.add_argument(
+        "--robustness", action="store_true", help="also evaluate every run with modalities missing or corrupted"
     )
     be.add_argument("--quiet", action="store_true", help="no progress output")
     be.add_argument("--dry-run", action="store_true", help="list the jobs, their settings and status; train none")
@@ -380,6 +386,7 @@ def _bench(args: argparse.Namespace) -> int:
         "seeds": args.seeds,
         "trials": args.trials,
         "probe": True,
+        "robustness": args.robustness,
         "sets": args.sets,
         # The protocol's length is the dataset's, not each paper's: methods act on relative schedules.
         "adapt": True,
@@ -412,6 +419,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raw["probe"] = True
     if args.adapt:
         raw["adapt"] = True
+    if args.robustness:
+        raw["robustness"] = True
     return _run_sweep(raw, args.spec or "sweep", args, launcher=args.launcher, address=args.address)
 
 
@@ -473,6 +482,7 @@ def _severities(text: str) -> list[float]:
 
 def _eval(args: argparse.Namespace) -> int:
     from balancemm.engine.corrupted import DEFAULT_SEVERITIES, eval_run
+    from balancemm.layout import RunFiles
 
     result = eval_run(
         args.run_dir,
@@ -495,7 +505,7 @@ def _eval(args: argparse.Namespace) -> int:
         relative = "-" if c["relative"] is None else f"{c['relative']:.3f}"
         accuracy = " ".join(f"{100 * a:6.2f}" for a in c["accuracy"])
         print(f"{name:22s} {accuracy}  {100 * c['auc']:6.2f}  {relative:>8s}")
-    print(f"stored in {Path(args.run_dir) / 'eval.json'} under {result['key']}")
+    print(f"stored in {RunFiles(args.run_dir).eval} under {result['key']}")
     return 0
 
 

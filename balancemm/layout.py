@@ -158,6 +158,17 @@ def read_record(line: bytes) -> dict[str, Any] | None:
     return rec if ok else None
 
 
+def standard_eval(run: RunFiles) -> dict[str, Any] | None:
+    """The run's standard evaluation under corruptions (``balancemm eval RUN_DIR`` with its defaults, as
+    ``sweep --robustness`` runs it) from eval.json, or None when it has none."""
+    if not run.eval.is_file():
+        return None
+    stored = read_json(run.eval, "delete it and evaluate again")
+    if not isinstance(stored, dict):
+        raise DamagedFile(run.eval, "is not a BalanceMM evaluation file", "delete it and evaluate again")
+    return next((v for v in stored.values() if isinstance(v, dict) and v.get("standard") is True), None)
+
+
 class RunFiles:
     """Paths of one run directory, and the torch-free readers and writers of its files."""
 

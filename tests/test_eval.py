@@ -294,3 +294,31 @@ def test_unfinished_missing_and_damaged_runs_are_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "eval.json is not a BalanceMM evaluation file" in err
     assert (damaged / "eval.json").read_text() == '{"x": 1}'
+
+
+def test_a_sweep_with_robustness_evaluates_each_finished_run_once(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from balancemm.config import resolve_config
+    from balancemm.layout import RunFiles, default_out, standard_eval
+    from balancemm.sweep import is_done
+    from balancemm.sweep.spec import Job
+
+    root = tmp_path / "runs"
+    cfg = resolve_config("baseline", "embedded", sets=["train.epochs=1"])
+    out = default_out(cfg, root)
+    out.parent.mkdir(parents=True)
+    shutil.copytree(finished, out)  # the same config: the sweep finds it trained
+    assert is_done(Job(cfg, out, 0)) and not is_done(Job(cfg, out, 0, robustness=True))
+    args = ["sweep", "--methods", "baseline", "--seeds", "1", "--set", "train.epochs=1", "--root", str(root)]
+    assert main([*args, "--robustness", "--quiet"]) == 0
+    entry = standard_eval(RunFiles(out))
+    assert entry is not None and entry["request"]["corruptions"] == [
+        c.name for c in default_corruptions(("audio", "visual"))
+    ]
+    assert is_done(Job(cfg, out, 0, robustness=True))
+    before = (out / "eval.json").read_bytes()
+    assert main([*args, "--robustness"]) == 0
+    printed = capsys.readouterr()
+    assert "1 already finished" in printed.err + printed.out
+    assert (out / "eval.json").read_bytes() == before

@@ -25,13 +25,16 @@ from balancemm.cli import main
 from balancemm.errors import BalanceMMError
 from balancemm.report import collect, write_report
 from balancemm.report.collect import Flags
+from balancemm.report.plots import all_figures
 from balancemm.report.tables import (
     Table,
+    all_tables,
     cost_table,
     eng,
     modality_table,
     paired_table,
     probe_table,
+    robustness_table,
     table2,
     to_csv,
     to_html,
@@ -754,3 +757,53 @@ def test_an_interrupted_swap_puts_the_previous_report_back(
         write_report(runs, out, plots=False)
     monkeypatch.undo()
     assert (out / "marker").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def _evaluated(d: Path, missing: dict[str, float], other: dict[str, float]) -> None:
+    """An eval.json with a standard evaluation whose curves over (0, 0.5, 1) run from the run's clean
+    accuracy to ``missing[m]`` for m:missing and to ``other[m]`` for m:gaussian, linearly."""
+    clean = json.loads((d / "summary.json").read_text())["test"]["accuracy"]
+    curves = {
+        f"{m}:{kind}": {"severities": [0.0, 0.5, 1.0], "accuracy": [clean, (clean + end) / 2, end]}
+        for m in ("audio", "visual")
+        for kind, end in (("missing", missing[m]), ("gaussian", other[m]))
+    }
+    entry = {"key": "k", "request": {}, "standard": True, "clean": {}, "robustness": {"corruptions": curves}}
+    (d / "eval.json").write_text(json.dumps({"k": entry, "other": {**entry, "standard": False, "robustness": {}}}))
+
+
+def test_the_robustness_table_and_figure_come_from_the_standard_evaluations(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for seed, (base_acc, ogm_acc) in enumerate(((0.8, 0.6), (0.6, 0.6))):
+        _evaluated(
+            make_run(root, f"b{seed}", "baseline", seed, 0.5, base_acc),
+            {"audio": 0.2, "visual": 0.4},
+            {"audio": 0.6, "visual": 0.6},
+        )
+        _evaluated(
+            make_run(root, f"o{seed}", "ogm_ge", seed, 0.5, ogm_acc),
+            {"audio": 0.3, "visual": 0.5},
+            {"audio": 0.5, "visual": 0.5},
+        )
+    make_run(root, "p0", "pmr", 0, 0.5, 0.7)  # not evaluated: no row
+    col = collect(root)
+    (table,) = [t for t in all_tables(col) if t.key == "robustness_embedded"]
+    rows = _rows(table)
+    assert set(rows) == {"baseline", "ogm_ge"}
+    # baseline: clean 0.8 / 0.6; audio missing 0.2 on both seeds; a linear curve's AUC is (clean + end)/2, and the
+    # modality's curve is the mean of its two kinds: audio ((0.8+0.2)/2 + (0.8+0.6)/2)/2 = 0.6 and 0.5 on seed 1
+    assert rows["baseline"][1:5] == ["20.00 ± 0.00", "55.00 ± 7.07", "40.00 ± 0.00", "60.00 ± 7.07"]
+    # relative = mean AUC over modalities / clean: (0.6 + 0.65)/2/0.8 = 0.78125 and (0.5 + 0.55)/2/0.6 = 0.875
+    assert rows["baseline"][5] == "0.828 ± 0.066"
+    # effective: clean means 0.7 and 0.6, mean AUCs 0.575 and 0.525: two methods lie on their own line, gap 0
+    assert rows["baseline"][6] == "+0.00" and rows["ogm_ge"][6] == "+0.00" and rows["ogm_ge"][7] == "2"
+    figures = [f.key for f in all_figures(col, all_tables(col))]
+    assert "robustness_embedded" in figures
+    # A damaged evaluation leaves the run in the report, without its robustness, with a note.
+    (root / "o1" / "eval.json").write_text('{"k": {"standard": true, "robustness": {"corruptions": {"depth:x": {}}}}}')
+    col = collect(root)
+    assert next(n for n in col.notes if "corruptions of" in n).endswith(
+        "eval.json: corruption 'depth:x' is not one of this run's modalities; delete eval.json and rerun "
+        f"`balancemm eval {(root / 'o1').resolve()}`"
+    )
+    assert _rows(robustness_table(col, "embedded"))["ogm_ge"][7] == "1"

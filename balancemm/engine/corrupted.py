@@ -233,7 +233,15 @@ def eval_run(
         robust = evaluate_corrupted(method, batching(held), chosen, grid, seed=seed, scales=scales)
     finally:
         close_loaders([data.split(s) for s in SPLITS])
-    result = {"key": key, "request": request, "clean": clean, "robustness": robust}
+    # The evaluation sweeps and the report ask for: test split, the run's own data, every default corruption.
+    standard = (
+        split == "test"
+        and cfg == saved
+        and list(corruptions) == ["all"]
+        and grid == list(DEFAULT_SEVERITIES)
+        and seed == 0
+    )
+    result = {"key": key, "request": request, "standard": standard, "clean": clean, "robustness": robust}
     with run.locked():
         write_json(run.eval, {**_stored(run), key: result})
     return result

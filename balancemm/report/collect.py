@@ -18,6 +18,7 @@ Vocabulary:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -28,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from balancemm.errors import BalanceMMError
-from balancemm.layout import CONFIG_FILE, DONE_MARKER, PROBE_FILE, SUMMARY_FILE, RunFiles, parse_json
+from balancemm.layout import (
+    CONFIG_FILE,
+    DONE_MARKER,
+    EVAL_FILE,
+    PROBE_FILE,
+    SUMMARY_FILE,
+    RunFiles,
+    parse_json,
+    standard_eval,
+)
 from balancemm.registry import METHOD_GROUPS
 
 #: Table 2 order: the references first, then the taxonomy groups in the paper's section order.
@@ -46,12 +56,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 @dataclass(frozen=True)
 class Run:
     """One finished run directory: ``config`` is config.json's ``config`` section, ``summary`` is summary.json,
-    ``probe`` is probe.json (``{modality: {"test_accuracy", "val_accuracy", "C", ...}}``) or None."""
+    ``probe`` is probe.json (``{modality: {"test_accuracy", "val_accuracy", "C", ...}}``) or None, and
+    ``robustness`` the standard evaluation under corruptions in eval.json (``{name: {"severities",
+    "accuracy", "auc", "relative"}}``, names ``<modality>:<kind>``) or None."""
 
     path: Path
     config: dict[str, Any]
     summary: dict[str, Any]
     probe: dict[str, Any] | None = None
+    robustness: dict[str, Any] | None = None
 
     @property
     def dataset(self) -> str:
@@ -387,6 +400,29 @@ def _check(record: Any, spec: tuple[tuple[str, Rule, bool], ...], file: str) -> 
                 raise _Unusable(f"{file}: {where} {why}")
 
 
+def _robustness(files: RunFiles, modalities: list[str]) -> dict[str, Any] | None:
+    """The curves of the run's standard evaluation under corruptions, checked: every name a modality of the
+    run and a plain kind, increasing severities in [0, 1] and one accuracy in [0, 1] for each."""
+    entry = standard_eval(files)
+    if entry is None:
+        return None
+    curves = entry.get("robustness", {}).get("corruptions") if isinstance(entry.get("robustness"), dict) else None
+    if not isinstance(curves, dict) or not curves:
+        raise _Unusable(f"{EVAL_FILE}: the standard evaluation has no corruptions")
+    for name, c in curves.items():
+        modality, _, kind = str(name).partition(":")
+        if modality not in modalities or not _NAME.fullmatch(kind):
+            raise _Unusable(f"{EVAL_FILE}: corruption {printable(str(name))!r} is not one of this run's modalities")
+        grid, acc = (c.get("severities"), c.get("accuracy")) if isinstance(c, dict) else (None, None)
+        if not (isinstance(grid, list) and isinstance(acc, list) and len(grid) == len(acc) > 0) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1 for x in [*grid, *acc]
+        ):
+            raise _Unusable(f"{EVAL_FILE}: {name}: severities and accuracies must be matching lists in [0, 1]")
+        if any(b <= a for a, b in itertools.pairwise(grid)):
+            raise _Unusable(f"{EVAL_FILE}: {name}: the severities do not increase")
+    return curves
+
+
 def _read(path: Path) -> Any:
     """The JSON in ``path``; :class:`_Unusable` naming the file when it cannot be read or parsed."""
     try:
@@ -450,6 +486,14 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[str]]:
                 run = dataclasses.replace(run, probe=probe)
             except _Unusable as exc:
                 notes.append(f"ignored the probe of {d}: {exc}; rerun `balancemm probe {d}`")
+        if files.eval.is_file():
+            try:
+                run = dataclasses.replace(run, robustness=_robustness(files, run.summary["modalities"]))
+            except (_Unusable, BalanceMMError) as exc:
+                notes.append(
+                    f"ignored the evaluation under corruptions of {d}: {exc}; delete {EVAL_FILE} and rerun "
+                    f"`balancemm eval {d}`"
+                )
         runs.append(run)
     if not runs:
         rejected = [n for n in notes if n.startswith(REJECTED)]

@@ -10,6 +10,9 @@
   absolute balance point (lowest imbalance) marked, the validation-selected trial ringed, the baseline's
   accuracy (± std band) and imbalance as reference lines. Points carry numbers, keyed to their
   hyper-parameters beneath the plot, so that no label, however long, reaches the frame.
+- ``robustness_<dataset>``: one panel per corrupted modality, stacked: test accuracy (y) against severity (x)
+  of the modality's mean corruption curve (``balancemm eval``), a line per method (colour by taxonomy group,
+  line style and marker within it) with a band of ± std over seeds.
 
 Methods are stacked down the page, never spread across it: Fig. 2 grows in height with the number of
 methods and every figure is drawn at most ``MAX_WIDTH_IN`` wide, so the HTML page shows each at its natural
@@ -27,7 +30,7 @@ from typing import Any
 from balancemm.errors import BalanceMMError
 from balancemm.layout import PROBE_FILE
 from balancemm.report.collect import Collection, Stat, Trial
-from balancemm.report.tables import Table, balance_points
+from balancemm.report.tables import Table, balance_points, modality_curve
 
 #: Fig. 2's width in inches (``bbox_inches="tight"`` then adds the footnote's few points at most): 7.5 in is
 #: 720 CSS px in an SVG, about half the content width of a 1400 px window, so it shows unscaled.
@@ -297,6 +300,76 @@ def fig2(col: Collection, dataset: str) -> Figure:
     return _encode(plt, fig, f"fig2_{dataset}", title, note)
 
 
+# --- robustness -------------------------------------------------------------------------------------
+
+#: One colour per taxonomy group, and a line style + marker per method within a group, so that ~25 lines
+#: stay tellable apart in print as well as on screen.
+GROUP_COLOURS = {
+    "reference": "#333333",
+    "data": "#8c564b",
+    "feed-forward": "#1f77b4",
+    "objective": "#2ca02c",
+    "optimization": "#d62728",
+}
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*")]
+PANEL_IN = (MAX_WIDTH_IN - 2.2, 2.6)  # each modality's axes; the legend takes the rest of the width
+
+
+def robustness_figure(col: Collection, dataset: str) -> Figure:
+    """Accuracy against severity per corrupted modality on ``dataset`` (see the module docstring)."""
+    plt = _pyplot()
+    sel = col.selected[dataset]
+    lines: list[tuple[str, str, str, list[float], list[Stat]]] = []
+    modalities: list[str] = []
+    for group, row in col.rows():
+        trial = sel.get(row)
+        if trial is None or row.startswith("unimodal"):
+            continue
+        runs = [r for r in trial.runs if r.robustness]
+        if not runs:
+            continue
+        modalities = modalities or list(runs[0].summary["modalities"])
+        for m in modalities:
+            curves = [c for r in runs if (c := modality_curve(r, m)) is not None]
+            if not curves or any(c[0] != curves[0][0] for c in curves):
+                continue
+            grid = curves[0][0]
+            stats = [s for i in range(len(grid)) if (s := Stat.of(c[1][i] for c in curves)) is not None]
+            lines.append((group, row, m, grid, stats))
+    fig, axes = plt.subplots(
+        len(modalities), 1, figsize=(PANEL_IN[0], PANEL_IN[1] * len(modalities)), sharex=True, squeeze=False
+    )
+    seen: dict[str, int] = {}
+    styles: dict[str, tuple[str, str, str]] = {}
+    for group, row, m, grid, stats in lines:
+        if row not in styles:
+            k = seen.get(group, 0)
+            seen[group] = k + 1
+            styles[row] = (GROUP_COLOURS.get(group, "#777777"), *STYLES[k % len(STYLES)])
+        colour, style, marker = styles[row]
+        ax = axes[modalities.index(m)][0]
+        mean = [100 * s.mean for s in stats]
+        low = [100 * (s.mean - s.std) for s in stats]
+        high = [100 * (s.mean + s.std) for s in stats]
+        ax.plot(grid, mean, style, color=colour, marker=marker, markersize=3, linewidth=1, label=row)
+        ax.fill_between(grid, low, high, color=colour, alpha=0.08, linewidth=0)
+    for m, (ax,) in zip(modalities, axes, strict=True):
+        ax.set_title(f"{m} corrupted", fontsize=FONT + 1)
+        ax.set_ylabel("test accuracy (%)", fontsize=FONT)
+        ax.tick_params(labelsize=FONT)
+        ax.grid(alpha=0.3, linewidth=0.5)
+    axes[-1][0].set_xlabel("severity (0 clean … 1 modality gone)", fontsize=FONT)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=FONT - 1, frameon=False)
+    fig.tight_layout()
+    title = f"Accuracy against corruption severity per modality on {dataset}"
+    note = (
+        "Each line is a method's mean over seeds (band: ± std) of the modality's corruption curve, itself the "
+        "mean of its kinds (missing, Gaussian noise, its own corruption) at each severity."
+    )
+    return _encode(plt, fig, f"robustness_{dataset}", title, note)
+
+
 def all_figures(col: Collection, tables: list[Table]) -> list[Figure]:
     """Fig. 2 for every dataset with a ``probe_`` table, then Fig. 3 for every (dataset, method) with a
     ``trials_`` table and more than one plottable trial. Following the tables keeps figures and the report's
@@ -309,4 +382,5 @@ def all_figures(col: Collection, tables: list[Table]) -> list[Figure]:
         for row, trials in sorted(col.trials[d].items())
         if f"trials_{d}_{row}" in keys and len(balance_points(trials)) > 1
     ]
+    out += [robustness_figure(col, d) for d in col.datasets if f"robustness_{d}" in keys]
     return out

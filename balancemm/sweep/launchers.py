@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from balancemm import device as devices
 from balancemm.errors import ConfigError
-from balancemm.layout import BUSY, RunFiles, read_json, write_json
+from balancemm.layout import BUSY, RunFiles, read_json, standard_eval, write_json
 from balancemm.sweep.spec import Job
 
 # How long a Ray head given as host:port may take to accept a TCP connection. ray.init itself retries an
@@ -50,10 +50,12 @@ def default_parallel(threads_per_job: int = 1) -> int:
 def is_done(job: Job) -> bool:
     run = RunFiles(job.out)
     finished = run.done.is_file() and run.summary.is_file()
-    if finished and job.probe:
-        # Probes are asked for multimodal runs only (see the worker).
-        return run.probe.is_file() or len(read_json(run.summary)["modalities"]) == 1
-    return finished
+    if not finished or not (job.probe or job.robustness):
+        return finished
+    # Probes and evaluations under corruptions are asked for multimodal runs only (see the worker).
+    if len(read_json(run.summary)["modalities"]) == 1:
+        return True
+    return (not job.probe or run.probe.is_file()) and (not job.robustness or standard_eval(run) is not None)
 
 
 @dataclass
@@ -182,6 +184,7 @@ def job_payload(job: Job, device: str, concurrent_jobs: int | None = None) -> di
         "config": job.config.to_dict(),
         "out": str(job.out),
         "probe": job.probe,
+        "robustness": job.robustness,
         "device": device,
         "concurrent_jobs": concurrent_jobs,
     }

@@ -11,6 +11,7 @@ A sweep is described by a YAML file or the same keys on the command line::
     adapt: false                            # start every job from the method's ``adapted`` values
     sets: ["train.epochs=10"]               # protocol overrides, applied to every job alike
     probe: false                            # linear-probe each multimodal run's encoders (Fig. 2)
+    robustness: false                       # evaluate each multimodal run with modalities missing/corrupted
 
 ``unimodal`` expands to one job per modality of each dataset; the reference methods (``baseline``,
 ``unimodal``) have nothing to tune and run with their defaults only. Each job's directory is named by the
@@ -47,6 +48,7 @@ class Job:
     out: Path
     trial: int  # 0 = the method's defaults
     probe: bool = False  # linear-probe the trained encoders afterwards (Fig. 2's counterparts)
+    robustness: bool = False  # evaluate the selected weights under corruptions afterwards (balancemm eval)
 
     @property
     def label(self) -> str:
@@ -78,10 +80,22 @@ class SweepSpec:
     draw_seed: int = 0  # seeds the draw of hyper-parameter trials
     probe: bool = False  # linear-probe every multimodal run's encoders when it finishes
     adapt: bool = False  # every job starts from its method's ``adapted`` values (the benchmark's protocol)
+    robustness: bool = False  # evaluate every multimodal run under corruptions when it finishes
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "sweep") -> SweepSpec:
-        known = {"methods", "datasets", "seeds", "trials", "search", "sets", "draw_seed", "probe", "adapt"}
+        known = {
+            "methods",
+            "datasets",
+            "seeds",
+            "trials",
+            "search",
+            "sets",
+            "draw_seed",
+            "probe",
+            "adapt",
+            "robustness",
+        }
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -142,6 +156,7 @@ class SweepSpec:
             draw_seed,
             flag("probe"),
             flag("adapt"),
+            flag("robustness"),
         )
 
     @classmethod
@@ -211,5 +226,5 @@ def plan_jobs(spec: SweepSpec, root: str | Path) -> list[Job]:
             for trial, hp in settings:
                 for seed in spec.seeds:
                     cfg = resolve_config(method, dataset, sets=spec.sets, overrides={"method": hp}, seed=seed)
-                    jobs.setdefault(cfg.digest(), Job(cfg, default_out(cfg, root), trial, spec.probe))
+                    jobs.setdefault(cfg.digest(), Job(cfg, default_out(cfg, root), trial, spec.probe, spec.robustness))
     return list(jobs.values())

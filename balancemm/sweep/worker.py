@@ -53,6 +53,11 @@ def main(argv: list[str]) -> int:
 
             # The unimodal counterparts of the paper's Fig. 2, for the report, on the job's device.
             probe_run(out, device=job.get("device", "auto"))
+        if job.get("robustness") and len(summary["modalities"]) > 1:
+            from balancemm.engine.corrupted import eval_run
+
+            # The report's robustness table and curves: computed once (eval.json), on the job's device.
+            eval_run(out, device=job.get("device", "auto"))
     except BalanceMMError as exc:
         print(f"balancemm: error: {exc}", file=sys.stderr)
         return exc.exit_code
