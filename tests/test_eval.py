@@ -322,3 +322,17 @@ def test_a_sweep_with_robustness_evaluates_each_finished_run_once(
     printed = capsys.readouterr()
     assert "1 already finished" in printed.err + printed.out
     assert (out / "eval.json").read_bytes() == before
+
+
+def test_other_data_is_another_evaluation_beside_the_first(finished: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    first = eval_run(run, corruptions=["audio:missing"], severities=[0, 1])
+    same = eval_run(run, dataset="embedded", corruptions=["audio:missing"], severities=[0, 1])
+    assert same["key"] == first["key"]  # naming the run's own dataset changes nothing
+    other = eval_run(run, sets=["data.seed=1"], corruptions=["audio:missing"], severities=[0, 1])
+    assert other["key"] != first["key"] and other["request"]["data"]["seed"] == 1
+    assert not first["standard"] and not other["standard"]
+    # another draw of the embedded data: other test samples, other numbers, both stored
+    assert other["clean"]["predictions_sha256"] != first["clean"]["predictions_sha256"]
+    assert set(json.loads((run / "eval.json").read_text())) == {first["key"], other["key"]}
