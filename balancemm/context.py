@@ -298,24 +298,21 @@ class RunContext:
 
     def _global_sum(self, tensors: list[Tensor | None], like: Sequence[Tensor]) -> list[Tensor | None]:
         """The sum over ranks of each tensor, in one collective; a tensor that is None on every rank stays
-        None, one that is None on some ranks counts as zeros there (a branch only some shards took)."""
-        present = torch.tensor([t is not None for t in tensors], dtype=torch.int32, device=self.device)
-        held = (all_sum(present, self.world) > 0).tolist()  # one read back to the host, not one per use
+        None, one that is None on some ranks counts as zeros there (a branch only some shards took).
+
+        Which tensors some rank holds travels in the same collective as the values (a flag per tensor at
+        the end): one all-reduce per backward pass, whatever the number of parameters."""
+        present = torch.tensor([t is not None for t in tensors], dtype=torch.float32, device=self.device)
         parts = [
             (t if t is not None else torch.zeros_like(x)).reshape(-1).float()
-            for t, x, h in zip(tensors, like, held, strict=True)
-            if h
+            for t, x in zip(tensors, like, strict=True)
         ]
-        if not parts:
-            return [None] * len(tensors)
-        flat = all_sum(torch.cat(parts), self.world)
+        flat = all_sum(torch.cat([*parts, present]), self.world)
+        held = (flat[-len(tensors) :] > 0).tolist() if tensors else []  # one read back to the host
         out: list[Tensor | None] = []
         offset = 0
         for x, h in zip(like, held, strict=True):
-            if not h:
-                out.append(None)
-                continue
-            out.append(flat[offset : offset + x.numel()].view_as(x).to(x.dtype))
+            out.append(flat[offset : offset + x.numel()].view_as(x).to(x.dtype) if h else None)
             offset += x.numel()
         return out
 

@@ -68,6 +68,11 @@ def start(device_type: str) -> World:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)  # NCCL's collectives run on the current device
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks of a node share its cores: each takes its part instead of all of them (torchrun sets
+        # OMP_NUM_THREADS=1 for several workers; --nproc and a user's own setting are respected the same way).
+        workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return World(rank, size, local, backend)
@@ -130,16 +135,23 @@ def all_gather_rows(t: Tensor, world: World) -> Tensor:
 
 
 def broadcast_(tensors: Iterable[Tensor], world: World, src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s."""
+    """Overwrite ``tensors`` in place with rank ``src``'s: one broadcast per dtype and device, of the
+    tensors flattened into one (a model's BatchNorm buffers are many small tensors, and on a CPU each
+    collective costs far more than the bytes it moves)."""
     if not world.distributed:
         return
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
-        if world.backend == "nccl" and t.device.type != "cuda":
-            on = _on_backend(t, world)
-            dist.broadcast(on, src)
-            t.copy_(on)
-        else:
-            dist.broadcast(t, src)
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = _on_backend(torch.cat([t.detach().reshape(-1) for t in group]), world)
+        dist.broadcast(flat, src)
+        offset = 0
+        for t in group:
+            # Through .data: a write autograd does not see, as DDP's own buffer broadcast, so a graph built
+            # before the step (MLA's, AUG's per-modality steps) still holds valid running statistics.
+            t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def barrier(world: World) -> None:
