@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,6 +11,7 @@ import pytest
 
 import balancemm
 from balancemm.context import DataAccessError
+from balancemm.data import DATASETS
 from balancemm.methods import METHODS, Needs, RunContext
 from balancemm.methods.baseline import Baseline
 from tests.conftest import TinyDataset
@@ -35,10 +37,35 @@ class PeeksAtVal(Baseline):
         return None
 
 
-def test_summary_records_validation_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    plain = balancemm.train("baseline", out=tmp_path / "a", sets=["train.epochs=1"])
-    assert plain["used_validation_in_training"] is False
-    with METHODS.temporary():
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Registered(TinyDataset):
+    """TinyDataset under a registered name, so that ``balancemm.train`` runs on it in a fraction of a second."""
+
+    Options: ClassVar[type] = NoOptions
+    name: ClassVar[str] = "registered_tiny"
+
+    def __init__(self, options: NoOptions = NoOptions()) -> None:
+        super().__init__()
+
+
+@pytest.fixture
+def tiny_name() -> Iterator[str]:
+    encoders = {m: {"name": "cnn", "channels": [4, 6]} for m in ("audio", "visual")}
+    with DATASETS.temporary(), METHODS.temporary():
+        DATASETS.register(Registered.name, modalities=("audio", "visual"), protocol={"model": {"encoders": encoders}})(
+            Registered
+        )
         METHODS.register("peeks_at_val", group="reference")(PeeksAtVal)
-        peek = balancemm.train("peeks_at_val", out=tmp_path / "b", sets=["train.epochs=1"])
+        yield Registered.name
+
+
+def test_summary_records_validation_use(tmp_path: Path, tiny_name: str) -> None:
+    sets = ["train.epochs=1", "train.batch_size=8"]
+    plain = balancemm.train("baseline", tiny_name, out=tmp_path / "a", sets=sets)
+    assert plain["used_validation_in_training"] is False
+    peek = balancemm.train("peeks_at_val", tiny_name, out=tmp_path / "b", sets=sets)
     assert peek["used_validation_in_training"] is True

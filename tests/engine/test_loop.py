@@ -7,18 +7,23 @@ test_trainer.py and test_resume.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from balancemm import __version__
 from balancemm.config import OptimizerConfig, SchedulerConfig, resolve_config
-from balancemm.context import Batching, Needs, derive_seed
+from balancemm.context import Batching, Needs, derive_seed, eval_mode
+from balancemm.data import SamplePlan
+from balancemm.distributed import World
 from balancemm.engine import trainer as loop
 from balancemm.engine.evaluate import evaluate
 from balancemm.engine.trainer import LAST, Trainer, build_optimizer, build_scheduler, environment, speed_up
@@ -27,7 +32,7 @@ from balancemm.files import DamagedFile
 from balancemm.methods import METHODS
 from balancemm.methods.baseline import Baseline
 from balancemm.models import build_model
-from tests.conftest import TinyDataset, interrupted_at
+from tests.conftest import TinyDataset, build_method, interrupted_at
 
 SMALL = [
     "train.epochs=3",
@@ -68,16 +73,18 @@ class Watched(Baseline):
     reads_val_in: ClassVar[int | None] = None
     acting: ClassVar[tuple[int, ...] | None] = None
     fail: ClassVar[tuple[int, BaseException] | None] = None
+    plan: ClassVar[SamplePlan | None] = None
     first_draw: ClassVar[list[float]] = []
 
     def on_fit_start(self) -> None:
         Watched.first_draw.append(torch.rand(1).item())
 
-    def on_epoch_start(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int) -> SamplePlan | None:
         if Watched.fail is not None and Watched.fail[0] == epoch:
             raise Watched.fail[1]
         if Watched.reads_val_in == epoch:
             next(iter(self.ctx.batches("val")))
+        return Watched.plan
 
     def on_epoch_end(self, epoch: int) -> None:
         self.ctx.log(
@@ -93,7 +100,7 @@ class Watched(Baseline):
 
 @pytest.fixture
 def watched() -> Any:
-    Watched.fake_loss, Watched.reads_val_in, Watched.acting, Watched.fail = {}, None, None, None
+    Watched.fake_loss, Watched.reads_val_in, Watched.acting, Watched.fail, Watched.plan = {}, None, None, None, None
     Watched.first_draw, Watched.needs = [], Needs()
     with METHODS.temporary():
         METHODS.register("watched", group="reference")(Watched)
@@ -147,6 +154,15 @@ def test_environment_and_peak_memory_on_the_cpu() -> None:
     assert kind == "process_max_rss" and peak is not None
     unit = 2**20 if sys.platform == "darwin" else 2**10
     assert before / unit <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+
+
+def test_peak_memory_reads_the_platforms_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ru_maxrss counts kilobytes on Linux and bytes on macOS; 3 MiB either way.
+    usage = {"darwin": 3 * 2**20, "linux": 3 * 2**10}
+    for platform, maxrss in usage.items():
+        monkeypatch.setattr(sys, "platform", platform)
+        monkeypatch.setattr(resource, "getrusage", lambda who, maxrss=maxrss: SimpleNamespace(ru_maxrss=maxrss))
+        assert loop._peak_memory_mb(torch.device("cpu")) == (3.0, "process_max_rss"), platform
 
 
 def test_the_escape_hatch_a_method_overrides_is_named() -> None:
@@ -264,6 +280,134 @@ def test_each_epoch_has_its_own_order_from_the_seed_and_evaluation_none(tmp_path
     assert rows(t._batches("val")) == list(range(24))
 
 
+def test_evaluation_adds_up_every_batch() -> None:
+    # Batches of 7, 7 and 6 rows score as the 20 rows in one batch: no batch is dropped or counted alone.
+    data = TinyDataset(n=20)
+    method = build_method("baseline", data)
+    split = data.split("test")
+    whole = next(iter(Batching()(split, batch_size=20)))
+    with eval_mode(method):
+        out = method.predict(whole)
+    got = evaluate(method, Batching()(split, batch_size=7), 3)
+    assert got["num_samples"] == 20
+    assert got["loss"] == pytest.approx(F.cross_entropy(out.logits, whole.label).item(), rel=1e-6)
+    assert got["accuracy"] == pytest.approx((out.logits.argmax(1) == whole.label).double().mean().item())
+    for m, logits in out.unimodal_logits.items():
+        accuracy = (logits.argmax(1) == whole.label).double().mean().item()
+        assert got["per_modality"][m]["accuracy"] == pytest.approx(accuracy), m
+    predicted = out.logits.argmax(1).to(torch.int64).numpy().astype("<i8")
+    assert got["predictions_sha256"] == hashlib.sha256(predicted.tobytes()).hexdigest()
+
+
+def test_data_parallel_evaluation_sums_every_ranks_counts() -> None:
+    # Two ranks that scored the same rows: every count doubles, every rate is what one rank found, and the
+    # predictions are both ranks' in rank order.
+    data = TinyDataset(n=20)
+    method = build_method("baseline", data)
+    batches = list(Batching()(data.split("test"), batch_size=7))
+    alone = evaluate(method, batches, 3)
+    ctx = method.ctx
+    ctx.world = World(0, 2)
+    ctx.all_sum = lambda t: 2 * t  # type: ignore[method-assign]
+    ctx.gather = lambda t: torch.cat([t, t])  # type: ignore[method-assign]
+    both = evaluate(method, batches, 3)
+    digest, count = "predictions_sha256", "num_samples"
+    assert {k: v for k, v in both.items() if k not in (digest, count)} == {
+        k: v for k, v in alone.items() if k not in (digest, count)
+    }
+    assert both[count] == 40
+    with eval_mode(method):
+        predicted = torch.cat([method.predict(b).logits.argmax(1) for b in batches]).numpy().astype("<i8")
+    assert both[digest] == hashlib.sha256(predicted.tobytes() * 2).hexdigest()
+
+
+def test_a_rank_other_than_the_first_waits_for_it_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[World] = []
+    monkeypatch.setattr(loop, "barrier", waits.append)
+    t = make(tmp_path)
+    t.world = World(1, 2)
+    monkeypatch.setattr(t, "_fit", lambda: {"rank": 1})
+    assert t.fit() == {"rank": 1}
+    # Rank 0 creates the run directory; rank 1 waits for it on the run's process group.
+    assert waits == [World(1, 2)] and not (tmp_path / "r").exists()
+
+
+def test_the_epoch_bar_of_a_resumed_run_starts_at_its_first_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bars: list[tuple[list[int], int, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def tqdm(epochs: range, **kw: Any) -> Any:
+        bars.append((list(epochs), kw.get("initial", 0), kw["total"]))
+        raise Stop  # the bar is all this test looks at
+
+    monkeypatch.setattr(loop, "tqdm", tqdm)
+    monkeypatch.setattr(loop, "_tensorboard", lambda path, start: None)
+    with pytest.raises(Stop):
+        make(tmp_path)._train_epochs(2)
+    assert bars == [([2], 2, 3)]  # shows 2/3 done, not 0/3
+
+
+def test_an_epoch_trains_on_the_sample_plan_its_method_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watched: Any
+) -> None:
+    extra = torch.full((9,), 5)
+    watched.plan = SamplePlan(extra_index=extra, extra_present=torch.tensor([[True, False]]).expand(9, 2))
+    t = make(tmp_path, "watched")
+    rows: list[int] = []
+    real = t.method.train_epoch
+
+    def train_epoch(epoch: int, batches: Any) -> None:
+        batches = list(batches)
+        rows.extend(i for b in batches for i in b.index.tolist())
+        real(epoch, batches)
+
+    monkeypatch.setattr(t.method, "train_epoch", train_epoch)
+    t._train_epoch(0)
+    assert sorted(rows) == sorted([*range(24), *[5] * 9]) and t.ctx.step == 5  # 33 rows, batches of 8
+
+
+def test_rows_left_out_of_a_data_parallel_epoch_are_warned_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    t = make(tmp_path)
+    t.world = World(0, 4)
+    t.warnings.append("an earlier warning")
+    real = t._batches
+
+    def dropping(split: Any, epoch: int | None = None, plan: Any = None) -> Any:
+        batches = real(split, epoch, plan)
+        batches.dropped = 3  # as a last global batch of 3 rows on 4 ranks
+        return batches
+
+    monkeypatch.setattr(t, "_batches", dropping)
+    for epoch in (0, 1, 2):
+        t._train_epoch(epoch)
+    message = (
+        f"{loop.DROPPED} (3 rows, fewer than the 4 processes) in epoch 0; a train.batch_size that leaves a "
+        "larger remainder keeps every row"
+    )
+    assert t.warnings == ["an earlier warning", message]
+    assert capsys.readouterr().err == f"balancemm: warning: {message}\n"
+
+
+@pytest.mark.parametrize(("mask", "other"), [("feature", "input"), ("input", "feature")])
+def test_the_test_split_is_scored_under_both_masking_rules(tmp_path: Path, mask: str, other: str) -> None:
+    t = make(tmp_path, sets=(f"model.mask={mask}",))
+    model, keys = t.method.model, ("shapley", "coalition_values", "imbalance")
+    test = evaluate(t.method, t._batches("test"), 3)
+    with model.masking(other):
+        scored = evaluate(t.method, t._batches("test"), 3)
+    by_mask = t._shapley_by_mask(test)
+    assert by_mask == {mask: {k: test[k] for k in keys}, other: {k: scored[k] for k in keys}}
+    assert list(by_mask) == ["feature", "input"] and model.mask == mask
+
+
 # -- a whole run ----------------------------------------------------------------------------------
 
 
@@ -304,6 +448,9 @@ def test_a_run_writes_these_records_and_this_summary(tmp_path: Path, monkeypatch
     assert s["test"] == {k: again[k] for k in kept}
     assert s["test"]["num_samples"] == 24
     model = t.method.model
+    with model.masking("input"):  # the paper's rule, scored beside the run's own
+        by_input = evaluate(t.method, t._batches("test"), 3)
+    shapley = ("shapley", "coalition_values", "imbalance")
     fixed = {
         "schema": 1,
         "status": "complete",
@@ -323,6 +470,7 @@ def test_a_run_writes_these_records_and_this_summary(tmp_path: Path, monkeypatch
         "coalition_values": again["coalition_values"],
         "imbalance": again["imbalance"],
         "shapley_mask": "feature",
+        "shapley_by_mask": {"feature": {k: again[k] for k in shapley}, "input": {k: by_input[k] for k in shapley}},
         "precision": {"name": "fp32", "requested": "auto", "loss_scale": None, "skipped_steps": None},
         "artifacts": {},
         "concurrent_jobs": 3,
@@ -484,8 +632,12 @@ def test_a_best_checkpoint_of_another_epoch_is_damage(tmp_path: Path, monkeypatc
     t = make(tmp_path)
     best = t.run.load(t.run.best)
     t.run.save(t.run.best, {**best, "epoch": 7})
-    with pytest.raises(DamagedFile, match=r"holds epoch 7, but last.pt selected epoch 1"):
+    with pytest.raises(DamagedFile) as err:
         t.fit()
+    # Deleting best.pt and running again would not bring the selected weights back: the remedy says so.
+    remedy = t.run.remedy(t.run.best)
+    assert remedy.startswith("the selected epoch's weights are lost: ")
+    assert str(err.value) == f"{t.run.best} holds epoch 7, but last.pt selected epoch 1; {remedy}"
 
 
 def test_failures_are_marked_and_cleared_by_a_run_that_succeeds(tmp_path: Path, watched: Any) -> None:
@@ -530,6 +682,21 @@ def test_the_console_names_the_environment(tmp_path: Path, capsys: pytest.Captur
         f"balancemm {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
         f"cpu fp32 ({torch.get_num_threads()} threads) | run {tmp_path / 'r'}"
     ) in lines
+
+
+def test_the_console_names_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import platform
+
+    # The device's facts as on a GPU machine, so the line is checked on any machine.
+    facts = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "cuda": "12.4"}
+    monkeypatch.setattr(loop, "device_environment", lambda device: facts)
+    make(tmp_path, progress=True)._say_environment()
+    assert capsys.readouterr().err.splitlines() == [
+        f"balancemm {__version__} | torch {torch.__version__} | python {platform.python_version()} | "
+        f"cuda:0 NVIDIA H100 80GB HBM3, fp32 ({torch.get_num_threads()} threads) | run {tmp_path / 'r'}"
+    ]
 
 
 @pytest.mark.parametrize("bounds", [(3, None), (1, 1)])
