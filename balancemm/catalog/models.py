@@ -91,6 +91,7 @@ class ViTOptions:
 
 
 FUSION_NAMES.register("amco", aliases=("AMCoFusion",))(None)
+FUSION_NAMES.register("boosted", aliases=("BoostedFusion",))(None)
 FUSION_NAMES.register("concat", aliases=("ConcatFusion",))(None)
 FUSION_NAMES.register("cosine", aliases=("CosineFusion",))(None)
 FUSION_NAMES.register("film", aliases=("FiLM",))(None)

@@ -65,22 +65,47 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Subset:
+    """One part of an epoch that a :class:`SamplePlan` replaces: rows that all carry the same modalities.
+
+    Attributes:
+        index: ``[K]`` split indices of the part's rows (duplicates allowed, ``K`` may be 0).
+        present: ``[M]`` bool, the modality mask every row of the part carries.
+    """
+
+    index: Tensor
+    present: Tensor
+
+    def __post_init__(self) -> None:
+        if self.index.dim() != 1:
+            raise ValueError(f"a Subset's index must be one-dimensional [K], got shape {tuple(self.index.shape)}")
+        if self.present.dim() != 1:
+            raise ValueError(f"a Subset's present must be one mask row [M], got shape {tuple(self.present.shape)}")
+
+
+@dataclass(frozen=True)
 class SamplePlan:
     """How one training epoch departs from "every sample once, all modalities present".
 
-    Returned by ``Method.on_epoch_start`` (data-level methods such as Modality-valuation); the data
-    layer applies it in memory, without rebuilding a dataset.
+    Returned by ``Method.on_epoch_start`` (data-level methods such as Modality-valuation and Data
+    Remixing); the data layer applies it in memory, without rebuilding a dataset.
 
     Attributes:
         extra_index: ``[K]`` split indices of rows appended to the epoch (duplicates allowed).
         extra_present: ``[K, M]`` bool modality mask of those extra rows.
         weights: optional ``[N]`` non-negative sampling weights; when given, the epoch draws N rows
             with replacement in proportion to them instead of a permutation.
+        subsets: an ordered sequence of homogeneous parts that *replaces* the epoch: the epoch is the
+            first part's rows, then the second's, …, each part shuffled (when the epoch is) and batched
+            on its own, so that every batch holds rows of one part and one modality mask only (a part's
+            last batch may be smaller). Empty parts are skipped. It cannot be combined with extra rows
+            or weights, which describe changes to the ordinary epoch.
     """
 
     extra_index: Tensor | None = None
     extra_present: Tensor | None = None
     weights: Tensor | None = None
+    subsets: tuple[Subset, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.extra_index is None) != (self.extra_present is None):
@@ -91,3 +116,10 @@ class SamplePlan:
             and self.extra_present.shape[0] != self.extra_index.shape[0]
         ):
             raise ValueError("extra_present needs one row per extra_index entry")
+        if self.subsets is not None:
+            if self.extra_index is not None or self.weights is not None:
+                raise ValueError("subsets replace the epoch's rows; they cannot be combined with extra rows or weights")
+            if not self.subsets:
+                raise ValueError("subsets needs at least one subset (None keeps the ordinary epoch)")
+            if len({s.present.shape[0] for s in self.subsets}) != 1:
+                raise ValueError("every subset's present mask needs the same number of modalities")

@@ -1,4 +1,4 @@
-"""Batches from a split: shuffling from a seeded generator, SamplePlan rows, device transfer.
+"""Batches from a split: shuffling from a seeded generator, SamplePlan rows and subsets, device transfer.
 
 What keeps a GPU busy, without changing a single number (every path yields the same batches):
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from balancemm.data.base import Split
-from balancemm.data.batch import Batch, SamplePlan
+from balancemm.data.batch import Batch, SamplePlan, Subset
 from balancemm.distributed import shard_bounds
 
 # A split is kept on a device while all resident splits together take at most this share of its memory.
@@ -89,7 +89,8 @@ class Batches:
         batch_size: rows per batch; the last batch is kept (``drop_last=False``) unless asked.
         shuffle: permute rows (train) or keep split order (evaluation).
         generator: the source of the permutation; required when shuffling or sampling by weight.
-        plan: extra rows / sampling weights for this epoch (data-level methods).
+        plan: extra rows / sampling weights for this epoch, or the ordered subsets that replace it
+            (data-level methods; see :class:`~balancemm.data.batch.SamplePlan`).
         device: where batches are moved.
         num_workers: worker processes for splits without an in-memory fast path.
         subset: ``[K]`` split indices to draw from instead of the whole split.
@@ -99,7 +100,9 @@ class Batches:
             so the ranks' parts together are the one-process batch; a last global batch with fewer rows
             than ranks is left out on every rank (:attr:`dropped`), since a rank cannot step on no rows.
             Unshuffled passes (evaluation, statistics) give each rank one contiguous part of the rows,
-            read in batches of its own; gathered in rank order they are the split in order.
+            read in batches of its own; gathered in rank order they are the split in order. A plan's
+            subsets are training epochs: their batches are global batches, split as the shuffled ones
+            (shuffled or not), so every rank reads the same subset at the same step.
         observer: called with each batch as it is handed out (the run context keeps its share).
     """
 
@@ -126,42 +129,53 @@ class Batches:
         self.device = torch.device(device)
         self.num_workers = num_workers
         n_mod = len(split.modalities)
-        rows = subset if subset is not None else torch.arange(len(split))
-        if plan is not None and plan.weights is not None:
-            if plan.weights.shape[0] != len(split):
-                raise ValueError("SamplePlan.weights needs one weight per row of the split")
-            drawn = torch.multinomial(plan.weights[rows].double(), rows.numel(), replacement=True, generator=generator)
-            rows = rows[drawn]
-        present = torch.ones(rows.numel(), n_mod, dtype=torch.bool)
-        if plan is not None and plan.extra_index is not None and plan.extra_present is not None:
-            rows = torch.cat([rows, plan.extra_index.long()])
-            present = torch.cat([present, plan.extra_present.bool()])
-        if shuffle:
-            perm = torch.randperm(rows.numel(), generator=generator)
-            rows, present = rows[perm], present[perm]
         rank, ranks = shard
-        if not shuffle and ranks > 1:
-            start, end = shard_bounds(rows.numel(), rank, ranks)
-            rows, present = rows[start:end], present[start:end]
+        if plan is not None and plan.subsets is not None:
+            if subset is not None:
+                raise ValueError("a SamplePlan with subsets replaces the epoch's rows; it cannot be read with subset=")
+            rows, present, segments = _subset_rows(plan.subsets, len(split), n_mod, shuffle, generator)
+            global_batches = ranks > 1  # each batch one subset's: a global batch, split as the shuffled ones
+        else:
+            rows = subset if subset is not None else torch.arange(len(split))
+            if plan is not None and plan.weights is not None:
+                if plan.weights.shape[0] != len(split):
+                    raise ValueError("SamplePlan.weights needs one weight per row of the split")
+                drawn = torch.multinomial(
+                    plan.weights[rows].double(), rows.numel(), replacement=True, generator=generator
+                )
+                rows = rows[drawn]
+            present = torch.ones(rows.numel(), n_mod, dtype=torch.bool)
+            if plan is not None and plan.extra_index is not None and plan.extra_present is not None:
+                rows = torch.cat([rows, plan.extra_index.long()])
+                present = torch.cat([present, plan.extra_present.bool()])
+            if shuffle:
+                perm = torch.randperm(rows.numel(), generator=generator)
+                rows, present = rows[perm], present[perm]
+            if not shuffle and ranks > 1:
+                start, end = shard_bounds(rows.numel(), rank, ranks)
+                rows, present = rows[start:end], present[start:end]
+            segments = [(0, rows.numel())]
+            global_batches = shuffle and ranks > 1
         self.rows, self.present = rows, present
         # Only augmenting splits consume a draw, so the shuffles of other datasets are unchanged.
         self.aug_seed: int | None = None
         if shuffle and split.augments:
             self.aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        n = rows.numel()
-        count = n // batch_size if drop_last else math.ceil(n / batch_size)
         #: (start, end, share) of each batch this rank reads, in positions of ``rows``.
         self._slices: list[tuple[int, int, float]] = []
-        self.dropped = 0  # rows of a last global batch too small to give every rank one
-        for k in range(count):
-            lo, hi = k * batch_size, min((k + 1) * batch_size, n)
-            if not shuffle or ranks == 1:
-                self._slices.append((lo, hi, 1.0))
-            elif hi - lo < ranks:
-                self.dropped = hi - lo
-            else:
-                a, b = shard_bounds(hi - lo, rank, ranks)
-                self._slices.append((lo + a, lo + b, (b - a) / (hi - lo)))
+        self.dropped = 0  # rows of last global batches too small to give every rank one
+        for first, last in segments:  # batches never straddle two segments (a plan's subsets)
+            n = last - first
+            count = n // batch_size if drop_last else math.ceil(n / batch_size)
+            for k in range(count):
+                lo, hi = first + k * batch_size, first + min((k + 1) * batch_size, n)
+                if not global_batches:
+                    self._slices.append((lo, hi, 1.0))
+                elif hi - lo < ranks:
+                    self.dropped += hi - lo
+                else:
+                    a, b = shard_bounds(hi - lo, rank, ranks)
+                    self._slices.append((lo + a, lo + b, (b - a) / (hi - lo)))
         self._len = len(self._slices)
 
     def __len__(self) -> int:
@@ -241,6 +255,36 @@ class Batches:
             yield from (b.to(self.device) for b in source)
         else:
             yield from _prefetched(source, self.device)
+
+
+def _subset_rows(
+    subsets: tuple[Subset, ...], size: int, num_modalities: int, shuffle: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """The rows ``[K]`` and masks ``[K, M]`` of a plan's subsets, one after the other, each permuted on its
+    own when ``shuffle`` (in subset order, one draw per non-empty subset), and each subset's
+    ``(start, end)`` positions in them.
+
+    Raises:
+        ValueError: a mask without one entry per modality, or an index outside the split's ``size`` rows.
+    """
+    rows, present, segments, start = [], [], [], 0
+    for part in subsets:
+        if part.present.shape[0] != num_modalities:
+            raise ValueError(f"a SamplePlan subset's present mask needs {num_modalities} entries, one per modality")
+        index = part.index.long()
+        if index.numel() == 0:
+            continue
+        if int(index.min()) < 0 or int(index.max()) >= size:
+            raise ValueError(f"a SamplePlan subset holds an index outside the split's {size} rows")
+        if shuffle:
+            index = index[torch.randperm(index.numel(), generator=generator)]
+        rows.append(index)
+        present.append(part.present.bool().expand(index.numel(), num_modalities))
+        segments.append((start, start + index.numel()))
+        start += index.numel()
+    if not rows:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, num_modalities, dtype=torch.bool), []
+    return torch.cat(rows), torch.cat(present), segments
 
 
 def _prefetched(source: Iterator[Batch], device: torch.device) -> Iterator[Batch]:

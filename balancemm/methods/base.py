@@ -63,22 +63,26 @@ A method that overrides ``train_epoch`` must call ``self.ctx.check_finite(losses
 (the default loop does), so NaN detection and loss logging keep working, and must wrap each step in
 ``self.ctx.counted_step(batch_size)``: with sampled FLOP counting only its steps are counted.
 
-Where the 17 methods plug in (docs/methods/<name>.md gives each method's details):
+Where the 23 methods plug in (docs/methods/<name>.md gives each method's details):
 
 * ``model_spec``: MMCosine (cosine head), AMCo (masked head), MLA and ReconBoost (shared head),
-  Greedy (MMTM mid-fusion), unimodal (one modality), MMPareto / G-Blending (unimodal heads option);
+  Greedy (MMTM mid-fusion), unimodal (one modality), MMPareto / G-Blending (unimodal heads option),
+  AUG (boosted head), Remix and G²D (unimodal heads), InfoReg, DGL and CGGM (slice heads);
 * ``needs_for`` (classmethod): ReconBoost (unimodal runs only when ``pretrained``);
-* ``on_fit_start``: UMT (frozen teachers), ReconBoost (pre-trained learners), Greedy (speed
-  accumulators), LFM (initial α);
+* ``on_fit_start``: UMT and G²D (frozen teachers), ReconBoost (pre-trained learners), Greedy (speed
+  accumulators), LFM (initial α), InfoReg (trace history), CGGM (the classifiers' optimiser);
 * ``on_epoch_start``: PMR (prototypes), Relearning (diagnosis and re-initialisation after the
-  previous epoch's validation), G-Blending (weights), LFM (α update), CML, AMCo,
-  Modality-valuation (returns a ``SamplePlan``);
-* ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (feature or class mask);
-* ``losses``: UMT, MBSD, CML, MMPareto, G-Blending, LFM, PMR, OPM, AMCo;
+  previous epoch's validation), G-Blending (weights), LFM (α update), CML, AMCo, InfoReg (anchor and
+  window), AUG (learners decided last epoch), Modality-valuation and Remix (return a ``SamplePlan``);
+* ``forward``: AGM (coalition passes), OPM (feature dropping), AMCo (feature or class mask), DGL
+  (detached head and features), G²D (teacher pass);
+* ``losses``: UMT, MBSD, CML, MMPareto, G-Blending, LFM, PMR, OPM, AMCo, InfoReg, DGL, CGGM, G²D, Remix;
 * ``backward``: MMPareto (per-loss gradients, min-norm combination);
-* ``after_backward``: OGM-GE, AGM (gradient clipping rule), Greedy;
+* ``after_backward``: OGM-GE, AGM (gradient clipping rule), Greedy, InfoReg (proximal pull and trace),
+  CGGM (classifier step, gradient scaling), G²D (sequential modality prioritisation);
+* ``on_epoch_end``: InfoReg (trace), AUG (learner assignment);
 * ``predict``: MLA (entropy-weighted fusion), ReconBoost (boosted ensemble);
-* hatches: MLA owns ``training_step``, ReconBoost owns ``train_epoch``.
+* hatches: MLA and AUG own ``training_step``, ReconBoost owns ``train_epoch``.
 
 Rules: no loops over batches inside methods (use ``ctx.batches`` or the ``train_epoch`` hatch);
 randomness only from ``ctx.generator`` (``ctx.device_generator`` for tensors drawn on the model's
@@ -88,7 +92,7 @@ device); gradients only through ``ctx.backward`` / ``ctx.grad``; parameters by s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -219,3 +223,8 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def dormant_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters allocated ahead of use that no forward pass reads yet (AUG's learners before they are
+        switched on): they get no gradient, so optimisers leave them as they are until then."""
+        return iter(())
