@@ -280,7 +280,10 @@ def test_set_splits_at_the_first_equals_sign() -> None:
             lambda: parse_sets(["train.optimizer=1", "train.optimizer.lr=2"]),
             "--set 'train.optimizer.lr=2': optimizer is set twice with different shapes",
         ),
-        (lambda: resolve_config(None), "no method given; use --method NAME, one of agm, amco, baseline, cml,"),
+        (
+            lambda: resolve_config(None),
+            "no method given; use --method NAME, one of agm, amco, aug, baseline, cggm, cml, dgl,",
+        ),
         (
             lambda: resolve_config("baseline", sets=["model.encoders.text.name=cnn"]),
             "model.encoders must name exactly the dataset's modalities (audio, visual); unknown text",

@@ -153,8 +153,11 @@ def test_torchrun_on_one_node_and_on_two_nodes_trains_the_same_run(tmp_path: Pat
     port = str(_free_port())
     nodes = [
         subprocess.Popen(
-            [*torchrun, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1"]
-            + ["--master-addr", "127.0.0.1", "--master-port", port, *train, str(tmp_path / "two")],
+            [
+                *torchrun,
+                *("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1"),
+                *("--master-addr", "127.0.0.1", "--master-port", port, *train, str(tmp_path / "two")),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -192,6 +195,8 @@ ACTING: dict[str, dict[str, Any]] = {
     "unimodal": {"modality": "audio"},
     "gblending": {"super_epoch": 1},
     "reconboost": {"epochs_per_stage": 1, "correct_epoch": 1},
+    "aug": {"margin": 0.0},  # a learner at the first check, whatever the score ratio
+    "remix": {"warmup": 1},
     "greedy": {"starting_epoch": 0, "epsilon": 0.0},
     "modality_valuation": {"warmup": 0},
     "opm": {"modulation_starts": 0},

@@ -67,9 +67,53 @@ class AMCoHParams(ModulationWindow):
     rescale: bool = True  # feature mode: × 1/max(1 − p_t, 0.1) (BMM 596b434); false: plain zeroing (BMM HEAD: none)
 
 
+@METHOD_HPARAMS.register(
+    "aug",
+    group="feed-forward",
+    paper="Jiang, Huang, Yang, NeurIPS 2025 (AUG: sustained boosting, adaptive classifier assignment)",
+    aliases=("AUG",),
+)
+@dataclass(frozen=True)
+class AUGHParams:
+    # λ, the ACA threshold; null: 1.0 for M = 2 (--lam, train_CREMAD.py:165), 0.8/(M − 1) for M ≥ 3 (0.4 for three
+    # modalities, 966dbf5 train_NVGesture.py:224)
+    lam: float | None = field(default=None, metadata=rng(gt=0))
+    margin: float = field(default=0.01, metadata=rng(ge=0))  # M = 2 dead band: add when |r − λ| > 0.01 (:222-225)
+    mu: float = field(default=0.4, metadata=rng(ge=0, le=1))  # μ, M = 2 weight of f of the first sorted modality (:166)
+    # fusion weights in sorted modality order; null: (μ, 1 − μ) for M = 2, 0.33/0.33/0.34 for M = 3
+    # (966dbf5 train_NVGesture.py:225-226), 1/M beyond
+    weights: tuple[float, ...] | None = None
+    residual: float = field(default=0.5, metadata=rng(ge=0, le=1))  # c of (1 − c·p_o(y))·CE(a); HEAD :57 (966dbf5 0.2)
+    check_every: EpochValue = field(default="10%", metadata=epoch_meta(ge=1))  # ACA period; code int(E/10) (:205-208)
+    max_learners: int = field(default=10, metadata=rng(ge=0))  # preallocated learners per modality (ours)
+    hidden: int = field(default=256, metadata=rng(ge=1))  # learner width (AudioVideo.py:47-54,67)
+    # true: learners are trained (paper); false: weights frozen at initialisation as in the code, which never adds them
+    # to its optimiser (train_CREMAD.py:201); gradient still reaches the encoder through them
+    train_learners: bool = True
+
+    def _validate(self, path: str) -> None:
+        if self.weights is not None and (min(self.weights, default=0.0) < 0 or sum(self.weights) <= 0):
+            raise ConfigError(f"{path}.weights must be non-negative with a positive sum")
+
+
 METHOD_HPARAMS.register(
     "baseline", group="reference", paper="concatenation fusion + cross-entropy", aliases=("baselineTrainer",)
 )(NoHParams)
+
+
+@METHOD_HPARAMS.register("cggm", group="optimization", paper="Guo et al., NeurIPS 2024", aliases=("CGGM",))
+@dataclass(frozen=True)
+class CGGMHParams:
+    rho: float = field(default=1.3, metadata=rng(gt=0))  # ρ `--rou`: 1.3 MOSI, IEMOCAP, Food-101 (BraTS 1.0)
+    lam: float = field(default=0.2, metadata=rng(ge=0))  # λ `--lamda`: 0.2 MOSI and IEMOCAP, 0.05 Food-101 (BraTS 0.1)
+    cls_lr: float = field(default=5e-4, metadata=rng(gt=0))  # classifiers' lr: 5e-4 MSA and Food-101 (BraTS 6e-3)
+    hidden_twice: bool = False  # the classifier's first Linear applied twice (code: msamodel.py 91-92)
+    # ours: B_m clamped to [0, clamp] (no sign flip, no blow-up when Σ Δ ≈ 0); null = unbounded, the code,
+    # which stays finite only under its gradient clipping at 0.8 (null + train.grad_clip=0.8 reproduces it)
+    clamp: float | None = field(default=2.0, metadata=rng(gt=0))
+    # where the alignment term's gradient is evaluated: the head now ("current") | the head of the step
+    # that built the term ("previous", the code: cal_cos clones the weights one step before they are used)
+    align_at: Literal["current", "previous"] = "current"
 
 
 @METHOD_HPARAMS.register("cml", group="objective", paper="Ma et al., ICML 2023", aliases=("CML", "CMLTrainer"))
@@ -78,6 +122,29 @@ class CMLHParams:
     lam: float = field(default=0.1, metadata=rng(ge=0))  # λ = β/100; README --beta 10 → 0.1 (BMM lam 0.1)
     epsilon: float = field(default=0.0, metadata=rng(ge=0))  # margin ε; original 0.0 (BMM: none)
     variant: Literal["miwae", "cpm"] = "miwae"  # sign mask (+ trick 2) of miwae/train.py | cpm/CPM_Nets.py
+
+
+@METHOD_HPARAMS.register("dgl", group="optimization", paper="Wei, Luo, Luo, ICCV 2025 (DGL)", aliases=("DGL",))
+@dataclass(frozen=True)
+class DGLHParams:
+    alpha: float = field(default=4.0, metadata=rng(ge=0))  # α on Σ_m CE(z_m); argparse 4.0 (scripts 4–5, KS 2–3)
+    # unimodal logits W[h_m; 0] + b through the shared head: "full" bias b (the code) | "split" b/M (slices)
+    dgl_bias: Literal["full", "split"] = "full"
+
+
+@METHOD_HPARAMS.register("g2d", group="objective", paper="Rakib & Bagavathi, ICCV 2025", aliases=("G2D",))
+@dataclass(frozen=True)
+class G2DHParams(ModulationWindow):
+    ce_weight: float = field(default=1.0, metadata=rng(ge=0))  # w_ce; config.py ce_loss_weight 1.0
+    kd_weight: float = field(default=1.0, metadata=rng(ge=0))  # w_log per teacher; logit_*_loss_weight 1.0
+    feat_weight: float = field(default=1.0, metadata=rng(ge=0))  # w_feat per teacher; *_feature_loss_weight 1.0
+    temperature: float = field(default=1.0, metadata=rng(gt=0))  # T per teacher; temp_audio = temp_video = 1
+    modulation_starts: EpochValue = field(default=0, metadata=epoch_meta())  # first SMP epoch, 0-based; code 0
+    modulation_ends: EpochValue = field(default=150, metadata=epoch_meta())  # last SMP epoch (inclusive); code 150/300
+    # SMP: keep only the weakest teacher's modality (code, M = 2) | zero only the strongest's | none (KD alone)
+    smp: Literal["keep_weakest", "zero_strongest", "none"] = "keep_weakest"
+    # gated tensors: every conv kernel (= the code's 4-D rule on 2-D CNNs) | ndim == 4 (code) | every encoder param
+    gate_params: Literal["conv", "conv4d", "all"] = "conv"
 
 
 @METHOD_HPARAMS.register(
@@ -105,6 +172,22 @@ class GreedyHParams:
     mmtm_stages: int = field(default=3, metadata=rng(ge=1))
     # MMTM bottleneck ratio, joint layer Σd → ⌊2Σd/ratio⌋; official 4 (BMM 4)
     ratio: float = field(default=4.0, metadata=rng(gt=0))
+
+
+@METHOD_HPARAMS.register(
+    "inforeg", group="optimization", paper="Huang et al., CVPR 2025 (InfoReg)", aliases=("InfoReg",)
+)
+@dataclass(frozen=True)
+class InfoRegHParams:
+    threshold: float = field(default=0.05, metadata=rng(ge=0))  # τ: regulate while k > τ; HEAD 0.05 (41d887f 0.04)
+    c: float = field(default=0.95, metadata=rng(ge=0))  # c_m of β_m = c_m·e^tanh(gap); HEAD audio's 0.95
+    # c of the modality named "visual": HEAD 0.1; 0 = the first release (its visual branch is unreachable);
+    # null = c, as every other modality (the uniform rule for M ≥ 3)
+    c_visual: float | None = field(default=0.1, metadata=rng(ge=0))
+    window_modality: str | None = None  # whose trace opens the window; null = audio if present, else the first
+    span: EpochValue = field(default=10, metadata=epoch_meta(ge=1))  # epochs averaged in k (10, with 10 zero pads)
+    trace_grad: Literal["regulated", "loss"] = "regulated"  # trace of g after the proximal add (code) | before it
+    heads: Literal["slice", "linear"] = "slice"  # z_m = W_m h_m + b/M (HEAD) | separate linear heads (41d887f)
 
 
 @METHOD_HPARAMS.register("lfm", group="objective", paper="Yang et al., NeurIPS 2024", aliases=("LFM", "LFMTrainer"))
@@ -254,6 +337,27 @@ class ReLearningHParams:
     reinit_num: int = field(default=3, metadata=rng(ge=0))  # N, most re-initialisations; official 3 (BMM 2)
     n_init: int = field(default=10, metadata=rng(ge=1))  # k-means restarts; official: sklearn's default (10 < 1.4)
     max_rows: int | None = field(default=None, metadata=rng(ge=1))  # rows per split to diagnose; None = all
+
+
+@METHOD_HPARAMS.register(
+    "remix", group="data", paper="Ma, Chen, Deng, ICML 2025 (Data Remixing)", aliases=("Remix", "DataRemixing")
+)
+@dataclass(frozen=True)
+class RemixHParams:
+    warmup: EpochValue = field(default=10, metadata=epoch_meta())  # joint epochs before remixing starts (--warmup 10)
+    alpha: float = field(default=0.5, metadata=rng(ge=0))  # warm-up weight of every CE(z_m); --alpha = --beta = 0.5
+    gamma: float = field(default=1.0, metadata=rng(ge=0))  # remixed weight of CE(z_m) on m's subset; --gamma1/2 = 1
+    alphas: tuple[float, ...] | None = None  # per-modality warm-up weights in sorted modality order (overrides alpha)
+    gammas: tuple[float, ...] | None = None  # per-modality remixed weights in sorted modality order (overrides gamma)
+    # the order the subsets are trained in, which is also the tie-break of the assignment (the first wins); null:
+    # reverse sorted modality order, i.e. visual then audio, the code's (train.py:127-171, ties to video :78-81)
+    subset_order: tuple[str, ...] | None = None
+
+    def _validate(self, path: str) -> None:
+        for name in ("alphas", "gammas"):
+            given = getattr(self, name)
+            if given is not None and min(given, default=0.0) < 0:
+                raise ConfigError(f"{path}.{name} must be non-negative")
 
 
 @METHOD_HPARAMS.register("umt", group="objective", paper="Du et al., ICML 2023", aliases=("UMT", "UMTTrainer"))

@@ -7,10 +7,15 @@ from typing import Any
 from balancemm.context import RunContext
 from balancemm.methods import agm as _agm  # noqa: F401
 from balancemm.methods import amco as _amco  # noqa: F401
+from balancemm.methods import aug as _aug  # noqa: F401
 from balancemm.methods import baseline as _baseline  # noqa: F401
+from balancemm.methods import cggm as _cggm  # noqa: F401
 from balancemm.methods import cml as _cml  # noqa: F401
+from balancemm.methods import dgl as _dgl  # noqa: F401
+from balancemm.methods import g2d as _g2d  # noqa: F401
 from balancemm.methods import gblending as _gblending  # noqa: F401
 from balancemm.methods import greedy as _greedy  # noqa: F401
+from balancemm.methods import inforeg as _inforeg  # noqa: F401
 from balancemm.methods import lfm as _lfm  # noqa: F401
 from balancemm.methods import mbsd as _mbsd  # noqa: F401
 from balancemm.methods import mla as _mla  # noqa: F401
@@ -22,6 +27,7 @@ from balancemm.methods import opm as _opm  # noqa: F401
 from balancemm.methods import pmr as _pmr  # noqa: F401
 from balancemm.methods import reconboost as _reconboost  # noqa: F401
 from balancemm.methods import relearning as _relearning  # noqa: F401
+from balancemm.methods import remix as _remix  # noqa: F401
 from balancemm.methods import umt as _umt  # noqa: F401
 from balancemm.methods import unimodal as _unimodal  # noqa: F401
 from balancemm.methods.base import Method, Needs

@@ -21,22 +21,29 @@ from balancemm.methods import list_methods
 from balancemm.metrics.shapley import coalitions, shapley_values
 from balancemm.models.classifier import ModelOutput
 from tests.conftest import TinyDataset, build_method, first_batch, train_epochs
+from tests.methods.test_aug import contract_aug
+from tests.methods.test_cggm import contract_cggm
+from tests.methods.test_dgl import contract_dgl
+from tests.methods.test_g2d import contract_g2d
+from tests.methods.test_inforeg import contract_inforeg
+from tests.methods.test_remix import contract_remix
 
 HPARAMS: dict[str, dict[str, Any]] = {
     "unimodal": {"modality": "audio"},
     "gblending": {"super_epoch": 1},
     "reconboost": {"epochs_per_stage": 1, "correct_epoch": 1},
 }  # keep side trainings and stages short
-PASSES_PER_EPOCH = {"reconboost": 2}  # one boosting and one rectification pass
-STEP_PER_MODALITY = {"mla"}  # one optimiser step per modality and batch
+# ReconBoost: one boosting and one rectification pass; CGGM: its classifiers' step follows the model's
+PASSES_PER_EPOCH = {"reconboost": 2, "cggm": 2}
+STEP_PER_MODALITY = {"mla", "aug"}  # one optimiser step per modality and batch
 # Sampled counting extrapolates FLOPs per sample, exact for work proportional to the batch. Two phases
 # cost a constant per step instead: AGM's zero-input pass is one row whatever the batch size, forward and
 # backward (under-counted on the smaller last batch), and MLA's projection is O(d²) per step and skipped on the first
 # step of training (so the sampled steps of epoch 0 under-count it; −1.4 % of that phase over 30 epochs).
 # Idle in epoch 0 with their default schedules: the two references never act, OPM warms up for epochs 0–5,
 # Greedy curates from epoch 1, modality valuation re-samples after 5 warm-up epochs and Re-learning first
-# diagnoses after epoch R = 20.
-IDLE_IN_EPOCH_0 = {"baseline", "unimodal", "opm", "greedy", "modality_valuation", "relearning"}
+# diagnoses after epoch R = 20; Remix remixes after its 10 warm-up epochs.
+IDLE_IN_EPOCH_0 = {"baseline", "unimodal", "opm", "greedy", "modality_valuation", "relearning", "remix"}
 SAMPLED_RTOL = {("agm", "agm/coalitions"): 1e-3, ("agm", "backward"): 1e-3, ("mla", "mla/gs"): 0.11}
 
 
@@ -49,12 +56,13 @@ def test_a_few_steps_train_every_parameter_with_finite_losses(name: str, tiny: T
     method = _build(name, tiny)
     ctx = method.ctx
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    dormant = {id(p) for p in method.dormant_parameters()}  # allocated ahead of use (AUG's learners)
     train_epochs(method, 2)
     logs = ctx.pop_logs()
     steps = 6 * PASSES_PER_EPOCH.get(name, 1) * (len(tiny.modalities) if name in STEP_PER_MODALITY else 1)
     assert ctx.step == steps and any(k.startswith("loss/") for k in logs)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
-    unchanged = [n for n, p in method.named_parameters() if torch.equal(p, before[n])]
+    unchanged = [n for n, p in method.named_parameters() if torch.equal(p, before[n]) and id(p) not in dormant]
     assert not unchanged, f"{name} never updated {unchanged}"
 
 
@@ -652,6 +660,18 @@ def _umt(data: TinyDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     losses["distill"].backward()
     assert all(any(p.grad is not None and p.grad.any() for p in method.model.modality_parameters(m)) for m in mods)
     assert all(p.grad is None or not p.grad.any() for p in method.model.head_parameters())
+
+
+# The 2024–25 methods' contracts live beside their unit tests (same style, same fixtures).
+for _name, _check in (
+    ("aug", contract_aug),
+    ("cggm", contract_cggm),
+    ("dgl", contract_dgl),
+    ("g2d", contract_g2d),
+    ("inforeg", contract_inforeg),
+    ("remix", contract_remix),
+):
+    contract(_name)(_check)
 
 
 def test_every_method_has_a_contract() -> None:

@@ -131,7 +131,17 @@ def test_gblending_estimates_on_a_relative_super_epoch(monkeypatch: pytest.Monke
 
 def test_benchmark_adaptations_are_valid_and_make_each_method_act_within_short_protocols() -> None:
     adapted = {name: METHODS.get(name).adapted for name in METHODS.names() if METHODS.get(name).adapted}
-    assert set(adapted) == {"ogm_ge", "pmr", "opm", "modality_valuation", "lfm", "relearning"}
+    assert set(adapted) == {
+        "ogm_ge",
+        "pmr",
+        "opm",
+        "modality_valuation",
+        "lfm",
+        "relearning",
+        "inforeg",
+        "g2d",
+        "remix",
+    }
     for name, values in adapted.items():
         for epochs in (10, 30, 70):
             cfg = resolve_config(name, "embedded", overrides={"method": dict(values)}, sets=[f"train.epochs={epochs}"])
