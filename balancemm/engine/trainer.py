@@ -471,7 +471,10 @@ class Trainer:
             self._select(epoch, val)
             if self.world.main:
                 self.run.save(self.run.last, self._state(epoch))
-            loss = logs.get("loss/ce", next(iter(logs.values()), 0.0))
+            # The cross-entropy when the method logs one, else its first loss term (AUG logs only per-modality
+            # terms, and its own scalars come first in name order).
+            terms = [v for k, v in logs.items() if k.startswith("loss/")]
+            loss = logs.get("loss/ce", terms[0] if terms else 0.0)
             bar.set_postfix_str(f"loss {loss:.3f} val acc {100 * val['accuracy']:.1f}")
         if writer is not None:
             writer.close()
