@@ -50,7 +50,15 @@ UNIT_CHECKS = "tests/methods/test_all_methods.py::test_a_few_steps_train_every_p
 
 #: group name → (source files to mutate, test files or test ids that cover them)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "metrics": (["balancemm/metrics/*"], ["tests/test_metrics.py"]),
+    "metrics": (
+        ["balancemm/metrics/*"],
+        [
+            "tests/test_metrics.py",
+            "tests/test_eval.py::test_auc_is_the_trapezoid_mean_and_relative_divides_by_the_clean_accuracy",
+            "tests/test_eval.py::test_effective_robustness_is_the_gap_to_the_line_fitted_across_methods",
+            "tests/test_eval.py::test_a_missing_modality_scores_the_shapley_coalition_without_it",
+        ],
+    ),
     "config.py": (
         ["balancemm/config.py", "balancemm/schema.py"],
         [
@@ -78,12 +86,14 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "balancemm/engine/evaluate.py",
             "balancemm/engine/probe.py",
             "balancemm/engine/artifacts.py",
+            "balancemm/engine/corrupted.py",
         ],
         [
             "tests/engine/test_loop.py",
             "tests/engine/test_probe_artifacts.py",
             "tests/engine/test_hook_order.py",
             "tests/engine/test_data_access.py",
+            "tests/test_eval.py",
         ],
     ),
     **{
