@@ -70,7 +70,7 @@ class AMCoHParams(ModulationWindow):
 @METHOD_HPARAMS.register(
     "aug",
     group="feed-forward",
-    paper="Jiang, Huang, Yang, NeurIPS 2025 (AUG: sustained boosting, adaptive classifier assignment)",
+    paper="Jiang, Huang, Yang, NeurIPS 2025 (AUG)",
     aliases=("AUG",),
 )
 @dataclass(frozen=True)
