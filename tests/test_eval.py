@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 import balancemm
 from balancemm.cli import main
+from balancemm.context import derive_seed
 from balancemm.data.corruptions import Corruption, corrupt, default_corruptions, parse_corruption
 from balancemm.engine import corrupted
 from balancemm.engine.corrupted import eval_run, evaluate_corrupted, input_scales
@@ -336,3 +338,93 @@ def test_other_data_is_another_evaluation_beside_the_first(finished: Path, tmp_p
     # another draw of the embedded data: other test samples, other numbers, both stored
     assert other["clean"]["predictions_sha256"] != first["clean"]["predictions_sha256"]
     assert set(json.loads((run / "eval.json").read_text())) == {first["key"], other["key"]}
+
+
+def test_input_scales_are_the_population_std_of_float_inputs_only() -> None:
+    ids = torch.tensor([[1, 2], [3, 4]])
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    batches = [
+        balancemm.data.batch.Batch(
+            {"audio": ids[:1], "visual": x[:1]}, torch.zeros(1, dtype=torch.long), torch.arange(1),
+            torch.ones(1, 2, dtype=torch.bool), ("audio", "visual"),
+        ),
+        balancemm.data.batch.Batch(
+            {"audio": ids[1:], "visual": x[1:]}, torch.zeros(1, dtype=torch.long), torch.arange(1, 2),
+            torch.ones(1, 2, dtype=torch.bool), ("audio", "visual"),
+        ),
+    ]  # fmt: skip
+    # token ids (audio here) have no scale; the float modality after them still gets one: mean 3, var 3.5
+    scales = input_scales(batches, ("audio", "visual"))
+    assert set(scales) == {"visual"} and scales["visual"] == pytest.approx(3.5**0.5)
+
+
+def test_each_corruption_and_severity_draws_from_its_own_documented_seed() -> None:
+    data = TinyDataset()
+    method = build_method("baseline", data)
+    batches = _batches(data)
+    scales = {"audio": 1.0, "visual": 1.0}
+    chosen = [Corruption("audio", "gaussian"), Corruption("visual", "gaussian")]
+    robust = evaluate_corrupted(method, batches, chosen, [0.5], seed=3, scales=scales)
+    method.eval()
+    for c in chosen:
+        # the generator of (corruption, severity) is seeded with derive_seed(seed, "corrupt", name, severity)
+        g = torch.Generator().manual_seed(derive_seed(3, "corrupt", c.name, 0.5))
+        with torch.no_grad():
+            right = sum(
+                int((method.predict(corrupt(b, c, 0.5, 1.0, g)).logits.argmax(1) == b.label).sum()) for b in batches
+            )
+        assert robust["corruptions"][c.name]["accuracy"] == [right / 24], c.name
+
+
+def test_the_stored_key_and_the_standard_flag(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    made: list[str] = []
+    real = corrupted.create_dataset
+
+    def counted(name: str, options: object) -> object:
+        made.append(name)
+        return real(name, options)
+
+    monkeypatch.setattr(corrupted, "create_dataset", counted)
+    standard = eval_run(run)
+    assert standard["standard"] is True and made == ["embedded"]  # the dataset is built once, not again to load
+    request = standard["request"]
+    assert standard["key"] == hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    assert eval_run(run, split="val")["standard"] is False
+    assert eval_run(run, severities=[0.0, 1.0])["standard"] is False
+
+
+def test_another_dataset_starts_from_its_own_protocol_not_from_the_runs_data() -> None:
+    from balancemm.config import resolve_config
+
+    cfg = resolve_config("baseline", "embedded", sets=["data.seed=5"])
+    assert corrupted._eval_config(cfg, "embedded3", []).data == resolve_config("baseline", "embedded3").data
+    assert corrupted._eval_config(cfg, None, ["data.val_fraction=0.3"]).data.seed == 5  # the run's, edited
+
+
+def test_gaussian_noise_on_inputs_without_a_scale_is_one_line(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    monkeypatch.setattr(corrupted, "input_scales", lambda batches, modalities: {"visual": 1.0})  # audio as ids
+    assert main(["eval", str(run), "--corrupt", "audio:gaussian", "visual:gaussian"]) == 2
+    assert capsys.readouterr().err == (
+        "balancemm: error: --corrupt audio:gaussian: gaussian noise needs float inputs (token ids: token_drop)\n"
+    )
+    assert not (run / "eval.json").exists()
+
+
+def test_a_config_without_the_datasets_facts_is_damage(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["dataset"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"balancemm: error: {run / 'config.json'} has no dataset facts (num_classes)")
+    assert not (run / "eval.json").exists()
