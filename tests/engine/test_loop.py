@@ -75,6 +75,7 @@ class Watched(Baseline):
     fail: ClassVar[tuple[int, BaseException] | None] = None
     plan: ClassVar[SamplePlan | None] = None
     first_draw: ClassVar[list[float]] = []
+    runs_model: ClassVar[bool] = False
 
     def on_fit_start(self) -> None:
         Watched.first_draw.append(torch.rand(1).item())
@@ -84,6 +85,9 @@ class Watched(Baseline):
             raise Watched.fail[1]
         if Watched.reads_val_in == epoch:
             next(iter(self.ctx.batches("val")))
+        if Watched.runs_model:
+            with self.ctx.eval_mode(self.model):
+                self.model(next(iter(self.ctx.batches("train"))))
         return Watched.plan
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -101,7 +105,7 @@ class Watched(Baseline):
 @pytest.fixture
 def watched() -> Any:
     Watched.fake_loss, Watched.reads_val_in, Watched.acting, Watched.fail, Watched.plan = {}, None, None, None, None
-    Watched.first_draw, Watched.needs = [], Needs()
+    Watched.first_draw, Watched.needs, Watched.runs_model = [], Needs(), False
     with METHODS.temporary():
         METHODS.register("watched", group="reference")(Watched)
         yield Watched
@@ -711,3 +715,28 @@ def test_a_method_refuses_a_modality_count_it_does_not_support(
     assert not (tmp_path / "r").exists()
     watched.needs = Needs(min_modalities=2, max_modalities=2)
     make(tmp_path, "watched")  # the bounds are inclusive
+
+
+def test_a_one_sample_split_scores_its_coalitions_out_of_one() -> None:
+    # v(S) is a fraction of the samples: with one sample every coalition is worth 0 or 1, never a half.
+    data = TinyDataset(n=1)
+    got = evaluate(build_method("baseline", data), Batching()(data.split("test")), 3)
+    assert got["num_samples"] == 1 and set(got["coalition_values"].values()) <= {0.0, 1.0}
+    assert got["accuracy"] in (0.0, 1.0) and got["coalition_values"]["audio+visual"] == got["accuracy"]
+
+
+def test_a_resumed_run_says_where_it_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    with interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
+        make(tmp_path, progress=True).fit()
+    capsys.readouterr()
+    make(tmp_path, progress=True).fit()
+    assert f"resuming after epoch 1 from {tmp_path / 'r' / 'checkpoints' / 'last.pt'}" in capsys.readouterr().err
+
+
+def test_work_in_a_hook_is_counted_under_the_hooks_name(tmp_path: Path, watched: Any) -> None:
+    # The cost table names each hook's FLOPs (a method's own phase aside): here a forward pass at epoch start.
+    watched.runs_model = True
+    phases = make(tmp_path, "watched").fit()["flops"]["by_phase"]
+    assert phases.get("on_epoch_start", 0) > 0, phases
