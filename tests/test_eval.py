@@ -437,3 +437,18 @@ def test_a_config_without_the_datasets_facts_is_damage(
     err = capsys.readouterr().err
     assert err.startswith(f"balancemm: error: {run / 'config.json'} has no dataset facts (num_classes)")
     assert not (run / "eval.json").exists()
+
+
+def test_a_run_that_predicts_with_its_artifacts_is_evaluated_with_them(tmp_path: Path) -> None:
+    # ReconBoost from pre-trained learners predicts with the unimodal runs' own heads until its first stage:
+    # a loaded run gets them back from beside it, as training did, and scores what training scored.
+    out = tmp_path / "runs" / "rb"
+    summary = balancemm.train("reconboost", "embedded", out=out, sets=["train.epochs=1"], pretrained=True)
+    result = eval_run(out, corruptions=["audio:missing"], severities=[0, 1])
+    assert result["clean"]["accuracy"] == summary["test"]["accuracy"]
+    assert result["robustness"]["corruptions"]["audio:missing"]["accuracy"][-1] == summary["coalition_values"]["visual"]
+    for artifact in (tmp_path / "runs").iterdir():
+        if artifact.name.startswith("unimodal-"):
+            shutil.rmtree(artifact)
+    with pytest.raises(balancemm.errors.DataError, match="is missing or unfinished: the unimodal run"):
+        eval_run(out, corruptions=["visual:missing"], severities=[0, 1])

@@ -43,11 +43,30 @@ def load_run(path: str | Path, dataset: MultimodalDataset | None = None) -> tupl
     data = dataset if dataset is not None else create_dataset(cfg.run.dataset, cfg.data)
     method_cls = METHODS.get(cfg.run.method)
     spec = method_cls.model_spec(ModelSpec.from_config(cfg.model, data.input_shapes, data.num_classes), cfg.method)
-    method = method_cls(
-        build_model(spec), RunContext(spec.modalities, needs=method_cls.needs_for(cfg.method)), cfg.method
-    )
+    needs = method_cls.needs_for(cfg.method)
+    loader = None
+    if needs.artifacts:
+        # The frozen runs it trained with, found beside it as in training (never trained again here): a
+        # method may predict with them (ReconBoost's pre-trained heads).
+        artifacts = Artifacts(cfg, run.path.parent, spec.modalities, data, torch.device("cpu"), _finished)
+        artifacts.prepare(needs.artifacts)
+        loader = artifacts.load
+    method = method_cls(build_model(spec), RunContext(spec.modalities, needs=needs, artifact_loader=loader), cfg.method)
+    if needs.artifacts:
+        method.on_fit_start()  # where a method takes its artifacts; the weights below then replace its own
     method.load_state_dict(run.load(run.best)["method"])
     return cfg, method
+
+
+def _finished(cfg: RunConfig, path: Path) -> dict[str, Any]:
+    """The summary of an artifact run a finished run was trained with; it must still be there."""
+    run = RunDir(path)
+    if not run.done.is_file():
+        raise DataError(
+            f"{path} is missing or unfinished: the {cfg.run.method} run ({cfg.run.dataset}, seed {cfg.run.seed}) "
+            "this run was trained with; keep artifact runs beside the runs that used them"
+        )
+    return run.read_summary()
 
 
 def unimodal_config(cfg: RunConfig, modality: str) -> RunConfig:
