@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +41,20 @@ def test_effective_robustness_is_the_gap_to_the_line_fitted_across_methods() -> 
     gaps = effective_robustness([0.5, 0.7, 0.9], [0.3, 0.6, 0.6])
     assert gaps == pytest.approx([-0.05, 0.1, -0.05])
     assert effective_robustness([0.6, 0.6], [0.2, 0.4]) == pytest.approx([-0.1, 0.1])  # flat line at the mean
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: auc([0.0, 1.0], [0.5]), "auc needs one accuracy per severity, and at least one"),
+        (lambda: auc([], []), "auc needs one accuracy per severity, and at least one"),
+        (lambda: effective_robustness([0.5], [0.1, 0.2]), "effective_robustness needs one robust value per clean"),
+        (lambda: effective_robustness([], []), "effective_robustness needs one robust value per clean"),
+    ],
+)
+def test_the_robustness_metrics_refuse_mismatched_or_empty_input(call: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # -- the corruptions -----------------------------------------------------------------------------------

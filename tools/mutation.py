@@ -56,6 +56,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_metrics.py",
             "tests/test_eval.py::test_auc_is_the_trapezoid_mean_and_relative_divides_by_the_clean_accuracy",
             "tests/test_eval.py::test_effective_robustness_is_the_gap_to_the_line_fitted_across_methods",
+            "tests/test_eval.py::test_the_robustness_metrics_refuse_mismatched_or_empty_input",
             "tests/test_eval.py::test_a_missing_modality_scores_the_shapley_coalition_without_it",
         ],
     ),

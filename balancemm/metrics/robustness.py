@@ -28,10 +28,8 @@ def auc(severities: Sequence[float], accuracy: Sequence[float]) -> float:
     span = severities[-1] - severities[0]
     if span == 0:
         return float(accuracy[0])
-    area = sum(
-        (s1 - s0) * (a0 + a1) / 2
-        for (s0, s1), (a0, a1) in zip(itertools.pairwise(severities), itertools.pairwise(accuracy), strict=True)
-    )
+    steps = range(len(severities) - 1)
+    area = sum((severities[i + 1] - severities[i]) * (accuracy[i] + accuracy[i + 1]) / 2 for i in steps)
     return area / span
 
 
@@ -53,5 +51,7 @@ def effective_robustness(clean: Sequence[float], robust: Sequence[float]) -> lis
     n = len(clean)
     mx, my = sum(clean) / n, sum(robust) / n
     sxx = sum((x - mx) ** 2 for x in clean)
-    slope = sum((x - mx) * (y - my) for x, y in zip(clean, robust, strict=True)) / sxx if sxx > 0 else 0.0
-    return [y - (my + slope * (x - mx)) for x, y in zip(clean, robust, strict=True)]
+    if sxx == 0:  # every method equally accurate when clean: the line is flat at the mean
+        return [y - my for y in robust]
+    slope = sum((clean[i] - mx) * robust[i] for i in range(n)) / sxx  # Σ(x − x̄)(y − ȳ) = Σ(x − x̄)·y
+    return [robust[i] - (my + slope * (clean[i] - mx)) for i in range(n)]
