@@ -351,7 +351,11 @@ def robustness_figure(col: Collection, dataset: str) -> Figure:
         mean = [100 * s.mean for s in stats]
         low = [100 * (s.mean - s.std) for s in stats]
         high = [100 * (s.mean + s.std) for s in stats]
-        ax.plot(grid, mean, style, color=colour, marker=marker, markersize=3, linewidth=1, label=row)
+        base = row == "baseline"  # the reference every method is read against: drawn thicker, on top
+        ax.plot(
+            grid, mean, style, color=colour, marker=marker, markersize=3, linewidth=2.2 if base else 1,
+            zorder=3 if base else 2, label=row,
+        )  # fmt: skip
         ax.fill_between(grid, low, high, color=colour, alpha=0.08, linewidth=0)
     for m, (ax,) in zip(modalities, axes, strict=True):
         ax.set_title(f"{m} corrupted", fontsize=FONT + 1)
