@@ -797,6 +797,9 @@ def test_the_robustness_table_and_figure_come_from_the_standard_evaluations(tmp_
     assert rows["baseline"][5] == "0.828 ± 0.066"
     # effective: clean means 0.7 and 0.6, mean AUCs 0.575 and 0.525: two methods lie on their own line, gap 0
     assert rows["baseline"][6] == "+0.00" and rows["ogm_ge"][6] == "+0.00" and rows["ogm_ge"][7] == "2"
+    # per modality in the CSV: baseline audio 0.6/0.8 and 0.5/0.6 → mean 0.7083
+    (rel,) = [r for r in table.records if r["row"] == "baseline" and r["metric"] == "relative_audio"]
+    assert rel["mean"] == pytest.approx((0.6 / 0.8 + 0.5 / 0.6) / 2)
     figures = [f.key for f in all_figures(col, all_tables(col))]
     assert "robustness_embedded" in figures
     # A damaged evaluation leaves the run in the report, without its robustness, with a note.
