@@ -165,6 +165,7 @@ class CGGM(Method):
     search: ClassVar[Mapping[str, Any]] = {  # the values the official run scripts use (run/*_run.py)
         "lam": [0.05, 0.1, 0.2],  # Food-101, BraTS, MOSI/IEMOCAP
         "rho": [1.0, 1.3],  # BraTS, the others
+        "cls_lr": [5e-4, 6e-3],  # MSA and Food-101 (Adam), BraTS (SGD, as the protocol's optimiser)
     }
 
     acc_prev: Tensor  # [M] float64 a^prev, the previous step's accuracies

@@ -118,6 +118,7 @@ class G2D(Method):
     search: ClassVar[Mapping[str, Any]] = {  # the code's experiment switches (config.py:12-25)
         "kd_weight": [0.0, 1.0],  # 'aTF+vTF-to-mS' (features only) | 'aT+aTF+vT+vTF-to-mS'
         "smp": ["keep_weakest", "none"],  # modulation 'G2D' | 'Normal'
+        "temperature": [1.0, 2.0, 4.0],  # the code's temp_audio / temp_video (1), and the usual KD range
     }
 
     @classmethod
