@@ -123,6 +123,26 @@ def build_method(
     return method
 
 
+def encoders_stepped(method: Method, monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
+    """Spy on the run's optimiser steps: the returned list gets, per step, the modalities whose encoder
+    the step changed (MLA and AUG step once per modality, each moving that modality's encoder only)."""
+    model, mods, ctx = method.model, method.model.modalities, method.ctx
+    stepped: list[set[str]] = []
+    real = ctx.optimizer_step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        before = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in mods}
+        result = real(*args, **kwargs)
+        after = {m: list(model.modality_parameters(m)) for m in mods}
+        stepped.append(
+            {m for m in mods if any(not torch.equal(p, b) for p, b in zip(after[m], before[m], strict=True))}
+        )
+        return result
+
+    monkeypatch.setattr(ctx, "optimizer_step", spy)
+    return stepped
+
+
 def train_epochs(method: Method, epochs: int) -> None:
     """The trainer's hook sequence for ``epochs`` epochs, without validation or a run directory."""
     ctx = method.ctx

@@ -20,7 +20,7 @@ from balancemm.methods import cml as cml_module
 from balancemm.methods import list_methods
 from balancemm.metrics.shapley import coalitions, shapley_values
 from balancemm.models.classifier import ModelOutput
-from tests.conftest import TinyDataset, build_method, first_batch, train_epochs
+from tests.conftest import TinyDataset, build_method, encoders_stepped, first_batch, train_epochs
 from tests.methods.test_aug import contract_aug
 from tests.methods.test_cggm import contract_cggm
 from tests.methods.test_dgl import contract_dgl
@@ -431,20 +431,8 @@ def _mbsd(data: TinyDataset, monkeypatch: pytest.MonkeyPatch) -> None:
 def _mla(data: TinyDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     batch = first_batch(data)
     method = build_method("mla", data)
-    model, mods, ctx = method.model, method.model.modalities, method.ctx
-    stepped: list[set[str]] = []
-    real = ctx.optimizer_step
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        before = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in mods}
-        result = real(*args, **kwargs)
-        params = {m: list(model.modality_parameters(m)) for m in mods}
-        stepped.append(
-            {m for m in mods if any(not torch.equal(p, b) for p, b in zip(params[m], before[m], strict=True))}
-        )
-        return result
-
-    monkeypatch.setattr(ctx, "optimizer_step", spy)
+    model, mods = method.model, method.model.modalities
+    stepped = encoders_stepped(method, monkeypatch)
     method.on_epoch_start(0)
     method.training_step(batch)
     assert stepped == [{m} for m in mods]  # one step per modality, each moving that modality's encoder only

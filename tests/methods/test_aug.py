@@ -13,7 +13,7 @@ import balancemm.methods.aug as aug
 from balancemm.errors import ConfigError
 from balancemm.models.fusions.boosted import BoostedFusion, Ensemble
 from balancemm.schema import resolve_epoch
-from tests.conftest import TinyDataset, build_method, first_batch, train_epochs
+from tests.conftest import TinyDataset, build_method, encoders_stepped, first_batch, train_epochs
 
 # -- numbers computed by hand -------------------------------------------------------------------------
 
@@ -327,7 +327,7 @@ def contract_aug(data: TinyDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     gets the learner, switched on at the next epoch; the boosted loss and the weighted prediction by hand."""
     batch = first_batch(data)
     method = build_method("aug", data)
-    model, mods, ctx = method.model, method.model.modalities, method.ctx
+    model, mods = method.model, method.model.modalities
     fusion = method.fusion  # type: ignore[attr-defined]
     # S = (1, 2[, 2]): r = 0.5 < λ − 0.01 (M = 2) or r_a = 1/4 < λ = 0.4 and r = 2/3 for the others (M = 3).
     method._scores = torch.tensor([1.0] + [2.0] * (len(mods) - 1), dtype=torch.float64)  # type: ignore[attr-defined]
@@ -336,19 +336,7 @@ def contract_aug(data: TinyDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     method.on_epoch_start(1)
     assert fusion.active.tolist() == [1] + [0] * (len(mods) - 1)
     reference = copy.deepcopy(model)
-    stepped: list[set[str]] = []
-    real = ctx.optimizer_step
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        before = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in mods}
-        result = real(*args, **kwargs)
-        params = {m: list(model.modality_parameters(m)) for m in mods}
-        stepped.append(
-            {m for m in mods if any(not torch.equal(p, b) for p, b in zip(params[m], before[m], strict=True))}
-        )
-        return result
-
-    monkeypatch.setattr(ctx, "optimizer_step", spy)
+    stepped = encoders_stepped(method, monkeypatch)
     _, losses = method.training_step(batch)
     assert stepped == [{m} for m in mods]
     # L_a = CE(f) + CE(o) + mean_i (1 − 0.5·p_o(y_i))·CE_i(a) with f = o + a, on the model before the step.
