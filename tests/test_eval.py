@@ -14,6 +14,7 @@ import torch
 import balancemm
 from balancemm.cli import main
 from balancemm.context import derive_seed
+from balancemm.data.batch import Batch
 from balancemm.data.corruptions import Corruption, corrupt, default_corruptions, parse_corruption
 from balancemm.engine import artifacts, corrupted
 from balancemm.engine.corrupted import eval_run, evaluate_corrupted, input_scales
@@ -61,8 +62,17 @@ def test_the_robustness_metrics_refuse_mismatched_or_empty_input(call: Any, mess
 # -- the corruptions -----------------------------------------------------------------------------------
 
 
-def _batch(data: TinyDataset) -> balancemm.data.batch.Batch:
-    return first_batch(data)
+def _batch_of(inputs: dict[str, torch.Tensor]) -> Batch:
+    """A batch of these inputs ``{m: [B, ...]}`` (sorted modalities), labels 0, every modality present."""
+    rows = next(iter(inputs.values())).shape[0]
+    mods = tuple(sorted(inputs))
+    return Batch(
+        inputs,
+        torch.zeros(rows, dtype=torch.long),
+        torch.arange(rows),
+        torch.ones(rows, len(mods), dtype=torch.bool),
+        mods,
+    )
 
 
 def test_the_corruption_specs_and_their_defaults() -> None:
@@ -91,7 +101,7 @@ def test_the_corruption_specs_and_their_defaults() -> None:
 
 def test_missing_removes_the_modality_from_a_share_of_rows_and_touches_nothing_else() -> None:
     data = TinyDataset()
-    batch = _batch(data)
+    batch = first_batch(data)
     column = batch.modalities.index("audio")
     gone = corrupt(batch, Corruption("audio", "missing"), 1.0, 0.0, torch.Generator().manual_seed(0))
     assert not gone.present[:, column].any() and gone.present[:, 1 - column].all()
@@ -105,7 +115,7 @@ def test_missing_removes_the_modality_from_a_share_of_rows_and_touches_nothing_e
 
 def test_gaussian_noise_is_severity_times_sigma_times_the_seeded_draw() -> None:
     data = TinyDataset()
-    batch = _batch(data)
+    batch = first_batch(data)
     x = batch.inputs["visual"]
     noisy = corrupt(batch, Corruption("visual", "gaussian"), 0.5, 2.0, torch.Generator().manual_seed(7))
     draw = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
@@ -117,9 +127,7 @@ def test_gaussian_noise_is_severity_times_sigma_times_the_seeded_draw() -> None:
 
 def test_time_masking_zeroes_one_contiguous_block_of_the_time_axis_per_row() -> None:
     x = torch.ones(4, 3, 10)  # [B, F, T]
-    batch = balancemm.data.batch.Batch(
-        {"audio": x}, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.ones(4, 1, dtype=torch.bool), ("audio",)
-    )
+    batch = _batch_of({"audio": x})
     out = corrupt(batch, Corruption("audio", "time_mask"), 0.3, 1.0, torch.Generator().manual_seed(0)).inputs["audio"]
     for row in out:
         assert torch.equal(row[0], row[1]) and torch.equal(row[0], row[2])  # whole time steps, every frequency
@@ -132,31 +140,15 @@ def test_time_masking_zeroes_one_contiguous_block_of_the_time_axis_per_row() -> 
 def test_blur_spreads_a_point_with_the_gaussian_of_its_severity() -> None:
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, 4, 4] = 1.0
-    batch = balancemm.data.batch.Batch(
-        {"visual": x},
-        torch.zeros(1, dtype=torch.long),
-        torch.arange(1),
-        torch.ones(1, 1, dtype=torch.bool),
-        ("visual",),
-    )
+    batch = _batch_of({"visual": x})
     out = corrupt(batch, Corruption("visual", "blur"), 0.5, 1.0, torch.Generator()).inputs["visual"]
     # σ = 0.5 · 8/4 = 1 pixel, radius 3: the normalised kernel's centre is 1/(1 + 2(e^-½ + e^-2 + e^-4.5)) = 0.399050
     assert float(out[0, 0, 4, 4]) == pytest.approx(0.399050**2, abs=1e-6)
     assert float(out.sum()) == pytest.approx(1.0, abs=1e-6)  # the point is far enough from the border
     flat = torch.full((2, 3, 5, 7), 0.25)
-    same = corrupt(
-        balancemm.data.batch.Batch(
-            {"visual": flat},
-            torch.zeros(2, dtype=torch.long),
-            torch.arange(2),
-            torch.ones(2, 1, dtype=torch.bool),
-            ("visual",),
-        ),
-        Corruption("visual", "blur"),
-        1.0,
-        1.0,
-        torch.Generator(),
-    ).inputs["visual"]
+    same = corrupt(_batch_of({"visual": flat}), Corruption("visual", "blur"), 1.0, 1.0, torch.Generator()).inputs[
+        "visual"
+    ]
     torch.testing.assert_close(same, flat)  # a uniform image has nothing to blur
     assert torch.equal(corrupt(batch, Corruption("visual", "blur"), 0.0, 1.0, torch.Generator()).inputs["visual"], x)
 
@@ -165,13 +157,7 @@ def test_token_dropout_zeroes_vectors_or_ids() -> None:
     vectors = torch.ones(2, 6, 4)
     ids = torch.arange(1, 13).view(2, 6)
     for x in (vectors, ids):
-        batch = balancemm.data.batch.Batch(
-            {"text": x},
-            torch.zeros(2, dtype=torch.long),
-            torch.arange(2),
-            torch.ones(2, 1, dtype=torch.bool),
-            ("text",),
-        )
+        batch = _batch_of({"text": x})
         out = corrupt(batch, Corruption("text", "token_drop"), 0.5, 1.0, torch.Generator().manual_seed(1))
         dropped = torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) < 0.5
         y = out.inputs["text"]
@@ -183,7 +169,7 @@ def test_token_dropout_zeroes_vectors_or_ids() -> None:
 # -- scoring a method ----------------------------------------------------------------------------------
 
 
-def _batches(data: TinyDataset) -> list[balancemm.data.batch.Batch]:
+def _batches(data: TinyDataset) -> list[Batch]:
     return [first_batch(data, 8), first_batch(data, 16)]
 
 
@@ -359,16 +345,7 @@ def test_other_data_is_another_evaluation_beside_the_first(finished: Path, tmp_p
 def test_input_scales_are_the_population_std_of_float_inputs_only() -> None:
     ids = torch.tensor([[1, 2], [3, 4]])
     x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
-    batches = [
-        balancemm.data.batch.Batch(
-            {"audio": ids[:1], "visual": x[:1]}, torch.zeros(1, dtype=torch.long), torch.arange(1),
-            torch.ones(1, 2, dtype=torch.bool), ("audio", "visual"),
-        ),
-        balancemm.data.batch.Batch(
-            {"audio": ids[1:], "visual": x[1:]}, torch.zeros(1, dtype=torch.long), torch.arange(1, 2),
-            torch.ones(1, 2, dtype=torch.bool), ("audio", "visual"),
-        ),
-    ]  # fmt: skip
+    batches = [_batch_of({"audio": ids[:1], "visual": x[:1]}), _batch_of({"audio": ids[1:], "visual": x[1:]})]
     # token ids (audio here) have no scale; the float modality after them still gets one: mean 3, var 3.5
     scales = input_scales(batches, ("audio", "visual"))
     assert set(scales) == {"visual"} and scales["visual"] == pytest.approx(3.5**0.5)
