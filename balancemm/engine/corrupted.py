@@ -139,7 +139,8 @@ def _eval_config(cfg: RunConfig, dataset: str | None, sets: Sequence[str]) -> Ru
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dataset=name), data=data)
 
 
-def _finished_run(path: str | Path) -> RunDir:
+def _finished_run(path: str | Path) -> tuple[RunDir, dict[str, Any]]:
+    """The run directory of a finished run and its config.json, both checked."""
     run = RunDir(path)
     if not run.path.is_dir():
         raise DataError(f"{run.path} is not a run directory; give the --out of a finished train")
@@ -147,9 +148,9 @@ def _finished_run(path: str | Path) -> RunDir:
         raise DataError(
             f"{run.path} is not a finished run (no {run.done.name} marker); finish it with its train command"
         )
-    run.read_config()
+    saved = run.read_config()
     run.read_summary()  # damaged or foreign files are named with what to do
-    return run
+    return run, saved
 
 
 def eval_run(
@@ -178,8 +179,8 @@ def eval_run(
     bad = [s for s in grid if not 0.0 <= s <= 1.0]
     if bad or not grid:
         raise ConfigError(f"--severities {','.join(map(str, bad or grid))}: every severity must be in [0, 1]")
-    run = _finished_run(path)
-    saved = RunConfig.from_dict(run.read_config()["config"])
+    run, recorded = _finished_run(path)
+    saved = RunConfig.from_dict(recorded["config"])
     cfg = _eval_config(saved, dataset, sets)
     modalities = tuple(sorted(saved.model.encoders))
     theirs = tuple(DATASET_OPTIONS.entry(cfg.run.dataset).meta.get("modalities") or ())
@@ -205,9 +206,10 @@ def eval_run(
     if key in stored:
         return stored[key]
     data = create_dataset(cfg.run.dataset, cfg.data)
-    if data.num_classes != len_classes(run):
+    classes = _num_classes(run, recorded)
+    if data.num_classes != classes:
         raise ConfigError(
-            f"dataset {cfg.run.dataset} has {data.num_classes} classes; the run's model predicts {len_classes(run)}"
+            f"dataset {cfg.run.dataset} has {data.num_classes} classes; the run's model predicts {classes}"
         )
     try:
         _, method = load_run(run.path, dataset=data)
@@ -247,9 +249,9 @@ def eval_run(
     return result
 
 
-def len_classes(run: RunDir) -> int:
-    """The number of classes the run's model predicts (recorded in config.json)."""
-    facts = run.read_config().get("dataset")
+def _num_classes(run: RunDir, recorded: dict[str, Any]) -> int:
+    """The number of classes the run's model predicts, from its config.json ``recorded``."""
+    facts = recorded.get("dataset")
     if not isinstance(facts, dict) or not isinstance(facts.get("num_classes"), int):
         raise DamagedFile(run.config, "has no dataset facts (num_classes)", f"delete {run.path} and train it again")
     return int(facts["num_classes"])
